@@ -1,0 +1,36 @@
+# Two entry points for a fresh Linux machine with Python 3.11:
+#   make demo   create .venv, install lorafarm, render the demo jobs on tiny built-in models
+#   make test   create .venv, install lorafarm with test extras, run the test suite
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch is pinned only where no NVIDIA GPU is present; on a GPU machine
+# pip resolves the loose `torch>=` requirement from pyproject.toml to a CUDA build.
+TORCH_CPU := torch==2.13.0
+DEMO_DIR  ?= demo
+
+.PHONY: demo test venv lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no NVIDIA GPU: installing the CPU build ($(TORCH_CPU))"; \
+		$(BIN)/pip install --quiet $(TORCH_CPU); \
+	fi
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/lorafarm demo --dir $(DEMO_DIR)
+
+test: venv
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check daemon families plugins tests bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
