@@ -1,0 +1,244 @@
+"""The `lorafarm` command line.
+
+    lorafarm run [--config FILE] [--until-idle]    the daemon, in the foreground
+    lorafarm demo [--dir DIR] [--no-run]           tiny models + sample jobs, then run them
+    lorafarm status | history | models [--json]    read the history (safe while running)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = "config.toml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    # The libraries log loudly about things that are expected here (e.g. no CUDA).
+    quiet_libraries()
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as exc:
+        print(f"lorafarm: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def quiet_libraries() -> None:
+    """The libraries log loudly about what is expected here (no CUDA, no torchvision) and draw
+    progress bars per component; the daemon reports progress itself."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # watchdog logs a harmless error when its inotify thread is stopped mid-read.
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafarm", description="LoRA render daemon")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    _config_arg(run)
+    run.add_argument("--until-idle", action="store_true",
+                     help="exit 0 once nothing is queued or running")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(handler=cmd_run)
+
+    demo = sub.add_parser("demo", help="write tiny demo models and jobs, then render them")
+    demo.add_argument("--dir", type=Path, default=Path("demo"), help="demo folder (./demo)")
+    demo.add_argument("--no-run", action="store_true", help="only write the files")
+    demo.set_defaults(handler=cmd_demo)
+
+    for name, handler, text in (("status", cmd_status, "queue and daemon state"),
+                                ("history", cmd_history, "jobs and their renders"),
+                                ("models", cmd_models, "checkpoints the registry knows")):
+        query = sub.add_parser(name, help=text)
+        _config_arg(query)
+        query.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "history":
+            query.add_argument("--limit", type=int, default=50, help="newest N jobs (50)")
+        query.set_defaults(handler=handler)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG),
+                        help="config file (./config.toml)")
+
+
+# -- run / demo ---------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return run_daemon(load_config(args.config), until_idle=args.until_idle)
+
+
+def run_daemon(config: Config, *, until_idle: bool) -> int:
+    from daemon.runner import Daemon, DaemonLockedError
+
+    try:
+        daemon = Daemon(config)
+        return daemon.run(until_idle=until_idle, install_signals=True)
+    except DaemonLockedError as exc:
+        print(f"lorafarm: {exc}", file=sys.stderr)
+        return 3
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import write_demo
+    from daemon.plugins import Plugins
+
+    plugins = Plugins()
+    config_path = write_demo(args.dir, plugins)
+    print(f"demo written: {config_path}")
+    if args.no_run:
+        print(f"run it with: lorafarm run --config {config_path} --until-idle")
+        return 0
+    config = load_config(config_path)
+    code = run_daemon(config, until_idle=True)
+    _print_history(config, as_json=False, limit=20)
+    print(f"\noutputs: {config.paths.outputs}")
+    return code
+
+
+# -- queries ------------------------------------------------------------------------------
+
+def _reader(config: Config):  # type: ignore[no-untyped-def]
+    from daemon.store import Store
+
+    if not config.paths.database.exists():
+        return None
+    return Store(f"sqlite:///{config.paths.database}", writer=False)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sqlalchemy import func, select
+
+    from daemon.runner import daemon_pid
+    from daemon.store import Job, Render
+
+    config = load_config(args.config)
+    store = _reader(config)
+    renders: dict[str, int] = {}
+    jobs: dict[str, int] = {}
+    if store is not None:
+        with store.session() as session:
+            renders = dict(session.execute(select(Render.state, func.count())
+                                           .group_by(Render.state)).all())
+            jobs = dict(session.execute(select(Job.state, func.count())
+                                        .group_by(Job.state)).all())
+    pid = daemon_pid(config)
+    status = {"daemon": {"running": pid is not None, "pid": pid},
+              "config": str(config.source), "jobs": jobs, "renders": renders}
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"daemon: {'running (pid ' + str(pid) + ')' if pid else 'not running'}")
+        print(f"jobs:    {_counts(jobs)}")
+        print(f"renders: {_counts(renders)}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    _print_history(load_config(args.config), as_json=args.json, limit=args.limit)
+    return 0
+
+
+def history_records(config: Config, limit: int = 50) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from daemon.store import Job
+
+    store = _reader(config)
+    if store is None:
+        return []
+    records = []
+    with store.session() as session:
+        for job in session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)):
+            records.append({
+                "id": job.id, "name": job.name, "file": job.file_name,
+                "file_path": job.file_path, "state": job.state, "priority": job.priority,
+                "error": job.error, "warnings": job.warnings,
+                "created_at": job.created_at.isoformat(timespec="seconds") + "Z",
+                "finished_at": (job.finished_at.isoformat(timespec="seconds") + "Z"
+                                if job.finished_at else None),
+                "renders": [{"index": r.index, "seed": r.seed, "state": r.state,
+                             "attempts": r.attempts, "output": r.output_path,
+                             "error": r.error} for r in job.renders],
+            })
+    store.dispose()
+    return records
+
+
+def _print_history(config: Config, *, as_json: bool, limit: int) -> None:
+    records = history_records(config, limit)
+    if as_json:
+        print(json.dumps(records, indent=2))
+        return
+    if not records:
+        print("no jobs yet")
+    for job in records:
+        print(f"job {job['id']:>4}  {job['state']:<9} {job['file']}")
+        if job["error"]:
+            print("           " + job["error"].replace("\n", "\n           "))
+        for r in job["renders"]:
+            where = r["output"] or r["error"] or ""
+            print(f"   #{r['index']:<3} seed {r['seed']:<11} {r['state']:<8} {where}")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from daemon.plugins import Plugins
+    from daemon.registry import Registry
+    from daemon.store import Store
+
+    config = load_config(args.config)
+    config.ensure_folders()
+    # Scanning writes the index: use a writer store (the daemon may be running; SQLite's
+    # busy timeout makes the two take turns).
+    store = Store.for_path(config.paths.database)
+    store.migrate()
+    registry = Registry(config, store, Plugins(config.plugins))
+    infos = registry.scan()
+    rows = []
+    for info in infos:
+        model_hash = registry.model_hash(info.name, wait=True) if info.state == "ok" else None
+        rows.append({"name": info.name, "family": info.family, "lineage": info.lineage,
+                     "kind": info.kind, "file": str(info.path), "hash": model_hash,
+                     "state": info.state, "reason": info.reason})
+    registry.close()
+    store.dispose()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['name']:<32} {row['family'] or '?':<12} {row['hash'] or '-':<11} "
+                  f"{row['state']:<13} {row['file']}")
+            if row["state"] != "ok":
+                print(f"{'':<32} {row['reason']}")
+    return 0
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Daemon configuration: `config.toml`, loaded into plain dataclasses.
+
+Paths in the file are relative to the file itself, so a config folder can be moved or
+copied as a whole (the demo relies on this). Every value a user can get wrong is checked
+here, with the key and the allowed range in the message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """config.toml is unreadable or holds a bad value; the message says where and how to fix."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    jobs: Path
+    loras: Path
+    models: Path
+    inputs: Path
+    outputs: Path
+    state: Path
+
+    @property
+    def database(self) -> Path:
+        return self.state / "lorafarm.sqlite"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds a single job may ask for; a job beyond them is rejected at intake."""
+
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_count: int = 100
+    max_frames: int = 257
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    # A file whose size and mtime stayed still this long counts as complete.
+    settle_seconds: float = 1.0
+    # A young file that fails to parse is retried for this long before it is rejected
+    # (its writer may still be busy with it).
+    retry_young_seconds: float = 5.0
+    # Watcher events are only hints: the folder is rescanned this often anyway.
+    rescan_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    device: str = "auto"  # "auto" = cuda when present, else cpu; or "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"  # "auto" = fp16 on cuda, fp32 on cpu; or float32, float16, bfloat16
+    max_batch: int = 4  # renders per pipeline call at most
+    max_attempts: int = 3  # a render whose attempts all died ends failed
+    pipelines_in_memory: int = 2  # loaded checkpoints kept (least recently used goes first)
+
+
+@dataclass(frozen=True)
+class CheckpointOverride:
+    """Per-checkpoint settings the header cannot tell (config.toml `[checkpoints.NAME]`)."""
+
+    family: str | None = None
+    lineage: str | None = None
+    config: Path | None = None  # a diffusers config folder for single-file loading
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path | None
+    paths: Paths
+    limits: Limits = field(default_factory=Limits)
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    checkpoints: dict[str, CheckpointOverride] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()  # extra plugin modules to load by import name
+
+    def ensure_folders(self) -> None:
+        for path in (self.paths.jobs, self.paths.loras, self.paths.models, self.paths.inputs,
+                     self.paths.outputs, self.paths.state):
+            path.mkdir(parents=True, exist_ok=True)
+        # The database and state hold prompts: keep them to the user.
+        os.chmod(self.paths.state, 0o700)
+
+
+PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
+TOP_KEYS = ("paths", "limits", "intake", "worker", "checkpoints", "plugins")
+
+
+def load_config(path: Path) -> Config:
+    """Read config.toml; relative paths resolve against the file's folder."""
+    path = Path(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from exc
+    return config_from_dict(data, base=path.parent, source=path)
+
+
+def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    where = str(source) if source else "config"
+    _reject_unknown(data, TOP_KEYS, where, "")
+    raw_paths = data.get("paths", {})
+    _reject_unknown(raw_paths, PATH_KEYS, where, "paths.")
+    resolved = {key: (base / str(raw_paths.get(key, key))).resolve() for key in PATH_KEYS}
+    paths = Paths(**resolved)
+
+    limits = _section(Limits, data.get("limits", {}), where, "limits")
+    intake = _section(IntakeSettings, data.get("intake", {}), where, "intake")
+    worker = _section(WorkerSettings, data.get("worker", {}), where, "worker")
+    if worker.max_batch < 1 or worker.max_attempts < 1 or worker.pipelines_in_memory < 1:
+        raise ConfigError(f"{where}: [worker] max_batch, max_attempts and pipelines_in_memory "
+                          "must each be at least 1")
+
+    checkpoints: dict[str, CheckpointOverride] = {}
+    for name, table in data.get("checkpoints", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [checkpoints.{name}] must be a table, e.g. "
+                              f'[checkpoints.{name}]\\nfamily = "sdxl"')
+        _reject_unknown(table, ("family", "lineage", "config"), where, f"checkpoints.{name}.")
+        config_dir = table.get("config")
+        checkpoints[name] = CheckpointOverride(
+            family=table.get("family"),
+            lineage=table.get("lineage"),
+            config=(base / config_dir).resolve() if config_dir else None,
+        )
+    plugins = data.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f'{where}: plugins must be a list of module names, e.g. ["my_plugin"]')
+    return Config(source=source, paths=paths, limits=limits, intake=intake, worker=worker,
+                  checkpoints=checkpoints, plugins=tuple(plugins))
+
+
+def _section(cls: type, table: Any, where: str, name: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    allowed = {f.name: f for f in fields(cls)}
+    _reject_unknown(table, tuple(allowed), where, f"{name}.")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        default = allowed[key].default
+        expected = type(default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool):
+            raise ConfigError(f"{where}: {name}.{key} must be a {expected.__name__} "
+                              f"(default {default!r}), got {value!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{where}: {name}.{key} must not be negative, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def _reject_unknown(table: dict[str, Any], allowed: tuple[str, ...], where: str,
+                    prefix: str) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else \
+                f"; allowed: {', '.join(prefix + a for a in allowed)}"
+            raise ConfigError(f"{where}: unknown setting {prefix}{key}{hint}")

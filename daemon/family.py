@@ -1,0 +1,141 @@
+"""What a model family plugin provides, and the plain data it exchanges with the core.
+
+A Family is one object per model family (SDXL, Pony, Flux.1 dev, ...), registered through
+the `register_families` hook. The core never imports a family module directly: it asks every
+registered family to recognise a checkpoint, then hands renders of that checkpoint to the
+family that recognised it.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.safetensors_header import SafetensorsHeader
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from daemon.spec import RenderSpec
+
+
+class RenderError(RuntimeError):
+    """A render cannot succeed as asked (bad LoRA, impossible settings); not worth a retry."""
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What a job gets for every key it leaves out (REFERENCE.md section 7)."""
+
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    sampler: str  # A1111 name
+    schedule: str | None
+    negative_prompt: str = ""
+    clip_skip: int | None = None
+    size_multiple: int = 8  # width and height must be multiples of this
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A checkpoint candidate under models/, as far as it can be known without loading it."""
+
+    name: str
+    path: Path
+    kind: str  # "folder" (diffusers, model_index.json) | "single_file" (.safetensors)
+    header: SafetensorsHeader | None = None  # single files
+    model_index: dict[str, Any] | None = None  # folders
+
+    @classmethod
+    def for_folder(cls, name: str, path: Path) -> CheckpointSource:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        return cls(name=name, path=path, kind="folder", model_index=index)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata if self.header else {}
+
+
+@dataclass(frozen=True)
+class CheckpointProbe:
+    """A family's answer to "is this checkpoint yours?"."""
+
+    family: str
+    score: float  # 0..1; the registry takes the best score, and reports ties
+    reason: str  # what in the header made the family say so
+    lineage: str | None = None
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What the worker hands a family to load a pipeline from."""
+
+    name: str
+    path: Path
+    kind: str
+    config_path: Path | None  # local diffusers config folder for single files
+    lineage: str | None = None
+    variant: str | None = None
+
+
+@dataclass
+class DemoAssets:
+    """What a family's demo builder wrote: config.toml overrides and sample jobs."""
+
+    checkpoint_overrides: dict[str, dict[str, str]] = field(default_factory=dict)
+    jobs: dict[str, str] = field(default_factory=dict)  # file name -> job file text
+
+
+class Family(ABC):
+    """Base class for family plugins. Subclasses set the class attributes and implement the
+    abstract methods; the rest has defaults that suit most diffusers image pipelines."""
+
+    name: str  # unique plugin name, also what users write in config.toml overrides
+    architecture: str  # families with equal architecture share LoRA shapes (e.g. "sdxl")
+    display_name: str
+    sampler_kind: str = "eps"  # "eps" (SD-style samplers) or "flow" (flow matching)
+    defaults: FamilyDefaults
+    supports_negative_prompt: bool = True
+
+    @abstractmethod
+    def probe_checkpoint(self, source: CheckpointSource) -> CheckpointProbe | None:
+        """Recognise a checkpoint from its header or model_index.json, loading no weights."""
+
+    def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
+        """What this checkpoint still needs before it can load (e.g. a config folder for a
+        single file), as a message for the user; None when it is ready. Checked at intake."""
+        return None
+
+    def apply_conventions(self, prompt: str, negative_prompt: str | None,
+                          enabled: bool) -> tuple[str, str, list[str]]:
+        """Return (prompt to encode, negative prompt, warnings). The default applies the
+        family's default negative prompt when the job gave none."""
+        negative = self.defaults.negative_prompt if negative_prompt is None else negative_prompt
+        return prompt, negative, []
+
+    @abstractmethod
+    def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
+                      dtype: torch.dtype) -> Any:
+        """Load the checkpoint's pipeline through diffusers' real loading path."""
+
+    @abstractmethod
+    def render_batch(self, pipe: Any, specs: list[RenderSpec],
+                     device: torch.device) -> list[Image.Image]:
+        """Render every spec in one pipeline call (they share a batch key), one generator per
+        spec, so that an image does not depend on the batch it was in."""
+
+    def infotext_fields(self, spec: RenderSpec) -> list[tuple[str, object]]:
+        """Extra A1111 infotext fields this family writes (e.g. Forge's Distilled CFG Scale)."""
+        return []
+
+    @abstractmethod
+    def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
+        """Write this family's tiny random-weight checkpoints the way users have them, and
+        return the config overrides and sample jobs that render them."""

@@ -1,0 +1,50 @@
+"""The lorafarm plugin hooks (pluggy project name "lorafarm").
+
+Built-in families and plugins register through these hooks exactly like third-party ones:
+each is a module listed in the `lorafarm` entry-point group (see pyproject.toml). A
+third-party package adds its own entry point, e.g.
+
+    [project.entry-points.lorafarm]
+    my_family = "my_package.my_family"
+
+and implements one or more of the hooks below with `@daemon.hookimpl`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from daemon.family import Family
+    from daemon.spec import RenderSpec
+
+hookspec = pluggy.HookspecMarker("lorafarm")
+
+
+@hookspec
+def register_families(register: Callable[[Family], None]) -> None:
+    """Called once at start-up; call `register(family)` for each model family the plugin
+    provides. Family names must be unique across all plugins."""
+
+
+@hookspec
+def register_job_parsers(register: Callable[[str, Callable[[str], dict[str, Any]]], None]) -> None:
+    """Called once at start-up; call `register(suffix, parse)` for each job-file format.
+
+    `suffix` is the file ending with its dot (".toml"); `parse(text)` returns the job as a
+    plain dict or raises `daemon.jobfile.JobFileError` (with a line number where known)."""
+
+
+@hookspec
+def output_metadata(spec: RenderSpec, family: Family) -> dict[str, str] | None:
+    """Called for every output file before it is written; return text entries to embed
+    (a PNG text chunk per key, e.g. {"parameters": "<A1111 infotext>"}), or None."""
+
+
+@hookspec
+def on_event(kind: str, message: str, data: dict[str, Any]) -> None:
+    """Called after the daemon records an event (job accepted, render done, render failed,
+    job finished, ...). For notifications and metrics; must not raise or block for long."""

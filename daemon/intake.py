@@ -1,0 +1,384 @@
+"""The hot folder: job files dropped into jobs/ become a job row and one row per render.
+
+Lifecycle (one filesystem, atomic renames):
+
+    jobs/NAME.toml --accepted--> jobs/processing/ --all renders ended--> jobs/done/ | failed/
+                   --invalid---> jobs/rejected/ + NAME.toml.error.txt
+
+The database row is written first and the file moved second; `reconcile()` at start-up
+repairs the gap a crash can leave between the two. Watcher events are only hints (inotify
+drops events on overflow, network shares send none): the folder is rescanned at start and
+periodically, and a file is taken only once it is complete.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from daemon.config import Config
+from daemon.family import Family
+from daemon.jobfile import JobFileError, JobSpec, check_job, decode_job_bytes, line_of_key
+from daemon.plugins import Plugins
+from daemon.registry import Registry
+from daemon.samplers import SamplerError, choose_sampler, samplers_for_kind
+from daemon.spec import RenderSpec
+from daemon.store import (
+    JOB_DONE,
+    JOB_FAILED,
+    JOB_QUEUED,
+    JOB_REJECTED,
+    RENDER_QUEUED,
+    UNFINISHED_JOB_STATES,
+    Job,
+    Render,
+    Store,
+    add_event,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+MAX_JOB_FILE_BYTES = 1024 * 1024  # a job file is a few hundred bytes; 1 MB is not a job
+SUBFOLDERS = ("processing", "done", "failed", "rejected")
+
+
+@dataclass
+class ScanResult:
+    accepted: list[int] = field(default_factory=list)  # job ids
+    rejected: list[str] = field(default_factory=list)  # file names
+    pending: list[str] = field(default_factory=list)  # files not complete yet
+
+
+class Intake:
+    def __init__(self, config: Config, store: Store, registry: Registry,
+                 plugins: Plugins) -> None:
+        self.config = config
+        self.store = store
+        self.registry = registry
+        self.plugins = plugins
+        self.jobs_dir = config.paths.jobs
+        self.wakeup = threading.Event()  # set by the watcher; the scan loop waits on it
+        self._closed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at close-write
+        self._lock = threading.Lock()  # one scan at a time
+        self._observer: Observer | None = None
+
+    # -- folder helpers --------------------------------------------------------------------
+
+    def folder(self, name: str) -> Path:
+        return self.jobs_dir / name
+
+    def ensure_folders(self) -> None:
+        for name in SUBFOLDERS:
+            self.folder(name).mkdir(parents=True, exist_ok=True)
+
+    # -- watching --------------------------------------------------------------------------
+
+    def start_watching(self) -> None:
+        handler = _WakeupHandler(self)
+        self._observer = Observer()
+        self._observer.schedule(handler, str(self.jobs_dir), recursive=False)
+        self._observer.daemon = True
+        self._observer.start()
+
+    def stop_watching(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def note_closed(self, path: Path) -> None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return
+        self._closed[path.name] = (stat.st_size, stat.st_mtime_ns)
+
+    # -- scanning --------------------------------------------------------------------------
+
+    def scan(self) -> ScanResult:
+        """Take every complete job file in jobs/ (top level only)."""
+        result = ScanResult()
+        with self._lock:
+            self.ensure_folders()
+            for path in sorted(self.jobs_dir.iterdir()):
+                if not path.is_file() or path.is_symlink() and not path.exists():
+                    continue
+                name = path.name
+                if name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES):
+                    continue  # being written by its owner, or not ours
+                if name.endswith(".error.txt"):
+                    continue
+                try:
+                    self._take(path, result)
+                except OSError as exc:  # vanished mid-way, permissions: try again next scan
+                    log.warning("could not take %s yet: %s", name, exc)
+                    result.pending.append(name)
+        return result
+
+    def _complete(self, path: Path, stat: os.stat_result) -> bool:
+        closed = self._closed.get(path.name)
+        if closed == (stat.st_size, stat.st_mtime_ns):
+            return True  # the writer closed it and nothing changed since
+        age = time.time() - stat.st_mtime
+        return age >= self.config.intake.settle_seconds
+
+    def _take(self, path: Path, result: ScanResult) -> None:
+        stat = path.stat()
+        if not self._complete(path, stat):
+            result.pending.append(path.name)
+            return
+        if path.is_symlink():
+            self._reject(path, b"", JobFileError(
+                "job files may not be symbolic links",
+                fix="copy the job file into jobs/ instead of linking it"), result)
+            return
+        if stat.st_size > MAX_JOB_FILE_BYTES:
+            self._reject(path, b"", JobFileError(
+                f"the file is {stat.st_size} bytes; a job file is at most "
+                f"{MAX_JOB_FILE_BYTES} bytes", fix="is this really a job file? job files are "
+                "short TOML or JSON text"), result)
+            return
+        raw = path.read_bytes()
+        content_hash = hashlib.sha256(raw).hexdigest()
+        with self.store.session() as session:
+            twin = session.scalars(select(Job).where(
+                Job.content_hash == content_hash, Job.state.in_(UNFINISHED_JOB_STATES))).first()
+            twin_info = (twin.id, twin.file_path, twin.file_name) if twin else None
+        if twin_info is not None:
+            twin_id, twin_path, twin_name = twin_info
+            if twin_name == path.name and (twin_path is None or not Path(twin_path).exists()):
+                # The row was written but the daemon stopped before the move: finish it.
+                self._move_accepted(twin_id, path)
+                return
+            self._reject(path, raw, JobFileError(
+                f"the same job content is already queued as job {twin_id} ({twin_name}), "
+                "which has not finished", fix="wait for it to finish, or change the file "
+                "(e.g. its seed) to queue a new run"), result, duplicate_of=twin_id)
+            return
+        try:
+            spec, renders, warnings = self.parse(path.name, raw)
+        except JobFileError as exc:
+            if time.time() - stat.st_mtime < self.config.intake.retry_young_seconds:
+                result.pending.append(path.name)  # its writer may not be done: retry soon
+                return
+            self._reject(path, raw, exc, result)
+            return
+        job_id = self._accept(path, content_hash, spec, renders, warnings)
+        result.accepted.append(job_id)
+
+    # -- parsing and resolving -------------------------------------------------------------
+
+    def parse(self, file_name: str, raw: bytes) -> tuple[JobSpec, list[RenderSpec], list[str]]:
+        """Turn a job file's bytes into checked render specs; raises JobFileError."""
+        suffix = Path(file_name).suffix.lower()
+        parser = self.plugins.job_parsers.get(suffix)
+        if parser is None:
+            known = ", ".join(sorted(self.plugins.job_parsers)) or "none"
+            raise JobFileError(f"`{suffix or file_name}` is not a job file type lorafarm reads",
+                               fix=f"save the job as one of: {known}")
+        text = decode_job_bytes(raw)
+        data = parser(text)
+        spec = check_job(data, text, self.config.limits)
+        return (spec, *self.resolve(spec, text))
+
+    def resolve(self, spec: JobSpec, text: str) -> tuple[list[RenderSpec], list[str]]:
+        """Check the job against the registry and its family; expand it into renders."""
+        info = self.registry.get(spec.checkpoint)
+        line = line_of_key(text, "checkpoint")
+        if info is None or info.state == "missing":
+            known = [c.name for c in self.registry.all() if c.state == "ok"]
+            close = difflib.get_close_matches(spec.checkpoint, known, n=3, cutoff=0.5)
+            hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close else
+                    f"known checkpoints: {', '.join(known) or 'none yet'}")
+            raise JobFileError(f"unknown checkpoint {spec.checkpoint!r}", key="checkpoint",
+                               line=line, fix=f"{hint} Put the model under "
+                               f"{self.config.paths.models} (a diffusers folder or a "
+                               ".safetensors file); `lorafarm models` lists what is known")
+        if info.state != "ok" or info.family is None:
+            raise JobFileError(f"checkpoint {spec.checkpoint!r} cannot be used: {info.reason}",
+                               key="checkpoint", line=line,
+                               fix="fix or replace the model file (see `lorafarm models`)")
+        family = self.plugins.families.get(info.family)
+        if family is None:
+            raise JobFileError(f"checkpoint {spec.checkpoint!r} is a {info.family} model but the "
+                               f"{info.family} family plugin is not installed", key="checkpoint",
+                               line=line, fix="install the family plugin or pick another model")
+        problem = family.missing_requirements(info.loaded())
+        if problem:
+            raise JobFileError(problem, key="checkpoint", line=line,
+                               fix="set it in config.toml, then drop the job file again")
+        return self._expand(spec, family, text, info.model_hash)
+
+    def _expand(self, spec: JobSpec, family: Family, text: str,
+                model_hash: str | None) -> tuple[list[RenderSpec], list[str]]:
+        d = family.defaults
+        warnings: list[str] = []
+        try:
+            choice = choose_sampler(spec.sampler or d.sampler,
+                                    None if spec.sampler else d.schedule, family.sampler_kind)
+        except SamplerError as exc:
+            fitting = ", ".join(samplers_for_kind(family.sampler_kind))
+            raise JobFileError(f"{exc} ({family.display_name})", key="sampler",
+                               line=line_of_key(text, "sampler"),
+                               fix=f"use one of the samplers that fit: {fitting}") from exc
+        sampler, schedule = choice.sampler, choice.schedule
+        width = spec.width or d.width
+        height = spec.height or d.height
+        for key, value in (("width", width), ("height", height)):
+            if value % d.size_multiple:
+                lower = value - value % d.size_multiple
+                raise JobFileError(
+                    f"`{key}` = {value} is not a multiple of {d.size_multiple}, which "
+                    f"{family.display_name} needs", key=key, line=line_of_key(text, key),
+                    fix=f"use {lower} or {lower + d.size_multiple}")
+        if spec.negative_prompt and not family.supports_negative_prompt:
+            raise JobFileError(f"{family.display_name} takes no negative prompt",
+                               key="negative_prompt",
+                               line=line_of_key(text, "negative_prompt"),
+                               fix="remove negative_prompt from the job")
+        prompt, negative, convention_notes = family.apply_conventions(
+            spec.prompt, spec.negative_prompt, spec.conventions)
+        warnings.extend(convention_notes)
+        seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+        renders = [
+            RenderSpec(
+                family=family.name, checkpoint=spec.checkpoint, prompt=prompt,
+                negative_prompt=negative, seed=seed + i, steps=spec.steps or d.steps,
+                cfg=spec.cfg if spec.cfg is not None else d.cfg, sampler=sampler,
+                schedule=schedule, width=width, height=height, user_prompt=spec.prompt,
+                checkpoint_hash=model_hash, clip_skip=d.clip_skip,
+            )
+            for i in range(spec.count)
+        ]
+        return renders, warnings
+
+    # -- accepting and rejecting -----------------------------------------------------------
+
+    def _accept(self, path: Path, content_hash: str, spec: JobSpec,
+                renders: list[RenderSpec], warnings: list[str]) -> int:
+        with self.store.session() as session:
+            job = Job(name=path.stem, file_name=path.name, file_path=None,
+                      content_hash=content_hash, state=JOB_QUEUED, priority=spec.priority,
+                      spec_json=spec.to_json(), warnings_json=json.dumps(warnings))
+            session.add(job)
+            session.flush()
+            for index, render in enumerate(renders):
+                session.add(Render(job_id=job.id, index=index, seed=render.seed,
+                                   state=RENDER_QUEUED, priority=spec.priority,
+                                   checkpoint=render.checkpoint, batch_key=render.batch_key(),
+                                   spec_json=render.to_json()))
+            add_event(session, "job_accepted", f"{path.name}: {len(renders)} render(s)",
+                      job_id=job.id, renders=len(renders), warnings=warnings)
+            job_id = job.id
+        self._move_accepted(job_id, path)
+        self.plugins.notify("job_accepted", path.name, {"job_id": job_id})
+        return job_id
+
+    def _move_accepted(self, job_id: int, path: Path) -> None:
+        target = unique_destination(self.folder("processing"), path.name, job_id)
+        os.replace(path, target)
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                job.file_path = str(target)
+
+    def _reject(self, path: Path, raw: bytes, error: JobFileError, result: ScanResult,
+                duplicate_of: int | None = None) -> None:
+        report = f"{path.name} was not accepted.\n\n{error.report()}\n"
+        with self.store.session() as session:
+            job = Job(name=path.stem, file_name=path.name,
+                      content_hash=hashlib.sha256(raw).hexdigest(), state=JOB_REJECTED,
+                      error=error.report(), finished_at=utcnow())
+            session.add(job)
+            session.flush()
+            add_event(session, "job_rejected", f"{path.name}: {error.what}", job_id=job.id,
+                      key=error.key, line=error.line, duplicate_of=duplicate_of)
+            job_id = job.id
+        target = unique_destination(self.folder("rejected"), path.name, job_id)
+        os.replace(path, target)
+        write_error_file(target, report)
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                job.file_path = str(target)
+        result.rejected.append(path.name)
+        log.warning("rejected %s: %s", path.name, error.what)
+        self.plugins.notify("job_rejected", path.name, {"job_id": job_id, "error": error.what})
+
+    # -- finishing and start-up repair -----------------------------------------------------
+
+    def file_finished_job(self, job_id: int) -> None:
+        """Move a finished job's file from processing/ to done/ or failed/ (with its error
+        report), following the state the database already holds."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.state not in (JOB_DONE, JOB_FAILED) or job.file_path is None:
+                return
+            current = Path(job.file_path)
+            folder = "done" if job.state == JOB_DONE else "failed"
+            if current.parent == self.folder(folder) or not current.exists():
+                return
+            failures = [f"render {r.index} (seed {r.seed}): {r.error}"
+                        for r in job.renders if r.state == "failed"]
+            file_name = job.file_name
+        target = unique_destination(self.folder(folder), file_name, job_id)
+        os.replace(current, target)
+        if folder == "failed":
+            write_error_file(target, f"{file_name} (job {job_id}) failed.\n\n"
+                             + "\n".join(failures) + "\n\nHow to fix: read each reason above; "
+                             "`lorafarm history --json` has the details. Drop the file into "
+                             "jobs/ again to re-run it.\n")
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                job.file_path = str(target)
+
+    def reconcile(self) -> None:
+        """Repair what a crash can leave between a database write and a file move."""
+        with self.store.session() as session:
+            jobs = [(j.id, j.state, j.file_path, j.file_name) for j in session.scalars(
+                select(Job).where(Job.state.in_((JOB_QUEUED, "running", JOB_DONE, JOB_FAILED))))]
+        for job_id, state, file_path, file_name in jobs:
+            if state in (JOB_DONE, JOB_FAILED):
+                self.file_finished_job(job_id)
+            elif file_path is None or not Path(file_path).exists():
+                dropped = self.jobs_dir / file_name
+                if dropped.exists():
+                    self._move_accepted(job_id, dropped)
+
+
+class _WakeupHandler(FileSystemEventHandler):
+    def __init__(self, intake: Intake) -> None:
+        self.intake = intake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type == "closed":
+            self.intake.note_closed(Path(str(event.src_path)))
+        self.intake.wakeup.set()
+
+
+def unique_destination(folder: Path, file_name: str, job_id: int) -> Path:
+    """folder/file_name, or folder/STEM.job<ID>SUFFIX when a file of that name is there."""
+    target = folder / file_name
+    if not target.exists():
+        return target
+    stem, suffix = Path(file_name).stem, Path(file_name).suffix
+    return folder / f"{stem}.job{job_id}{suffix}"
+
+
+def write_error_file(job_file: Path, report: str) -> None:
+    job_file.with_name(job_file.name + ".error.txt").write_text(report, encoding="utf-8")

@@ -1,0 +1,209 @@
+"""Job files: parse TOML or JSON, check every key and value, and say exactly what is wrong.
+
+This module knows the job-file contract (the keys, their types and ranges). What needs the
+rest of the daemon (does the checkpoint exist, does the sampler fit its family) is checked in
+`daemon.intake`, which raises the same JobFileError so the user gets one kind of report.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.config import Limits
+
+MAX_SEED = 2**63 - 1
+
+
+class JobFileError(ValueError):
+    """A job file that cannot be accepted: what is wrong, where (key, line), how to fix it."""
+
+    def __init__(self, what: str, *, key: str | None = None, line: int | None = None,
+                 fix: str | None = None) -> None:
+        self.what, self.key, self.line, self.fix = what, key, line, fix
+        super().__init__(self.report())
+
+    def report(self) -> str:
+        where = []
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        if self.key is not None:
+            where.append(f"key `{self.key}`")
+        text = f"{', '.join(where)}: {self.what}" if where else self.what
+        if self.fix:
+            text += f"\nHow to fix: {self.fix}"
+        return text
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job file's content after checking; None means "use the family default"."""
+
+    checkpoint: str
+    prompt: str
+    negative_prompt: str | None
+    seed: int | None
+    count: int
+    steps: int | None
+    cfg: float | None
+    sampler: str | None
+    width: int | None
+    height: int | None
+    priority: int
+    conventions: bool
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class _Key:
+    kind: type | tuple[type, ...]
+    required: bool = False
+    low: float | None = None
+    high_limit: str | None = None  # attribute of Limits holding the upper bound
+    high: float | None = None
+    example: str = ""
+
+
+KEYS: dict[str, _Key] = {
+    "checkpoint": _Key(str, required=True, example='checkpoint = "my-model"'),
+    "prompt": _Key(str, required=True, example='prompt = "a lighthouse at dusk"'),
+    "negative_prompt": _Key(str, example='negative_prompt = "blurry"'),
+    "seed": _Key(int, low=0, high=MAX_SEED, example="seed = 1234"),
+    "count": _Key(int, low=1, high_limit="max_count", example="count = 4"),
+    "steps": _Key(int, low=1, high_limit="max_steps", example="steps = 25"),
+    "cfg": _Key((int, float), low=0.0, high=30.0, example="cfg = 6.5"),
+    "sampler": _Key(str, example='sampler = "DPM++ 2M Karras"'),
+    "width": _Key(int, low=64, high_limit="max_width", example="width = 832"),
+    "height": _Key(int, low=64, high_limit="max_height", example="height = 1216"),
+    "priority": _Key(int, low=-1000, high=1000, example="priority = 0"),
+    "conventions": _Key(bool, example="conventions = false"),
+}
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = _toml_error_line(str(exc))
+        raise JobFileError(f"not valid TOML: {exc}", line=line,
+                           fix="check quotes, `=` signs and brackets on that line; strings need "
+                               'double quotes, e.g. prompt = "a cat"') from exc
+
+
+def parse_json(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JobFileError(f"not valid JSON: {exc.msg}", line=exc.lineno,
+                           fix="check commas and quotes near that line") from exc
+    if not isinstance(data, dict):
+        raise JobFileError("the JSON must be an object ({...}) of job keys",
+                           fix='write e.g. {"checkpoint": "my-model", "prompt": "a cat"}')
+    return data
+
+
+def decode_job_bytes(raw: bytes) -> str:
+    if b"\x00" in raw:
+        raise JobFileError("the file is binary, not a text job file",
+                           fix="job files are UTF-8 TOML or JSON text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"the file is not UTF-8 text (bad byte at offset {exc.start})",
+                           fix="save the file as UTF-8") from exc
+
+
+def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
+    """Check keys, types and ranges; returns the JobSpec or raises JobFileError."""
+    for key in data:
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`?" if close else \
+                f"known keys: {', '.join(KEYS)}"
+            raise JobFileError(f"unknown key `{key}`", key=key, line=line_of_key(text, key),
+                               fix=f"{hint} (remove or rename the key)")
+    values: dict[str, Any] = {}
+    for key, rule in KEYS.items():
+        if key not in data:
+            if rule.required:
+                raise JobFileError(f"required key `{key}` is missing", key=key,
+                                   fix=f"add a line like: {rule.example}")
+            values[key] = None
+            continue
+        values[key] = _check_value(key, data[key], rule, limits, text)
+    if not values["prompt"].strip():
+        raise JobFileError("the prompt is empty", key="prompt",
+                           line=line_of_key(text, "prompt"), fix=KEYS["prompt"].example)
+    if not values["checkpoint"].strip():
+        raise JobFileError("the checkpoint name is empty", key="checkpoint",
+                           line=line_of_key(text, "checkpoint"),
+                           fix="name a checkpoint under models/ (`lorafarm models` lists them)")
+    return JobSpec(
+        checkpoint=values["checkpoint"].strip(),
+        prompt=values["prompt"],
+        negative_prompt=values["negative_prompt"],
+        seed=values["seed"],
+        count=values["count"] if values["count"] is not None else 1,
+        steps=values["steps"],
+        cfg=float(values["cfg"]) if values["cfg"] is not None else None,
+        sampler=values["sampler"],
+        width=values["width"],
+        height=values["height"],
+        priority=values["priority"] if values["priority"] is not None else 0,
+        conventions=values["conventions"] if values["conventions"] is not None else True,
+    )
+
+
+def _check_value(key: str, value: Any, rule: _Key, limits: Limits, text: str) -> Any:
+    line = line_of_key(text, key)
+    kinds = rule.kind if isinstance(rule.kind, tuple) else (rule.kind,)
+    # bool is an int in Python; a job that says `steps = true` is wrong, not 1.
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        wanted = " or ".join(_type_word(k) for k in kinds)
+        raise JobFileError(f"`{key}` must be {wanted}, got {_describe(value)}", key=key,
+                           line=line, fix=f"write e.g. {rule.example}")
+    high = getattr(limits, rule.high_limit) if rule.high_limit else rule.high
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if (rule.low is not None and value < rule.low) or (high is not None and value > high):
+            source = f" (limits.{rule.high_limit} in config.toml)" if rule.high_limit else ""
+            raise JobFileError(
+                f"`{key}` = {value} is out of range; allowed {_num(rule.low)} to "
+                f"{_num(high)}{source}", key=key, line=line,
+                fix=f"use a value from {_num(rule.low)} to {_num(high)}")
+    return value
+
+
+def line_of_key(text: str, key: str) -> int | None:
+    """The 1-based line where `key` is set, in TOML (key = ...) or JSON ("key": ...)."""
+    name = re.escape(key)
+    pattern = re.compile(rf'^\s*{name}\s*=|"{name}"\s*:')
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.search(line):
+            return number
+    return None
+
+
+def _toml_error_line(message: str) -> int | None:
+    match = re.search(r"line (\d+)", message)
+    return int(match.group(1)) if match else None
+
+
+def _type_word(kind: type) -> str:
+    return {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
+            list: "a list", dict: "a table"}.get(kind, kind.__name__)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {json.dumps(value, default=str)[:60]}"
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "any"
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -1,0 +1,109 @@
+"""State changes of renders and jobs after the claim: done, failed, put back, recovered.
+
+Every change here happens in one transaction together with its event row, so the history
+always says why a render is in the state it is in.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+
+from daemon.store import (
+    JOB_DONE,
+    JOB_FAILED,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    RENDER_DONE,
+    RENDER_FAILED,
+    RENDER_QUEUED,
+    RENDER_RUNNING,
+    Job,
+    Render,
+    Store,
+    add_event,
+    utcnow,
+)
+
+
+def mark_done(store: Store, render_id: int, output_path: str, seconds: float) -> int | None:
+    """Record a finished render; returns its job id when that job has now ended."""
+    with store.session() as session:
+        render = session.get(Render, render_id)
+        if render is None or render.state != RENDER_RUNNING:
+            return None  # e.g. cancelled meanwhile; the file stays but is not counted twice
+        render.state, render.output_path, render.error = RENDER_DONE, output_path, None
+        render.finished_at = utcnow()
+        add_event(session, "render_done", output_path, job_id=render.job_id,
+                  render_id=render_id, seconds=round(seconds, 4))
+        return _settle_job(session, render.job_id)
+
+
+def mark_failed(store: Store, render_id: int, error: str) -> int | None:
+    """Record a render that cannot succeed; returns its job id when that job has now ended."""
+    with store.session() as session:
+        render = session.get(Render, render_id)
+        if render is None or render.state != RENDER_RUNNING:
+            return None
+        render.state, render.error, render.finished_at = RENDER_FAILED, error, utcnow()
+        add_event(session, "render_failed", error, job_id=render.job_id, render_id=render_id)
+        return _settle_job(session, render.job_id)
+
+
+def put_back(store: Store, render_ids: list[int], reason: str, *,
+             count_attempt: bool = False) -> None:
+    """Return running renders to the queue (an abort or a transient error)."""
+    with store.session() as session:
+        for render in session.scalars(select(Render).where(Render.id.in_(render_ids),
+                                                           Render.state == RENDER_RUNNING)):
+            render.state = RENDER_QUEUED
+            if not count_attempt:
+                render.attempts = max(0, render.attempts - 1)
+            add_event(session, "render_requeued", reason, job_id=render.job_id,
+                      render_id=render.id)
+
+
+def recover_interrupted(store: Store, max_attempts: int) -> tuple[list[int], list[int]]:
+    """At start-up: renders left `running` by a dead process go back to the queue, unless
+    they have used up their attempts (a render that kills its worker every time must end).
+    Returns (requeued render ids, job ids that ended)."""
+    requeued: list[int] = []
+    ended_jobs: list[int] = []
+    with store.session() as session:
+        stale = session.scalars(select(Render).where(Render.state == RENDER_RUNNING)).all()
+        for render in stale:
+            if render.attempts >= max_attempts:
+                render.state, render.finished_at = RENDER_FAILED, utcnow()
+                render.error = (f"the daemon died during this render {render.attempts} times "
+                                f"(limit worker.max_attempts = {max_attempts}); it may crash "
+                                "the process (out of memory?), so it is not tried again")
+                add_event(session, "render_failed", render.error, job_id=render.job_id,
+                          render_id=render.id)
+                if _settle_job(session, render.job_id) is not None:
+                    ended_jobs.append(render.job_id)
+            else:
+                render.state = RENDER_QUEUED
+                requeued.append(render.id)
+                add_event(session, "render_requeued",
+                          f"interrupted during attempt {render.attempts}; queued again",
+                          job_id=render.job_id, render_id=render.id)
+        # Jobs marked running whose renders are all queued again look queued.
+        session.execute(update(Job).where(Job.state == JOB_RUNNING, ~Job.renders.any(
+            Render.state.in_((RENDER_RUNNING, RENDER_DONE, RENDER_FAILED)))).values(
+            state=JOB_QUEUED))
+    return requeued, ended_jobs
+
+
+def _settle_job(session, job_id: int) -> int | None:  # type: ignore[no-untyped-def]
+    """End the job when none of its renders is queued or running; returns its id then."""
+    job = session.get(Job, job_id)
+    if job is None or job.state in (JOB_DONE, JOB_FAILED):
+        return None
+    states = [r.state for r in job.renders]
+    if any(s in (RENDER_QUEUED, RENDER_RUNNING) for s in states):
+        return None
+    job.state = JOB_FAILED if RENDER_FAILED in states else JOB_DONE
+    job.finished_at = utcnow()
+    failed = states.count(RENDER_FAILED)
+    add_event(session, "job_finished", f"{job.file_name}: {job.state}", job_id=job.id,
+              renders=len(states), failed=failed)
+    return job.id

@@ -1,0 +1,76 @@
+"""Output files: where each render's file goes, and writing it so that a half-written file
+never counts.
+
+Every output is written to a hidden temporary name in its final folder, flushed to disk and
+renamed in; only then is the render recorded as done. A crash in between leaves either no
+file (the render runs again) or a complete file that the re-run overwrites with the same
+name, so no render is ever counted twice or saved half.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from daemon.spec import RenderSpec
+
+# The machine-readable chunk: the full RenderSpec as JSON, enough to re-render exactly.
+SPEC_CHUNK = "lorafarm"
+TEMP_PREFIX = ".partial-"
+
+
+def job_folder(outputs: Path, job_id: int, job_name: str) -> Path:
+    """outputs/<job name>-<job id>: the id keeps two jobs of one name apart."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", job_name).strip("._") or "job"
+    return outputs / f"{safe[:80]}-{job_id}"
+
+
+def output_path(outputs: Path, job_id: int, job_name: str, index: int, seed: int,
+                suffix: str = ".png") -> Path:
+    return job_folder(outputs, job_id, job_name) / f"{index:05d}-{seed}{suffix}"
+
+
+def write_png(image: Image.Image, path: Path, spec: RenderSpec, text: dict[str, str]) -> Path:
+    """Write `image` with its text chunks to `path` atomically; returns `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        if _latin1(value):
+            info.add_text(key, value)
+        else:
+            info.add_itxt(key, value)  # A1111 writes non-Latin-1 prompts as iTXt too
+    info.add_text(SPEC_CHUNK, spec.to_json())
+    temp = path.with_name(TEMP_PREFIX + path.name)
+    with temp.open("wb") as handle:
+        image.save(handle, format="PNG", pnginfo=info)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    return path
+
+
+def read_spec(path: Path) -> RenderSpec:
+    """The RenderSpec embedded in a lorafarm PNG."""
+    with Image.open(path) as image:
+        return RenderSpec.from_json(image.text[SPEC_CHUNK])
+
+
+def remove_leftover_temporaries(outputs: Path) -> list[Path]:
+    """Delete temporaries a crash left behind (start-up repair)."""
+    removed = []
+    if outputs.is_dir():
+        for temp in outputs.rglob(TEMP_PREFIX + "*"):
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+    return removed
+
+
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,0 +1,257 @@
+"""The model registry: what checkpoints exist under models/, which family each belongs to,
+and their A1111 model hashes.
+
+A checkpoint is a diffusers folder (holding model_index.json) or a single `.safetensors`
+file. Its family comes from asking every family plugin about the header (no weights are
+loaded); config.toml `[checkpoints.NAME] family = ...` overrides the answer. Hashing a 7 GB
+file takes tens of seconds, so hashes are computed on a background thread and cached in the
+database by (path, size, mtime); the render loop never waits for one except, at worst, when
+writing the first output of a checkpoint whose hash is still being computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from daemon.config import Config
+from daemon.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
+from daemon.plugins import Plugins
+from daemon.safetensors_header import SafetensorsError, read_header, sha256_file
+from daemon.store import Checkpoint, FileHash, Store, add_event, utcnow
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+# In a diffusers folder, the file whose hash stands for the model (A1111 hashes one file).
+DENOISER_WEIGHTS = ("unet", "transformer")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    path: Path
+    kind: str
+    family: str | None
+    lineage: str | None
+    variant: str | None
+    state: str  # ok | unrecognised | missing
+    reason: str | None
+    config_path: Path | None
+    model_hash: str | None
+
+    def loaded(self) -> LoadedCheckpoint:
+        return LoadedCheckpoint(name=self.name, path=self.path, kind=self.kind,
+                                config_path=self.config_path, lineage=self.lineage,
+                                variant=self.variant)
+
+
+class Registry:
+    def __init__(self, config: Config, store: Store, plugins: Plugins) -> None:
+        self.config = config
+        self.store = store
+        self.plugins = plugins
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hasher")
+        self._hash_jobs: dict[str, Future[str]] = {}
+        self._lock = threading.Lock()
+
+    # -- scanning --------------------------------------------------------------------------
+
+    def scan(self) -> list[CheckpointInfo]:
+        """Index models/: recognise new or changed checkpoints, mark vanished ones missing."""
+        found: dict[str, tuple[Path, str]] = {}
+        models = self.config.paths.models
+        if models.is_dir():
+            for entry in sorted(models.iterdir()):
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir() and (entry / "model_index.json").is_file():
+                    found.setdefault(entry.name, (entry, "folder"))
+                elif entry.is_file() and entry.suffix == ".safetensors":
+                    found.setdefault(entry.stem, (entry, "single_file"))
+                elif entry.is_file() and entry.suffix.lower() in PICKLE_SUFFIXES:
+                    found.setdefault(entry.stem, (entry, "pickle"))
+        with self.store.session() as session:
+            rows = {row.name: row for row in session.scalars(select(Checkpoint))}
+            for name, (path, kind) in found.items():
+                stat = path.stat()
+                mtime = int(stat.st_mtime_ns)
+                size = stat.st_size if kind != "folder" else 0
+                row = rows.get(name)
+                # Headers are cheap to read, so recognition runs every scan (a config.toml
+                # override may have changed); the expensive hash survives an unchanged file.
+                unchanged = (row is not None and row.path == str(path) and row.mtime_ns == mtime
+                             and row.size_bytes == size)
+                info = self._recognise(name, path, kind)
+                if row is None:
+                    row = Checkpoint(name=name)
+                    session.add(row)
+                before = (row.family, row.lineage, row.state, row.reason, row.config_path)
+                row.path, row.kind, row.size_bytes, row.mtime_ns = str(path), kind, size, mtime
+                row.family, row.lineage, row.variant = info.family, info.lineage, info.variant
+                row.state, row.reason = info.state, info.reason
+                row.recognised_by = info.recognised_by
+                row.config_path = str(info.config_path) if info.config_path else None
+                if not unchanged:
+                    row.sha256 = row.model_hash = None
+                after = (row.family, row.lineage, row.state, row.reason, row.config_path)
+                if not unchanged or after != before:
+                    row.updated_at = utcnow()
+                    add_event(session, "checkpoint_indexed", f"{name}: {info.state}",
+                              family=info.family, reason=info.reason)
+            for name, row in rows.items():
+                if name not in found and row.state != "missing":
+                    row.state, row.reason = "missing", f"{row.path} is gone"
+                    add_event(session, "checkpoint_missing", f"{name}: file is gone")
+        infos = self.all()
+        for info in infos:
+            if info.state == "ok" and info.model_hash is None:
+                self._schedule_hash(info)
+        return infos
+
+    @dataclass(frozen=True)
+    class _Recognition:
+        family: str | None
+        lineage: str | None
+        variant: str | None
+        state: str
+        reason: str | None
+        recognised_by: str | None
+        config_path: Path | None
+
+    def _recognise(self, name: str, path: Path, kind: str) -> Registry._Recognition:
+        override = self.config.checkpoints.get(name)
+        config_path = override.config if override else None
+        if kind == "pickle":
+            return self._Recognition(None, None, None, "unrecognised",
+                                     f"{path.suffix} files are pickles and are never loaded "
+                                     "(they can run code); convert it to .safetensors",
+                                     None, None)
+        try:
+            source = (CheckpointSource.for_folder(name, path) if kind == "folder" else
+                      CheckpointSource(name=name, path=path, kind=kind,
+                                       header=read_header(path)))
+        except (SafetensorsError, OSError, ValueError) as exc:
+            return self._Recognition(None, None, None, "unrecognised", str(exc), None, None)
+        probes: list[CheckpointProbe] = []
+        for family in self.plugins.families.values():
+            try:
+                probe = family.probe_checkpoint(source)
+            except Exception as exc:  # a plugin bug must not hide the other families' answers
+                log.exception("family %s failed to probe %s", family.name, path)
+                probe = None
+                del exc
+            if probe is not None:
+                probes.append(probe)
+        if override and override.family:
+            if override.family not in self.plugins.families:
+                return self._Recognition(
+                    None, None, None, "unrecognised",
+                    f"config.toml sets family {override.family!r} for {name}, but no such family "
+                    f"is installed (installed: {', '.join(sorted(self.plugins.families))})",
+                    None, config_path)
+            matching = [p for p in probes if p.family == override.family]
+            lineage = override.lineage or (matching[0].lineage if matching else None)
+            variant = matching[0].variant if matching else None
+            return self._Recognition(override.family, lineage, variant, "ok",
+                                     "family set in config.toml", "config", config_path)
+        if not probes:
+            return self._Recognition(
+                None, None, None, "unrecognised",
+                "no installed family recognises this checkpoint's keys; if it is a known model, "
+                f'set [checkpoints.{name}] family = "..." in config.toml', None, config_path)
+        probes.sort(key=lambda p: p.score, reverse=True)
+        best = probes[0]
+        if len(probes) > 1 and probes[1].score == best.score and probes[1].family != best.family:
+            tied = ", ".join(p.family for p in probes if p.score == best.score)
+            return self._Recognition(
+                None, None, None, "unrecognised",
+                f"families tie for this checkpoint ({tied}); choose one with "
+                f'[checkpoints.{name}] family = "..." in config.toml', None, config_path)
+        lineage = override.lineage if override and override.lineage else best.lineage
+        return self._Recognition(best.family, lineage, best.variant, "ok", best.reason,
+                                 "header", config_path)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def all(self) -> list[CheckpointInfo]:
+        with self.store.session() as session:
+            return [_info(row) for row in session.scalars(select(Checkpoint).order_by(
+                Checkpoint.name))]
+
+    def get(self, name: str) -> CheckpointInfo | None:
+        with self.store.session() as session:
+            row = session.scalars(select(Checkpoint).where(Checkpoint.name == name)).first()
+            return _info(row) if row else None
+
+    # -- hashing ---------------------------------------------------------------------------
+
+    def hashed_file(self, info: CheckpointInfo) -> Path:
+        """The file whose sha256 is the model hash: the single file, or a folder's denoiser."""
+        if info.kind != "folder":
+            return info.path
+        for component in DENOISER_WEIGHTS:
+            folder = info.path / component
+            if folder.is_dir():
+                weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.json"))
+                if weights:
+                    return weights[0]
+        return info.path / "model_index.json"
+
+    def _schedule_hash(self, info: CheckpointInfo) -> Future[str]:
+        with self._lock:
+            job = self._hash_jobs.get(info.name)
+            if job is None or (job.done() and job.exception() is not None):
+                job = self._hasher.submit(self._compute_hash, info)
+                self._hash_jobs[info.name] = job
+            return job
+
+    def model_hash(self, name: str, *, wait: bool = True) -> str | None:
+        """The A1111 model hash (sha256 of the file, 10 hex); None while unknown."""
+        info = self.get(name)
+        if info is None or info.state != "ok":
+            return None
+        if info.model_hash:
+            return info.model_hash
+        job = self._schedule_hash(info)
+        if not wait:
+            return None
+        return job.result()
+
+    def _compute_hash(self, info: CheckpointInfo) -> str:
+        path = self.hashed_file(info)
+        stat = path.stat()
+        with self.store.session() as session:
+            cached = session.get(FileHash, str(path))
+            if (cached is not None and cached.size_bytes == stat.st_size
+                    and cached.mtime_ns == stat.st_mtime_ns):
+                digest = cached.sha256
+            else:
+                digest = None
+        if digest is None:
+            digest = sha256_file(path)
+            with self.store.session() as session:
+                session.merge(FileHash(path=str(path), size_bytes=stat.st_size,
+                                       mtime_ns=stat.st_mtime_ns, sha256=digest,
+                                       computed_at=utcnow()))
+        with self.store.session() as session:
+            row = session.scalars(select(Checkpoint).where(Checkpoint.name == info.name)).first()
+            if row is not None and row.path == str(info.path):
+                row.sha256, row.model_hash = digest, digest[:10]
+        return digest[:10]
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
+
+
+def _info(row: Checkpoint) -> CheckpointInfo:
+    return CheckpointInfo(name=row.name, path=Path(row.path), kind=row.kind, family=row.family,
+                          lineage=row.lineage, variant=row.variant, state=row.state,
+                          reason=row.reason,
+                          config_path=Path(row.config_path) if row.config_path else None,
+                          model_hash=row.model_hash)

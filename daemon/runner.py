@@ -1,0 +1,211 @@
+"""The daemon's main loop: start-up repair, the intake thread, and claim -> render -> record.
+
+Signals: the first SIGINT/SIGTERM lets the current batch finish and then exits cleanly; a
+second one aborts the batch (its renders go back to the queue without using an attempt).
+Only one daemon may own a state folder at a time (an exclusive lock on state/daemon.lock):
+SQLite wants a single writer, and two daemons would render everything twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from sqlalchemy import select
+
+from daemon.config import Config
+from daemon.intake import Intake
+from daemon.lifecycle import put_back, recover_interrupted
+from daemon.outputs import remove_leftover_temporaries
+from daemon.plugins import Plugins
+from daemon.registry import Registry
+from daemon.scheduler import claim_next_batch
+from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Store, add_event
+from daemon.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class DaemonLockedError(RuntimeError):
+    pass
+
+
+class Daemon:
+    def __init__(self, config: Config, plugins: Plugins | None = None) -> None:
+        # Nothing may ever be downloaded at run time: make the hub client refuse.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.config = config
+        self.plugins = plugins or Plugins(config.plugins)
+        config.ensure_folders()
+        self.store = Store.for_path(config.paths.database)
+        self.registry = Registry(config, self.store, self.plugins)
+        self.intake = Intake(config, self.store, self.registry, self.plugins)
+        self.worker = Worker(config, self.store, self.registry, self.plugins)
+        self._stop = threading.Event()
+        self._work = threading.Event()
+        self._signals = 0
+        self._lock_file: IO[str] | None = None
+        self._intake_thread: threading.Thread | None = None
+        self.batches = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._acquire_lock()
+        self.store.migrate()
+        requeued, ended = recover_interrupted(self.store, self.config.worker.max_attempts)
+        if requeued:
+            log.info("re-queued %d render(s) interrupted by the last shutdown", len(requeued))
+        remove_leftover_temporaries(self.config.paths.outputs)
+        self.intake.ensure_folders()
+        self.intake.reconcile()
+        for job_id in ended:
+            self.intake.file_finished_job(job_id)
+        self.registry.scan()
+        self.intake.scan()
+        with self.store.session() as session:
+            add_event(session, "daemon_started", f"pid {os.getpid()}", pid=os.getpid(),
+                      device=str(self.worker.device))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.set()
+        self.intake.wakeup.set()
+
+    def close(self) -> None:
+        self.stop()
+        self.intake.stop_watching()
+        if self._intake_thread is not None:
+            self._intake_thread.join(timeout=10)
+        self.registry.close()
+        with self.store.session() as session:
+            add_event(session, "daemon_stopped", f"pid {os.getpid()}")
+        self.store.dispose()
+        self._release_lock()
+
+    def run(self, *, until_idle: bool = False, install_signals: bool = False) -> int:
+        """Run until stopped (or, with until_idle, until nothing is left to do).
+        Returns the process exit code."""
+        if install_signals:
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
+        self.start()
+        self.intake.start_watching()
+        self._intake_thread = threading.Thread(target=self._intake_loop, name="intake",
+                                               daemon=True)
+        self._intake_thread.start()
+        code = 0
+        try:
+            while not self._stop.is_set():
+                batch = claim_next_batch(self.store, self.config.worker.max_batch)
+                if batch:
+                    self._render(batch)
+                    continue
+                if until_idle and self._idle():
+                    break
+                self._work.wait(timeout=0.5)
+                self._work.clear()
+        except KeyboardInterrupt:
+            code = 130
+        finally:
+            self.close()
+        return code
+
+    def _render(self, batch: list) -> None:  # type: ignore[type-arg]
+        try:
+            outcome = self.worker.render(batch)
+        except KeyboardInterrupt:
+            put_back(self.store, [c.render_id for c in batch],
+                     "aborted by a second stop signal; queued again")
+            raise
+        self.batches += 1
+        for job_id in outcome.finished_jobs:
+            self.intake.file_finished_job(job_id)
+            self.plugins.notify("job_finished", str(job_id), {"job_id": job_id})
+
+    def _idle(self) -> bool:
+        result = self.intake.scan()
+        if result.accepted or result.pending:
+            return False
+        with self.store.session() as session:
+            busy = session.scalars(select(Render.id).where(
+                Render.state.in_((RENDER_QUEUED, RENDER_RUNNING))).limit(1)).first()
+        return busy is None
+
+    def _intake_loop(self) -> None:
+        last_registry_scan = time.monotonic()
+        while not self._stop.is_set():
+            self.intake.wakeup.wait(timeout=self.config.intake.rescan_seconds)
+            self.intake.wakeup.clear()
+            if self._stop.is_set():
+                break
+            # A file still settling needs another look soon even if no event comes.
+            time.sleep(min(0.2, self.config.intake.settle_seconds))
+            try:
+                if time.monotonic() - last_registry_scan > self.config.intake.rescan_seconds:
+                    self.registry.scan()
+                    last_registry_scan = time.monotonic()
+                result = self.intake.scan()
+            except Exception:
+                log.exception("intake scan failed; will retry")
+                continue
+            if result.accepted:
+                self._work.set()
+            if result.pending:
+                self.intake.wakeup.set()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.warning("%s: finishing the current batch, then stopping (again to abort)",
+                        signal.Signals(signum).name)
+            self.stop()
+        else:
+            raise KeyboardInterrupt
+
+    # -- single-owner lock -----------------------------------------------------------------
+
+    def _acquire_lock(self) -> None:
+        path = Path(self.config.paths.state) / "daemon.lock"
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            handle.close()
+            raise DaemonLockedError(
+                f"another lorafarm daemon is already running on {self.config.paths.state}; "
+                "stop it first (or use another config with its own state folder)") from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_file = handle
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def daemon_pid(config: Config) -> int | None:
+    """The pid of the daemon running on this config's state folder, or None."""
+    path = Path(config.paths.state) / "daemon.lock"
+    if not path.exists():
+        return None
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None

@@ -1,0 +1,227 @@
+"""The history: SQLAlchemy 2 typed ORM models and the engine that holds them.
+
+The database is the single source of truth for state; the job folders mirror it. The schema
+is created and upgraded only by Alembic migrations (`daemon/migrations`), never by
+`create_all`, so that an upgrade never loses history.
+
+SQLite practice (REFERENCE.md section 8): WAL, busy_timeout, foreign keys on every
+connection; the daemon writes inside `BEGIN IMMEDIATE` so two writers queue up instead of
+failing half-way; readers (CLI) use short deferred transactions. Nothing in the claim path is
+SQLite-only: `UPDATE ... WHERE state = 'queued' ... RETURNING` works on PostgreSQL too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+# Job states. A job is `queued` until its first render starts, then `running`, and ends
+# `done` (every render done), `failed` (at least one render failed) or `rejected` (never
+# accepted: the file was invalid; the row keeps the reason for the history).
+JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_REJECTED = (
+    "queued", "running", "done", "failed", "rejected")
+UNFINISHED_JOB_STATES = (JOB_QUEUED, JOB_RUNNING)
+
+# Render states: queued -> running -> done | failed. A running render whose process died is
+# put back to queued at the next start until it has used up its attempts.
+RENDER_QUEUED, RENDER_RUNNING, RENDER_DONE, RENDER_FAILED = (
+    "queued", "running", "done", "failed")
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(32))  # "folder" | "single_file"
+    family: Mapped[str | None] = mapped_column(String(64))
+    lineage: Mapped[str | None] = mapped_column(String(64))
+    variant: Mapped[str | None] = mapped_column(String(64))
+    recognised_by: Mapped[str | None] = mapped_column(String(64))  # header, config, sidecar
+    config_path: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    model_hash: Mapped[str | None] = mapped_column(String(16))  # A1111 / Civitai AutoV2
+    state: Mapped[str] = mapped_column(String(32))  # ok | unrecognised | missing
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))  # the job file's stem
+    file_name: Mapped[str] = mapped_column(String(255))  # as dropped into jobs/
+    file_path: Mapped[str | None] = mapped_column(Text)  # where the file is now
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    spec_json: Mapped[str | None] = mapped_column(Text)  # the validated job, as JSON
+    warnings_json: Mapped[str] = mapped_column(Text, default="[]")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    renders: Mapped[list[Render]] = relationship(back_populates="job", order_by="Render.index")
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(json.loads(self.warnings_json or "[]"))
+
+
+class Render(Base):
+    __tablename__ = "renders"
+    __table_args__ = (Index("ix_renders_claim", "state", "priority", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)  # 0..count-1 within the job
+    seed: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # copied from the job for claims
+    checkpoint: Mapped[str] = mapped_column(String(255))
+    batch_key: Mapped[str] = mapped_column(Text)  # equal keys may share a pipeline call
+    spec_json: Mapped[str] = mapped_column(Text)  # RenderSpec as JSON
+    output_path: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    job: Mapped[Job] = relationship(back_populates="renders")
+
+
+class Event(Base):
+    """Append-only log: state changes, errors and timings. Never updated, never deleted."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    render_id: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text, default="")
+    data_json: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class FileHash(Base):
+    """sha256 of a whole file, valid while its (path, size, mtime) stay the same."""
+
+    __tablename__ = "file_hashes"
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    computed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+def add_event(session: Session, kind: str, message: str = "", *, job_id: int | None = None,
+              render_id: int | None = None, **data: Any) -> None:
+    session.add(Event(kind=kind, message=message, job_id=job_id, render_id=render_id,
+                      data_json=json.dumps(data, default=str, sort_keys=True)))
+
+
+class Store:
+    """One database: an engine plus short-lived sessions.
+
+    `writer=True` (the daemon) starts every transaction with BEGIN IMMEDIATE on SQLite so
+    that concurrent writers wait on busy_timeout instead of failing at commit time.
+    """
+
+    def __init__(self, url: str, *, writer: bool = True) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine: Engine = create_engine(url, future=True)
+        if self.is_sqlite:
+            _configure_sqlite(self.engine, writer=writer)
+
+    @classmethod
+    def for_path(cls, path: Path, *, writer: bool = True) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists()
+        store = cls(f"sqlite:///{path}", writer=writer)
+        if fresh:
+            # Create the file now with user-only permissions: it holds every prompt.
+            with store.engine.connect():
+                pass
+            os.chmod(path, 0o600)
+        return store
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work: commits on success, rolls back on any exception."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (idempotent)."""
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine, *, writer: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # NORMAL survives a process crash (what a daemon meets); FULL also survives power loss.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")

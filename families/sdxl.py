@@ -1,0 +1,156 @@
+"""The SDXL family: Stable Diffusion XL checkpoints, as diffusers folders or single files.
+
+Pony and Illustrious are the same architecture with their own prompt conventions and LoRA
+lineage; they build on `SDXLFamily` rather than copying it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from daemon import hookimpl
+from daemon.family import (
+    CheckpointProbe,
+    CheckpointSource,
+    DemoAssets,
+    Family,
+    FamilyDefaults,
+    LoadedCheckpoint,
+    RenderError,
+)
+from daemon.samplers import make_scheduler
+from daemon.spec import RenderSpec
+
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+# Keys only an SDXL original-layout file has: the OpenCLIP-G second text encoder of the
+# SGM "conditioner" and the UNet's extra (size/crop) conditioning embedding.
+SDXL_SINGLE_FILE_TELLS = ("conditioner.embedders.1.model.", "model.diffusion_model.label_emb.")
+
+
+class SDXLFamily(Family):
+    name = "sdxl"
+    architecture = "sdxl"
+    display_name = "SDXL"
+    sampler_kind = "eps"
+    defaults = FamilyDefaults(width=1024, height=1024, steps=25, cfg=6.0, sampler="DPM++ 2M",
+                              schedule="Karras")
+
+    # -- recognition -----------------------------------------------------------------------
+
+    def probe_checkpoint(self, source: CheckpointSource) -> CheckpointProbe | None:
+        if source.kind == "folder":
+            pipeline_class = (source.model_index or {}).get("_class_name")
+            if pipeline_class in SDXL_PIPELINES:
+                return CheckpointProbe(family=self.name, score=self.match_score(source),
+                                       reason=f"model_index.json: {pipeline_class}",
+                                       lineage=self.lineage_of(source))
+            return None
+        if source.header is None:
+            return None
+        keys = source.header.tensors
+        if all(any(k.startswith(tell) for k in keys) for tell in SDXL_SINGLE_FILE_TELLS):
+            return CheckpointProbe(family=self.name, score=self.match_score(source),
+                                   reason="SDXL original layout (OpenCLIP-G conditioner, "
+                                          "label_emb)", lineage=self.lineage_of(source))
+        return None
+
+    def match_score(self, source: CheckpointSource) -> float:
+        """How sure this family is about an SDXL-architecture checkpoint. Plain SDXL answers
+        for every SDXL file; lineage families (Pony, Illustrious) score higher when the
+        metadata names them."""
+        return 0.5
+
+    def lineage_of(self, source: CheckpointSource) -> str | None:
+        return None
+
+    def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
+        if checkpoint.kind == "single_file" and checkpoint.config_path is None:
+            return (f"single-file checkpoint {checkpoint.name!r} needs a local diffusers config "
+                    "folder (lorafarm never downloads one): set "
+                    f'[checkpoints.{checkpoint.name}] config = "path/to/sdxl-config" in '
+                    "config.toml, pointing at a diffusers SDXL folder (weights not needed)")
+        if checkpoint.config_path is not None and not (
+                checkpoint.config_path / "model_index.json").is_file():
+            return (f"the config folder {checkpoint.config_path} for {checkpoint.name!r} has no "
+                    "model_index.json; point it at a diffusers SDXL folder")
+        return None
+
+    # -- loading and rendering -------------------------------------------------------------
+
+    def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
+                      dtype: torch.dtype) -> Any:
+        problem = self.missing_requirements(checkpoint)
+        if problem:
+            raise RenderError(problem)
+        if checkpoint.kind == "folder":
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                checkpoint.path, dtype=dtype, local_files_only=True)
+        else:
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(checkpoint.path), config=str(checkpoint.config_path), dtype=dtype,
+                local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        # Samplers are swapped per batch; each is built from the checkpoint's own training
+        # settings, kept here untouched.
+        pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
+        # Loaded on the CPU already; `.to("cpu")` would only warn about fp32 modules.
+        return pipe if device.type == "cpu" else pipe.to(device)
+
+    def render_batch(self, pipe: Any, specs: list[RenderSpec],
+                     device: torch.device) -> list[Image.Image]:
+        first = specs[0]
+        pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
+                                        first.schedule, kind=self.sampler_kind)
+        # CPU generators: the same seed gives the same noise on any device, and one generator
+        # per render keeps each image independent of its batch.
+        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+        result = pipe(
+            prompt=[spec.prompt for spec in specs],
+            negative_prompt=[spec.negative_prompt for spec in specs],
+            num_inference_steps=first.steps,
+            guidance_scale=first.cfg,
+            width=first.width,
+            height=first.height,
+            generator=generators,
+            output_type="pil",
+        )
+        return list(result.images)
+
+    # -- demo ------------------------------------------------------------------------------
+
+    def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
+        from families.sdxl_tiny import (
+            build_tiny_sdxl_pipeline,
+            save_tiny_sdxl_config_folder,
+            save_tiny_sdxl_folder,
+            save_tiny_sdxl_single_file,
+        )
+
+        pipe = build_tiny_sdxl_pipeline(seed=0)
+        save_tiny_sdxl_folder(pipe, models_dir / "tiny-sdxl")
+        config_folder = configs_dir / "tiny-sdxl"
+        save_tiny_sdxl_config_folder(pipe, config_folder)
+        single = build_tiny_sdxl_pipeline(seed=1)
+        save_tiny_sdxl_single_file(single, models_dir / "tiny-sdxl-single.safetensors",
+                                   metadata={"modelspec.architecture":
+                                             "stable-diffusion-xl-v1-base"})
+        job = ('checkpoint = "{name}"\n'
+               'prompt = "a watercolor lighthouse on a cliff at dusk"\n'
+               'negative_prompt = "blurry, low quality"\n'
+               "seed = {seed}\ncount = 2\nsteps = 4\ncfg = 5.0\n"
+               'sampler = "DPM++ 2M Karras"\nwidth = 64\nheight = 64\n')
+        return DemoAssets(
+            checkpoint_overrides={"tiny-sdxl-single": {"config": "configs/tiny-sdxl"}},
+            jobs={"sdxl-folder.toml": job.format(name="tiny-sdxl", seed=1000),
+                  "sdxl-single-file.toml": job.format(name="tiny-sdxl-single", seed=2000)},
+        )
+
+
+@hookimpl
+def register_families(register: Any) -> None:
+    register(SDXLFamily())

@@ -1,0 +1,177 @@
+"""Shared fixtures: tiny checkpoints built once per session, and a fresh farm per test.
+
+Tests read like a user's story: `farm.drop("job.toml", text)`, `farm.run()`, then look at
+the folders, the output files and the history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from daemon.config import Config, config_from_dict  # noqa: E402
+from daemon.demo import write_demo  # noqa: E402
+from daemon.plugins import Plugins  # noqa: E402
+from daemon.runner import Daemon  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def plugins() -> Plugins:
+    return Plugins()
+
+
+@dataclass(frozen=True)
+class Assets:
+    """The demo's tiny checkpoints, written once per test session."""
+
+    root: Path
+    models: Path
+    configs: Path
+    demo_config: Path
+    demo_jobs: Path
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory, plugins: Plugins) -> Assets:
+    root = tmp_path_factory.mktemp("assets")
+    config = write_demo(root, plugins)
+    return Assets(root=root, models=root / "models", configs=root / "configs",
+                  demo_config=config, demo_jobs=root / "jobs")
+
+
+class Farm:
+    """A lorafarm folder for one test: its own jobs, outputs and history; the session's
+    tiny models unless the test asks for a private copy."""
+
+    def __init__(self, root: Path, assets: Assets, plugins: Plugins, *,
+                 private_models: bool = False, **overrides: Any) -> None:
+        self.root = root
+        self.assets = assets
+        self.plugins = plugins
+        models = assets.models
+        if private_models:
+            models = root / "models"
+            shutil.copytree(assets.models, models)
+        data: dict[str, Any] = {
+            "paths": {"jobs": "jobs", "loras": "loras", "models": str(models),
+                      "inputs": "inputs", "outputs": "outputs", "state": "state"},
+            "intake": {"settle_seconds": 0.0, "retry_young_seconds": 0.0,
+                       "rescan_seconds": 1.0},
+            "worker": {"max_batch": 4},
+            "checkpoints": {"tiny-sdxl-single": {"config": str(assets.configs / "tiny-sdxl")}},
+        }
+        for section, values in overrides.items():
+            data.setdefault(section, {}).update(values)
+        self.data = data
+        self.config: Config = config_from_dict(data, base=root, source=root / "config.toml")
+        self.write_config_file()
+
+    def write_config_file(self) -> Path:
+        lines = []
+        for section, values in self.data.items():
+            if section == "checkpoints":
+                for name, table in values.items():
+                    lines.append(f'[checkpoints."{name}"]')
+                    lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+                continue
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        path = self.root / "config.toml"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+    @property
+    def jobs(self) -> Path:
+        return self.config.paths.jobs
+
+    @property
+    def outputs(self) -> Path:
+        return self.config.paths.outputs
+
+    def drop(self, name: str, text: str | bytes) -> Path:
+        """Put a job file into jobs/ the way a careful writer does: temp name, then rename."""
+        self.jobs.mkdir(parents=True, exist_ok=True)
+        temp = self.jobs / f".{name}.tmp"
+        temp.write_bytes(text.encode() if isinstance(text, str) else text)
+        target = self.jobs / name
+        temp.replace(target)
+        return target
+
+    def daemon(self) -> Daemon:
+        return Daemon(self.config, plugins=self.plugins)
+
+    def run(self) -> int:
+        """Run the daemon in this process until nothing is left to do."""
+        return self.daemon().run(until_idle=True)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "daemon.cli", *args],
+                              capture_output=True, text=True, timeout=timeout, cwd=self.root,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def history(self) -> list[dict[str, Any]]:
+        from daemon.cli import history_records
+
+        return history_records(self.config, limit=1000)
+
+    def files_in(self, folder: str) -> list[str]:
+        path = self.jobs / folder
+        return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+    def wait_for(self, predicate: Any, timeout: float = 60.0, every: float = 0.05) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(every)
+        raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def farm(tmp_path: Path, assets: Assets, plugins: Plugins) -> Iterator[Farm]:
+    yield Farm(tmp_path, assets, plugins)
+
+
+@pytest.fixture
+def make_farm(tmp_path: Path, assets: Assets, plugins: Plugins):  # type: ignore[no-untyped-def]
+    def _make(**kwargs: Any) -> Farm:
+        return Farm(tmp_path, assets, plugins, **kwargs)
+    return _make
+
+
+SDXL_JOB = """\
+checkpoint = "{checkpoint}"
+prompt = "{prompt}"
+negative_prompt = "blurry"
+seed = {seed}
+count = {count}
+steps = {steps}
+cfg = 5.0
+sampler = "{sampler}"
+width = 64
+height = 64
+"""
+
+
+def sdxl_job(checkpoint: str = "tiny-sdxl", prompt: str = "a red lighthouse", seed: int = 7,
+             count: int = 2, steps: int = 3, sampler: str = "DPM++ 2M Karras") -> str:
+    return SDXL_JOB.format(checkpoint=checkpoint, prompt=prompt, seed=seed, count=count,
+                           steps=steps, sampler=sampler)
