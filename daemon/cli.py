@@ -2,7 +2,7 @@
 
     lorafarm run [--config FILE] [--until-idle]    the daemon, in the foreground
     lorafarm demo [--dir DIR] [--no-run]           tiny models + sample jobs, then run them
-    lorafarm status | history | models [--json]    read the history (safe while running)
+    lorafarm status | history | models | loras [--json]   read the history and libraries
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, text in (("status", cmd_status, "queue and daemon state"),
                                 ("history", cmd_history, "jobs and their renders"),
-                                ("models", cmd_models, "checkpoints the registry knows")):
+                                ("models", cmd_models, "checkpoints the registry knows"),
+                                ("loras", cmd_loras, "the LoRA library")):
         query = sub.add_parser(name, help=text)
         _config_arg(query)
         query.add_argument("--json", action="store_true", help="machine-readable output")
@@ -232,6 +233,33 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"{row['state']:<13} {row['file']}")
             if row["state"] != "ok":
                 print(f"{'':<32} {row['reason']}")
+    return 0
+
+
+def cmd_loras(args: argparse.Namespace) -> int:
+    from daemon.lora_library import LoraLibrary
+    from daemon.plugins import Plugins
+    from daemon.store import Store
+
+    config = load_config(args.config)
+    config.ensure_folders()
+    store = Store.for_path(config.paths.database)
+    store.migrate()
+    infos = LoraLibrary(config, store, Plugins(config.plugins)).scan()
+    store.dispose()
+    if args.json:
+        print(json.dumps([info.as_dict() for info in infos], indent=2))
+        return 0
+    if not infos:
+        print(f"no LoRAs in {config.paths.loras}")
+    for info in infos:
+        print(f"{info.name:<28} {info.family or '?':<10} {info.lineage or '?':<12} "
+              f"{info.layout or '?':<10} r{info.rank or '?':<4} {info.autov3 or '-':<13} "
+              f"{info.state}")
+        if info.state != "ok" or info.lineage_source:
+            print(f"{'':<28} {info.reason if info.state != 'ok' else info.lineage_source}")
+        if info.triggers:
+            print(f"{'':<28} triggers: {', '.join(info.triggers)}")
     return 0
 
 

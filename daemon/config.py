@@ -74,6 +74,14 @@ class CheckpointOverride:
 
 
 @dataclass(frozen=True)
+class LoraOverride:
+    """Per-LoRA settings (config.toml `[loras.NAME]`); a sidecar NAME.toml works the same."""
+
+    family: str | None = None
+    lineage: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None
     paths: Paths
@@ -81,6 +89,7 @@ class Config:
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     checkpoints: dict[str, CheckpointOverride] = field(default_factory=dict)
+    loras: dict[str, LoraOverride] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()  # extra plugin modules to load by import name
 
     def ensure_folders(self) -> None:
@@ -92,7 +101,7 @@ class Config:
 
 
 PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
-TOP_KEYS = ("paths", "limits", "intake", "worker", "checkpoints", "plugins")
+TOP_KEYS = ("paths", "limits", "intake", "worker", "checkpoints", "loras", "plugins")
 
 
 def load_config(path: Path) -> Config:
@@ -136,11 +145,17 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
             lineage=table.get("lineage"),
             config=(base / config_dir).resolve() if config_dir else None,
         )
+    loras: dict[str, LoraOverride] = {}
+    for name, table in data.get("loras", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f'{where}: [loras.{name}] must be a table, e.g. lineage = "pony"')
+        _reject_unknown(table, ("family", "lineage"), where, f"loras.{name}.")
+        loras[name] = LoraOverride(family=table.get("family"), lineage=table.get("lineage"))
     plugins = data.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f'{where}: plugins must be a list of module names, e.g. ["my_plugin"]')
     return Config(source=source, paths=paths, limits=limits, intake=intake, worker=worker,
-                  checkpoints=checkpoints, plugins=tuple(plugins))
+                  checkpoints=checkpoints, loras=loras, plugins=tuple(plugins))
 
 
 def _section(cls: type, table: Any, where: str, name: str) -> Any:

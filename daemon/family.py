@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.lora_probe import LoraFacts
 from daemon.safetensors_header import SafetensorsHeader
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from daemon.spec import RenderSpec
+    from daemon.spec import LoraUse, RenderSpec
 
 
 class RenderError(RuntimeError):
@@ -74,6 +75,19 @@ class CheckpointProbe:
 
 
 @dataclass(frozen=True)
+class LoraProbe:
+    """A family's answer to "is this LoRA for your models?"."""
+
+    family: str
+    architecture: str
+    score: float  # 0..1; the best score wins, ties are reported
+    reason: str
+    lineage: str | None = None  # within an architecture (sdxl, pony, illustrious); None unknown
+    lineage_source: str | None = None  # what decided the lineage, for the user
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
 class LoadedCheckpoint:
     """What the worker hands a family to load a pipeline from."""
 
@@ -107,6 +121,16 @@ class Family(ABC):
     @abstractmethod
     def probe_checkpoint(self, source: CheckpointSource) -> CheckpointProbe | None:
         """Recognise a checkpoint from its header or model_index.json, loading no weights."""
+
+    def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
+        """Recognise a LoRA meant for this family's models from its header (no weights are
+        loaded). The default recognises nothing."""
+        return None
+
+    def lora_strengths(self, lora: LoraUse) -> dict[str, float]:
+        """Per-component adapter weights for `pipe.set_adapters` (e.g. UNet and text
+        encoders). The default applies `strength` to the denoiser only."""
+        return {"transformer": lora.strength}
 
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
         """What this checkpoint still needs before it can load (e.g. a config folder for a

@@ -31,10 +31,12 @@ from watchdog.observers import Observer
 from daemon.config import Config
 from daemon.family import Family
 from daemon.jobfile import JobFileError, JobSpec, check_job, decode_job_bytes, line_of_key
+from daemon.lora_library import LoraLibrary, LoraLookupError
 from daemon.plugins import Plugins
-from daemon.registry import Registry
+from daemon.prompt_tags import PromptTagError, extract_lora_tags
+from daemon.registry import CheckpointInfo, Registry
 from daemon.samplers import SamplerError, choose_sampler, samplers_for_kind
-from daemon.spec import RenderSpec
+from daemon.spec import LoraUse, RenderSpec
 from daemon.store import (
     JOB_DONE,
     JOB_FAILED,
@@ -65,10 +67,11 @@ class ScanResult:
 
 class Intake:
     def __init__(self, config: Config, store: Store, registry: Registry,
-                 plugins: Plugins) -> None:
+                 library: LoraLibrary, plugins: Plugins) -> None:
         self.config = config
         self.store = store
         self.registry = registry
+        self.library = library
         self.plugins = plugins
         self.jobs_dir = config.paths.jobs
         self.wakeup = threading.Event()  # set by the watcher; the scan loop waits on it
@@ -82,6 +85,7 @@ class Intake:
         return self.jobs_dir / name
 
     def ensure_folders(self) -> None:
+        self.config.paths.loras.mkdir(parents=True, exist_ok=True)
         for name in SUBFOLDERS:
             self.folder(name).mkdir(parents=True, exist_ok=True)
 
@@ -91,6 +95,10 @@ class Intake:
         handler = _WakeupHandler(self)
         self._observer = Observer()
         self._observer.schedule(handler, str(self.jobs_dir), recursive=False)
+        loras = self.config.paths.loras
+        if loras.is_dir():
+            # LoRAs may sit in subfolders; a change there wakes the scan loop too.
+            self._observer.schedule(handler, str(loras), recursive=True)
         self._observer.daemon = True
         self._observer.start()
 
@@ -105,7 +113,7 @@ class Intake:
             stat = path.stat()
         except OSError:
             return
-        self._closed[path.name] = (stat.st_size, stat.st_mtime_ns)
+        self._closed[str(path)] = (stat.st_size, stat.st_mtime_ns)
 
     # -- scanning --------------------------------------------------------------------------
 
@@ -130,7 +138,7 @@ class Intake:
         return result
 
     def _complete(self, path: Path, stat: os.stat_result) -> bool:
-        closed = self._closed.get(path.name)
+        closed = self._closed.get(str(path))
         if closed == (stat.st_size, stat.st_mtime_ns):
             return True  # the writer closed it and nothing changed since
         age = time.time() - stat.st_mtime
@@ -221,10 +229,10 @@ class Intake:
         if problem:
             raise JobFileError(problem, key="checkpoint", line=line,
                                fix="set it in config.toml, then drop the job file again")
-        return self._expand(spec, family, text, info.model_hash)
+        return self._expand(spec, family, text, info)
 
     def _expand(self, spec: JobSpec, family: Family, text: str,
-                model_hash: str | None) -> tuple[list[RenderSpec], list[str]]:
+                checkpoint: CheckpointInfo) -> tuple[list[RenderSpec], list[str]]:
         d = family.defaults
         warnings: list[str] = []
         try:
@@ -250,8 +258,9 @@ class Intake:
                                key="negative_prompt",
                                line=line_of_key(text, "negative_prompt"),
                                fix="remove negative_prompt from the job")
+        prompt_text, loras = self._resolve_loras(spec, family, checkpoint, text, warnings)
         prompt, negative, convention_notes = family.apply_conventions(
-            spec.prompt, spec.negative_prompt, spec.conventions)
+            prompt_text, spec.negative_prompt, spec.conventions)
         warnings.extend(convention_notes)
         seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
         renders = [
@@ -260,11 +269,75 @@ class Intake:
                 negative_prompt=negative, seed=seed + i, steps=spec.steps or d.steps,
                 cfg=spec.cfg if spec.cfg is not None else d.cfg, sampler=sampler,
                 schedule=schedule, width=width, height=height, user_prompt=spec.prompt,
-                checkpoint_hash=model_hash, clip_skip=d.clip_skip,
+                checkpoint_hash=checkpoint.model_hash, clip_skip=d.clip_skip, loras=loras,
             )
             for i in range(spec.count)
         ]
         return renders, warnings
+
+    def _resolve_loras(self, spec: JobSpec, family: Family, checkpoint: CheckpointInfo,
+                       text: str, warnings: list[str]) -> tuple[str, tuple[LoraUse, ...]]:
+        """The job's LoRAs from `[[loras]]` and `<lora:...>` prompt tags, each checked against
+        the library, the checkpoint's architecture and its lineage. Returns the prompt without
+        tags (plus trigger words when asked) and the LoRAs to apply."""
+        try:
+            prompt, tagged = extract_lora_tags(spec.prompt)
+        except PromptTagError as exc:
+            raise JobFileError(str(exc), key="prompt", line=line_of_key(text, "prompt"),
+                               fix="write tags as <lora:NAME:WEIGHT>") from exc
+        wanted = [(lora.name, lora.strength, lora.text_encoder_strength, "loras")
+                  for lora in spec.loras]
+        wanted += [(tag.name, tag.strength, tag.text_encoder_strength, "prompt")
+                   for tag in tagged]
+        names = [name for name, *_ in wanted]
+        for name in names:
+            if names.count(name) > 1:
+                raise JobFileError(f"LoRA {name!r} is named twice", key="loras",
+                                   line=line_of_key(text, "loras"),
+                                   fix="name each LoRA once, in [[loras]] or as a prompt tag")
+        uses: list[LoraUse] = []
+        triggers: list[str] = []
+        for name, strength, te_strength, where in wanted:
+            key = "loras" if where == "loras" else "prompt"
+            line = line_of_key(text, key) or line_of_key(text, "name")
+            try:
+                info = self.library.resolve(name)
+            except LoraLookupError as exc:
+                raise JobFileError(str(exc), key=key, line=line,
+                                   fix="put the .safetensors file under "
+                                       f"{self.config.paths.loras}, or fix the name") from exc
+            if info.architecture != family.architecture:
+                raise JobFileError(
+                    f"LoRA {name!r} is for {info.family} ({info.architecture} architecture) "
+                    f"but checkpoint {checkpoint.name!r} is {family.display_name} "
+                    f"({family.architecture}); a LoRA only works on the architecture it was "
+                    "trained for", key=key, line=line,
+                    fix=f"use a {family.display_name} LoRA, or a {info.family} checkpoint")
+            lora_lineage, model_lineage = info.lineage, checkpoint.lineage
+            if lora_lineage and model_lineage and lora_lineage != model_lineage:
+                message = (f"LoRA {name!r} is {lora_lineage} lineage ({info.lineage_source}) but "
+                           f"checkpoint {checkpoint.name!r} is {model_lineage}; {lora_lineage} "
+                           f"LoRAs do not carry over to {model_lineage} models")
+                if not spec.allow_cross_lineage:
+                    raise JobFileError(
+                        message, key=key, line=line,
+                        fix="use a LoRA of the checkpoint's lineage, set allow_cross_lineage = "
+                            "true to try anyway, or correct the lineage in a sidecar "
+                            f"{info.name}.toml (lineage = \"...\") if the guess is wrong")
+                warnings.append(message + " (allowed by allow_cross_lineage)")
+            elif not lora_lineage or not model_lineage:
+                unknown = [what for what, value in (("LoRA " + repr(name), lora_lineage),
+                                                    ("checkpoint " + repr(checkpoint.name),
+                                                     model_lineage)) if not value]
+                warnings.append(f"lineage unknown for {' and '.join(unknown)}; cannot check "
+                                "that they match (set lineage in a sidecar NAME.toml)")
+            uses.append(LoraUse(name=name, strength=strength, text_encoder_strength=te_strength,
+                                autov2=info.autov2, autov3=info.autov3))
+            if spec.trigger_words:
+                triggers += [t for t in info.triggers if t not in prompt and t not in triggers]
+        if triggers:
+            prompt = f"{prompt}, {', '.join(triggers)}"
+        return prompt, tuple(uses)
 
     # -- accepting and rejecting -----------------------------------------------------------
 

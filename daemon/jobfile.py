@@ -40,6 +40,15 @@ class JobFileError(ValueError):
 
 
 @dataclass(frozen=True)
+class JobLora:
+    """One `[[loras]]` entry of a job."""
+
+    name: str
+    strength: float = 1.0  # the diffusion model (UNet / transformer)
+    text_encoder_strength: float | None = None  # None: same as `strength`
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A job file's content after checking; None means "use the family default"."""
 
@@ -55,9 +64,14 @@ class JobSpec:
     height: int | None
     priority: int
     conventions: bool
+    loras: tuple[JobLora, ...] = ()
+    trigger_words: bool = False  # append each LoRA's trigger words to the prompt
+    allow_cross_lineage: bool = False  # e.g. a Pony LoRA on an Illustrious checkpoint
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+        data = dict(self.__dict__)
+        data["loras"] = [dict(lora.__dict__) for lora in self.loras]
+        return json.dumps(data, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,12 @@ KEYS: dict[str, _Key] = {
     "height": _Key(int, low=64, high_limit="max_height", example="height = 1216"),
     "priority": _Key(int, low=-1000, high=1000, example="priority = 0"),
     "conventions": _Key(bool, example="conventions = false"),
+    "loras": _Key(list, example='[[loras]]\nname = "my-style"\nstrength = 0.8'),
+    "trigger_words": _Key(bool, example="trigger_words = true"),
+    "allow_cross_lineage": _Key(bool, example="allow_cross_lineage = true"),
 }
+LORA_KEYS = ("name", "strength", "text_encoder_strength")
+MAX_STRENGTH = 10.0
 
 
 def parse_toml(text: str) -> dict[str, Any]:
@@ -157,7 +176,56 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         height=values["height"],
         priority=values["priority"] if values["priority"] is not None else 0,
         conventions=values["conventions"] if values["conventions"] is not None else True,
+        loras=_check_loras(values["loras"] or [], text),
+        trigger_words=bool(values["trigger_words"]),
+        allow_cross_lineage=bool(values["allow_cross_lineage"]),
     )
+
+
+def _check_loras(entries: list[Any], text: str) -> tuple[JobLora, ...]:
+    line = line_of_key(text, "loras") or _line_of_pattern(text, r"^\s*\[\[loras\]\]")
+    result = []
+    for number, entry in enumerate(entries, start=1):
+        where = f"loras entry {number}"
+        if not isinstance(entry, dict):
+            raise JobFileError(f"{where} must be a table with a name", key="loras", line=line,
+                               fix=KEYS["loras"].example)
+        for key in entry:
+            if key not in LORA_KEYS:
+                close = difflib.get_close_matches(key, LORA_KEYS, n=1)
+                hint = (f"did you mean `{close[0]}`?" if close
+                        else f"allowed: {', '.join(LORA_KEYS)}")
+                raise JobFileError(f"{where}: unknown key `{key}`", key=f"loras.{key}",
+                                   line=line_of_key(text, key) or line, fix=hint)
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise JobFileError(f"{where} has no `name`", key="loras.name", line=line,
+                               fix='add name = "FILE STEM" (`lorafarm loras` lists them)')
+        strengths: dict[str, float | None] = {}
+        for key in ("strength", "text_encoder_strength"):
+            value = entry.get(key)
+            if value is None:
+                strengths[key] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    -MAX_STRENGTH <= value <= MAX_STRENGTH):
+                raise JobFileError(f"{where} ({name}): `{key}` = {value!r} must be a number from "
+                                   f"{-MAX_STRENGTH:g} to {MAX_STRENGTH:g}", key=f"loras.{key}",
+                                   line=line_of_key(text, key) or line, fix=f"{key} = 0.8")
+            strengths[key] = float(value)
+        strength = strengths["strength"]
+        result.append(JobLora(name=name.strip(),
+                              strength=1.0 if strength is None else strength,
+                              text_encoder_strength=strengths["text_encoder_strength"]))
+    return tuple(result)
+
+
+def _line_of_pattern(text: str, pattern: str) -> int | None:
+    compiled = re.compile(pattern)
+    for number, line in enumerate(text.splitlines(), start=1):
+        if compiled.search(line):
+            return number
+    return None
 
 
 def _check_value(key: str, value: Any, rule: _Key, limits: Limits, text: str) -> Any:

@@ -6,6 +6,8 @@ always says why a render is in the state it is in.
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import select, update
 
 from daemon.store import (
@@ -25,13 +27,15 @@ from daemon.store import (
 )
 
 
-def mark_done(store: Store, render_id: int, output_path: str, seconds: float) -> int | None:
+def mark_done(store: Store, render_id: int, output_path: str, seconds: float,
+              lora_report: dict[str, dict[str, int]] | None = None) -> int | None:
     """Record a finished render; returns its job id when that job has now ended."""
     with store.session() as session:
         render = session.get(Render, render_id)
         if render is None or render.state != RENDER_RUNNING:
             return None  # e.g. cancelled meanwhile; the file stays but is not counted twice
         render.state, render.output_path, render.error = RENDER_DONE, output_path, None
+        render.lora_report_json = json.dumps(lora_report) if lora_report else None
         render.finished_at = utcnow()
         add_event(session, "render_done", output_path, job_id=render.job_id,
                   render_id=render_id, seconds=round(seconds, 4))

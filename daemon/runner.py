@@ -23,6 +23,7 @@ from sqlalchemy import select
 from daemon.config import Config
 from daemon.intake import Intake
 from daemon.lifecycle import put_back, recover_interrupted
+from daemon.lora_library import LoraLibrary
 from daemon.outputs import remove_leftover_temporaries
 from daemon.plugins import Plugins
 from daemon.registry import Registry
@@ -46,8 +47,9 @@ class Daemon:
         config.ensure_folders()
         self.store = Store.for_path(config.paths.database)
         self.registry = Registry(config, self.store, self.plugins)
-        self.intake = Intake(config, self.store, self.registry, self.plugins)
-        self.worker = Worker(config, self.store, self.registry, self.plugins)
+        self.library = LoraLibrary(config, self.store, self.plugins)
+        self.intake = Intake(config, self.store, self.registry, self.library, self.plugins)
+        self.worker = Worker(config, self.store, self.registry, self.library, self.plugins)
         self._stop = threading.Event()
         self._work = threading.Event()
         self._signals = 0
@@ -69,6 +71,7 @@ class Daemon:
         for job_id in ended:
             self.intake.file_finished_job(job_id)
         self.registry.scan()
+        self.library.scan()
         self.intake.scan()
         with self.store.session() as session:
             add_event(session, "daemon_started", f"pid {os.getpid()}", pid=os.getpid(),
@@ -131,6 +134,7 @@ class Daemon:
             self.plugins.notify("job_finished", str(job_id), {"job_id": job_id})
 
     def _idle(self) -> bool:
+        self.library.scan()
         result = self.intake.scan()
         if result.accepted or result.pending:
             return False
@@ -152,6 +156,8 @@ class Daemon:
                 if time.monotonic() - last_registry_scan > self.config.intake.rescan_seconds:
                     self.registry.scan()
                     last_registry_scan = time.monotonic()
+                # LoRAs first: a job dropped with its LoRA should find it in the library.
+                self.library.scan()
                 result = self.intake.scan()
             except Exception:
                 log.exception("intake scan failed; will retry")

@@ -79,6 +79,42 @@ class Checkpoint(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class Lora(Base):
+    """A LoRA file under loras/, known from its header alone (nothing is loaded to index it).
+
+    Identity is the content (sha256 of the whole file): a renamed or moved file keeps its row.
+    States: ok, quarantined (never loaded; `reason` says why), missing (file gone)."""
+
+    __tablename__ = "loras"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), index=True)  # file stem
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    autov2: Mapped[str | None] = mapped_column(String(16))  # sha256(file)[:10]
+    autov3: Mapped[str | None] = mapped_column(String(16))  # sha256(tensor data)[:12]
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger, default=0)
+    layout: Mapped[str | None] = mapped_column(String(64))
+    family: Mapped[str | None] = mapped_column(String(64))
+    architecture: Mapped[str | None] = mapped_column(String(64))
+    lineage: Mapped[str | None] = mapped_column(String(64))
+    lineage_source: Mapped[str | None] = mapped_column(Text)  # what decided the lineage
+    variant: Mapped[str | None] = mapped_column(String(64))
+    rank: Mapped[int | None] = mapped_column(Integer)
+    alpha: Mapped[float | None] = mapped_column()
+    triggers_json: Mapped[str] = mapped_column(Text, default="[]")
+    base_model: Mapped[str | None] = mapped_column(Text)  # ss_sd_model_name
+    base_model_hash: Mapped[str | None] = mapped_column(String(64))  # ss_new_sd_model_hash
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    @property
+    def triggers(self) -> list[str]:
+        return list(json.loads(self.triggers_json or "[]"))
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -118,6 +154,8 @@ class Render(Base):
     spec_json: Mapped[str] = mapped_column(Text)  # RenderSpec as JSON
     output_path: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    # Per LoRA, the modules it patched in each component: {"name": {"unet": 140, ...}}.
+    lora_report_json: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)

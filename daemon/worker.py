@@ -12,7 +12,7 @@ import logging
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ import torch
 from daemon.config import Config
 from daemon.family import Family, RenderError
 from daemon.lifecycle import mark_done, mark_failed
+from daemon.lora_library import LoraLibrary
+from daemon.lora_patching import AdapterState, apply_loras
 from daemon.outputs import output_path, write_png
 from daemon.plugins import Plugins
 from daemon.registry import Registry
@@ -49,6 +51,7 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 class _Loaded:
     pipe: Any
     identity: tuple[str, int]  # (path, mtime) when loaded: a replaced file means reload
+    adapters: AdapterState = field(default_factory=AdapterState)
 
 
 @dataclass(frozen=True)
@@ -60,18 +63,19 @@ class BatchOutcome:
 
 
 class Worker:
-    def __init__(self, config: Config, store: Store, registry: Registry,
+    def __init__(self, config: Config, store: Store, registry: Registry, library: LoraLibrary,
                  plugins: Plugins) -> None:
         self.config = config
         self.store = store
         self.registry = registry
+        self.library = library
         self.plugins = plugins
         self.device = resolve_device(config.worker.device)
         self.dtype = resolve_dtype(config.worker.dtype, self.device)
         self._pipelines: OrderedDict[str, _Loaded] = OrderedDict()
         self.pipeline_loads = 0
 
-    def pipeline_for(self, checkpoint: str, family: Family) -> Any:
+    def pipeline_for(self, checkpoint: str, family: Family) -> _Loaded:
         info = self.registry.get(checkpoint)
         if info is None or info.state != "ok":
             reason = info.reason if info else "it is not in the registry any more"
@@ -80,7 +84,7 @@ class Worker:
         cached = self._pipelines.get(checkpoint)
         if cached is not None and cached.identity == identity:
             self._pipelines.move_to_end(checkpoint)
-            return cached.pipe
+            return cached
         while len(self._pipelines) >= self.config.worker.pipelines_in_memory:
             evicted, _ = self._pipelines.popitem(last=False)
             log.info("unloading %s to make room", evicted)
@@ -89,8 +93,9 @@ class Worker:
         self.pipeline_loads += 1
         log.info("loaded %s (%s) in %.2fs", checkpoint, family.name,
                  time.perf_counter() - started)
-        self._pipelines[checkpoint] = _Loaded(pipe=pipe, identity=identity)
-        return pipe
+        loaded = _Loaded(pipe=pipe, identity=identity)
+        self._pipelines[checkpoint] = loaded
+        return loaded
 
     def render(self, batch: list[ClaimedRender]) -> BatchOutcome:
         """Render a claimed batch; every render ends done or failed (or is put back by the
@@ -104,9 +109,14 @@ class Worker:
         try:
             if family is None:
                 raise RenderError(f"the {first.family} family plugin is not installed any more")
-            pipe = self.pipeline_for(first.checkpoint, family)
+            loaded = self.pipeline_for(first.checkpoint, family)
+            files = {lora.name: self.library.path_for(lora.autov2, lora.name)
+                     for lora in first.loras}
+            lora_report = apply_loras(loaded.pipe, family, first.loras,
+                                      {k: v for k, v in files.items() if v is not None},
+                                      loaded.adapters)
             started = time.perf_counter()
-            images = family.render_batch(pipe, [c.spec for c in batch], self.device)
+            images = family.render_batch(loaded.pipe, [c.spec for c in batch], self.device)
             seconds = time.perf_counter() - started
             if len(images) != len(batch):
                 raise RenderError(f"the pipeline returned {len(images)} images for "
@@ -127,8 +137,6 @@ class Worker:
         for claimed, image in zip(batch, images, strict=True):
             spec = claimed.spec
             if model_hash and spec.checkpoint_hash != model_hash:
-                from dataclasses import replace
-
                 spec = replace(spec, checkpoint_hash=model_hash)
             path = output_path(self.config.paths.outputs, claimed.job_id, claimed.job_name,
                                claimed.index, spec.seed)
@@ -140,7 +148,8 @@ class Worker:
                                   f"could not write {path}: {exc.strerror}")
                 failed.append(claimed.render_id)
             else:
-                job = mark_done(self.store, claimed.render_id, str(path), per_render)
+                job = mark_done(self.store, claimed.render_id, str(path), per_render,
+                                lora_report=lora_report)
                 done.append(claimed.render_id)
             if job is not None:
                 finished.append(job)

@@ -6,6 +6,7 @@ lineage; they build on `SDXLFamily` rather than copying it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,23 @@ from daemon.family import (
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
+    LoraProbe,
     RenderError,
 )
+from daemon.lora_probe import LoraFacts
+from daemon.safetensors_header import SafetensorsHeader
 from daemon.samplers import make_scheduler
-from daemon.spec import RenderSpec
+from daemon.spec import LoraUse, RenderSpec
+from families.sdxl_lineage import guess_lineage
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 # Keys only an SDXL original-layout file has: the OpenCLIP-G second text encoder of the
 # SGM "conditioner" and the UNet's extra (size/crop) conditioning embedding.
 SDXL_SINGLE_FILE_TELLS = ("conditioner.embedders.1.model.", "model.diffusion_model.label_emb.")
+# SD 1.x/2.x UNets have one transformer block per attention; SDXL's deeper levels have 2-10.
+_TRANSFORMER_BLOCK = re.compile(r"transformer_blocks[._](\d+)")
+_CROSS_ATTN_K = re.compile(r"attn2[._]to_k")
+SD1_SD2_CONTEXT_WIDTHS = (768, 1024)  # attn2.to_k input width of SD 1.x / SD 2.x LoRAs
 
 
 class SDXLFamily(Family):
@@ -66,7 +75,43 @@ class SDXLFamily(Family):
         return 0.5
 
     def lineage_of(self, source: CheckpointSource) -> str | None:
-        return None
+        lineage, _ = guess_lineage(source.metadata, source.path.name)
+        return lineage
+
+    def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
+        """An SDXL-architecture LoRA: kohya's two text-encoder prefixes (te1 + te2), the
+        diffusers `text_encoder_2.` component, or UNet attention with more than one
+        transformer block per level (SD 1.x/2.x have one). Widths of SD 1.x/2.x exclude."""
+        keys = facts.module_keys
+        two_text_encoders = (any(k.startswith("lora_te2_") for k in keys)
+                             or any(k.startswith("text_encoder_2.") for k in keys))
+        unet_keys = [k for k in keys if k.startswith(("lora_unet_", "unet.", "diffusion_model.",
+                                                      "base_model.model."))]
+        deep = any(int(m.group(1)) >= 1 for k in unet_keys
+                   if (m := _TRANSFORMER_BLOCK.search(k)))
+        sdxl_unet_names = any(("input_blocks" in k or "down_blocks" in k or "mid_block" in k
+                               or "middle_block" in k) for k in unet_keys)
+        for key, info in header.tensors.items():
+            if (_CROSS_ATTN_K.search(key) and key.endswith((".lora_down.weight", ".lora_A.weight"))
+                    and info.shape and info.shape[-1] in SD1_SD2_CONTEXT_WIDTHS):
+                return None  # an SD 1.x / 2.x LoRA
+        if not (two_text_encoders or (sdxl_unet_names and deep)):
+            return None
+        lineage, source = guess_lineage(header.metadata, header.path.name)
+        why = ("two text encoders (te1 + te2)" if two_text_encoders else
+               "UNet attention with several transformer blocks per level")
+        return LoraProbe(family=self.name, architecture=self.architecture,
+                         score=self.match_score_for_lineage(lineage), reason=f"SDXL: {why}",
+                         lineage=lineage, lineage_source=source)
+
+    def match_score_for_lineage(self, lineage: str | None) -> float:
+        """Plain SDXL answers for any SDXL-architecture file; a lineage family (Pony,
+        Illustrious) answers higher for its own lineage."""
+        return 0.5
+
+    def lora_strengths(self, lora: LoraUse) -> dict[str, float]:
+        te = lora.strength if lora.text_encoder_strength is None else lora.text_encoder_strength
+        return {"unet": lora.strength, "text_encoder": te, "text_encoder_2": te}
 
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
         if checkpoint.kind == "single_file" and checkpoint.config_path is None:
