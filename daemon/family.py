@@ -41,6 +41,7 @@ class FamilyDefaults:
     negative_prompt: str = ""
     clip_skip: int | None = None
     size_multiple: int = 8  # width and height must be multiples of this
+    guidance: float | None = None  # embedded (distilled) guidance, e.g. Flux.1 dev 3.5
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,14 @@ class Family(ABC):
     sampler_kind: str = "eps"  # "eps" (SD-style samplers) or "flow" (flow matching)
     defaults: FamilyDefaults
     supports_negative_prompt: bool = True
+    # Families with distilled guidance can still run real CFG with a negative prompt when
+    # the job sets `true_cfg` (diffusers' true_cfg_scale).
+    supports_true_cfg: bool = False
+
+    def defaults_for(self, variant: str | None) -> FamilyDefaults:
+        """Defaults for one variant of the family's checkpoints (e.g. Klein distilled vs base);
+        the family-wide defaults unless a family overrides this."""
+        return self.defaults
 
     @abstractmethod
     def probe_checkpoint(self, source: CheckpointSource) -> CheckpointProbe | None:

@@ -233,7 +233,7 @@ class Intake:
 
     def _expand(self, spec: JobSpec, family: Family, text: str,
                 checkpoint: CheckpointInfo) -> tuple[list[RenderSpec], list[str]]:
-        d = family.defaults
+        d = family.defaults_for(checkpoint.variant)
         warnings: list[str] = []
         try:
             choice = choose_sampler(spec.sampler or d.sampler,
@@ -253,16 +253,32 @@ class Intake:
                     f"`{key}` = {value} is not a multiple of {d.size_multiple}, which "
                     f"{family.display_name} needs", key=key, line=line_of_key(text, key),
                     fix=f"use {lower} or {lower + d.size_multiple}")
-        if spec.negative_prompt and not family.supports_negative_prompt:
+        if spec.true_cfg is not None and not family.supports_true_cfg:
+            raise JobFileError(f"{family.display_name} has no true CFG mode", key="true_cfg",
+                               line=line_of_key(text, "true_cfg"),
+                               fix="remove true_cfg (use cfg where the family has it)")
+        if spec.guidance is not None and d.guidance is None:
+            raise JobFileError(f"{family.display_name} has no embedded guidance", key="guidance",
+                               line=line_of_key(text, "guidance"),
+                               fix="remove guidance; use cfg for classifier-free guidance")
+        if (spec.negative_prompt and not family.supports_negative_prompt
+                and spec.true_cfg is None):
+            fix = ("remove negative_prompt, or set true_cfg = 4.0 for real CFG (twice the "
+                   "compute per step)" if family.supports_true_cfg else
+                   "remove negative_prompt from the job")
             raise JobFileError(f"{family.display_name} takes no negative prompt",
                                key="negative_prompt",
-                               line=line_of_key(text, "negative_prompt"),
-                               fix="remove negative_prompt from the job")
+                               line=line_of_key(text, "negative_prompt"), fix=fix)
         prompt_text, loras = self._resolve_loras(spec, family, checkpoint, text, warnings)
         prompt, negative, convention_notes = family.apply_conventions(
             prompt_text, spec.negative_prompt, spec.conventions)
         warnings.extend(convention_notes)
         seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+        extra: dict[str, object] = {}
+        if d.guidance is not None:
+            extra["guidance"] = spec.guidance if spec.guidance is not None else d.guidance
+        if spec.true_cfg is not None:
+            extra["true_cfg"] = spec.true_cfg
         renders = [
             RenderSpec(
                 family=family.name, checkpoint=spec.checkpoint, prompt=prompt,
@@ -270,6 +286,7 @@ class Intake:
                 cfg=spec.cfg if spec.cfg is not None else d.cfg, sampler=sampler,
                 schedule=schedule, width=width, height=height, user_prompt=spec.prompt,
                 checkpoint_hash=checkpoint.model_hash, clip_skip=d.clip_skip, loras=loras,
+                extra=dict(extra),
             )
             for i in range(spec.count)
         ]

@@ -59,6 +59,8 @@ class JobSpec:
     count: int
     steps: int | None
     cfg: float | None
+    guidance: float | None  # embedded guidance of distilled models (Flux.1 dev)
+    true_cfg: float | None  # real CFG on a guidance-distilled model (needs a negative prompt)
     sampler: str | None
     width: int | None
     height: int | None
@@ -92,6 +94,8 @@ KEYS: dict[str, _Key] = {
     "count": _Key(int, low=1, high_limit="max_count", example="count = 4"),
     "steps": _Key(int, low=1, high_limit="max_steps", example="steps = 25"),
     "cfg": _Key((int, float), low=0.0, high=30.0, example="cfg = 6.5"),
+    "guidance": _Key((int, float), low=0.0, high=30.0, example="guidance = 3.5"),
+    "true_cfg": _Key((int, float), low=1.0, high=30.0, example="true_cfg = 4.0"),
     "sampler": _Key(str, example='sampler = "DPM++ 2M Karras"'),
     "width": _Key(int, low=64, high_limit="max_width", example="width = 832"),
     "height": _Key(int, low=64, high_limit="max_height", example="height = 1216"),
@@ -171,6 +175,8 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         count=values["count"] if values["count"] is not None else 1,
         steps=values["steps"],
         cfg=float(values["cfg"]) if values["cfg"] is not None else None,
+        guidance=float(values["guidance"]) if values["guidance"] is not None else None,
+        true_cfg=float(values["true_cfg"]) if values["true_cfg"] is not None else None,
         sampler=values["sampler"],
         width=values["width"],
         height=values["height"],
