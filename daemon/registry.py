@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import tomllib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
 
-from daemon.config import Config
+from daemon.config import CheckpointOverride, Config
 from daemon.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
 from daemon.plugins import Plugins
 from daemon.safetensors_header import SafetensorsError, read_header, sha256_file
@@ -124,8 +125,33 @@ class Registry:
         recognised_by: str | None
         config_path: Path | None
 
+    def _override(self, name: str, path: Path) -> CheckpointOverride | None:
+        """A sidecar NAME.toml beside the checkpoint, with config.toml's
+        [checkpoints.NAME] on top (the central file wins)."""
+        sidecar = path.parent / f"{name}.toml"
+        values: dict[str, object] = {}
+        if sidecar.is_file():
+            try:
+                data = tomllib.loads(sidecar.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+                raise ValueError(f"sidecar {sidecar.name} is not valid TOML: {exc}") from exc
+            unknown = sorted(set(data) - {"family", "lineage", "config"})
+            if unknown:
+                raise ValueError(f"sidecar {sidecar.name}: unknown key(s) {', '.join(unknown)}; "
+                                 "allowed: family, lineage, config")
+            values.update(data)
+            if "config" in values:
+                values["config"] = (sidecar.parent / str(values["config"])).resolve()
+        central = self.config.checkpoints.get(name)
+        if central is not None:
+            values.update({k: v for k, v in central.__dict__.items() if v is not None})
+        return CheckpointOverride(**values) if values else None  # type: ignore[arg-type]
+
     def _recognise(self, name: str, path: Path, kind: str) -> Registry._Recognition:
-        override = self.config.checkpoints.get(name)
+        try:
+            override = self._override(name, path)
+        except ValueError as exc:
+            return self._Recognition(None, None, None, "unrecognised", str(exc), None, None)
         config_path = override.config if override else None
         if kind == "pickle":
             return self._Recognition(None, None, None, "unrecognised",

@@ -54,29 +54,21 @@ class SDXLFamily(Family):
     def probe_checkpoint(self, source: CheckpointSource) -> CheckpointProbe | None:
         if source.kind == "folder":
             pipeline_class = (source.model_index or {}).get("_class_name")
-            if pipeline_class in SDXL_PIPELINES:
-                return CheckpointProbe(family=self.name, score=self.match_score(source),
-                                       reason=f"model_index.json: {pipeline_class}",
-                                       lineage=self.lineage_of(source))
+            if pipeline_class not in SDXL_PIPELINES:
+                return None
+            why = f"model_index.json: {pipeline_class}"
+        elif source.header is not None and all(
+                any(k.startswith(tell) for k in source.header.tensors)
+                for tell in SDXL_SINGLE_FILE_TELLS):
+            why = "SDXL original layout (OpenCLIP-G conditioner, label_emb)"
+        else:
             return None
-        if source.header is None:
+        lineage, lineage_source = guess_lineage(source.metadata, source.path.name)
+        score = self.match_score_for_lineage(lineage)
+        if score is None:
             return None
-        keys = source.header.tensors
-        if all(any(k.startswith(tell) for k in keys) for tell in SDXL_SINGLE_FILE_TELLS):
-            return CheckpointProbe(family=self.name, score=self.match_score(source),
-                                   reason="SDXL original layout (OpenCLIP-G conditioner, "
-                                          "label_emb)", lineage=self.lineage_of(source))
-        return None
-
-    def match_score(self, source: CheckpointSource) -> float:
-        """How sure this family is about an SDXL-architecture checkpoint. Plain SDXL answers
-        for every SDXL file; lineage families (Pony, Illustrious) score higher when the
-        metadata names them."""
-        return 0.5
-
-    def lineage_of(self, source: CheckpointSource) -> str | None:
-        lineage, _ = guess_lineage(source.metadata, source.path.name)
-        return lineage
+        return CheckpointProbe(family=self.name, score=score, lineage=lineage,
+                               reason=f"{why}; lineage: {lineage_source}")
 
     def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
         """An SDXL-architecture LoRA: kohya's two text-encoder prefixes (te1 + te2), the
@@ -98,15 +90,18 @@ class SDXLFamily(Family):
         if not (two_text_encoders or (sdxl_unet_names and deep)):
             return None
         lineage, source = guess_lineage(header.metadata, header.path.name)
+        score = self.match_score_for_lineage(lineage)
+        if score is None:
+            return None
         why = ("two text encoders (te1 + te2)" if two_text_encoders else
                "UNet attention with several transformer blocks per level")
-        return LoraProbe(family=self.name, architecture=self.architecture,
-                         score=self.match_score_for_lineage(lineage), reason=f"SDXL: {why}",
-                         lineage=lineage, lineage_source=source)
+        return LoraProbe(family=self.name, architecture=self.architecture, score=score,
+                         reason=f"SDXL: {why}", lineage=lineage, lineage_source=source)
 
-    def match_score_for_lineage(self, lineage: str | None) -> float:
-        """Plain SDXL answers for any SDXL-architecture file; a lineage family (Pony,
-        Illustrious) answers higher for its own lineage."""
+    def match_score_for_lineage(self, lineage: str | None) -> float | None:
+        """How sure this family is about an SDXL-architecture file of `lineage` (None: it is
+        not this family's). Plain SDXL answers for every SDXL file at 0.5; the lineage
+        families (Pony, Illustrious) answer 0.9 for their own lineage only."""
         return 0.5
 
     def lora_strengths(self, lora: LoraUse) -> dict[str, float]:
@@ -178,12 +173,15 @@ class SDXLFamily(Family):
 
         pipe = build_tiny_sdxl_pipeline(seed=0)
         save_tiny_sdxl_folder(pipe, models_dir / "tiny-sdxl")
+        # A diffusers folder carries no metadata: a sidecar says which lineage it is.
+        (models_dir / "tiny-sdxl.toml").write_text('lineage = "sdxl"\n', encoding="utf-8")
         config_folder = configs_dir / "tiny-sdxl"
         save_tiny_sdxl_config_folder(pipe, config_folder)
         single = build_tiny_sdxl_pipeline(seed=1)
         save_tiny_sdxl_single_file(single, models_dir / "tiny-sdxl-single.safetensors",
                                    metadata={"modelspec.architecture":
-                                             "stable-diffusion-xl-v1-base"})
+                                             "stable-diffusion-xl-v1-base",
+                                             "modelspec.title": "sd_xl_base_1.0 (tiny)"})
         job = ('checkpoint = "{name}"\n'
                'prompt = "a watercolor lighthouse on a cliff at dusk"\n'
                'negative_prompt = "blurry, low quality"\n'

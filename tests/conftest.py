@@ -57,6 +57,18 @@ def assets(tmp_path_factory: pytest.TempPathFactory, plugins: Plugins) -> Assets
                   demo_config=config, demo_jobs=root / "jobs")
 
 
+def demo_checkpoint_overrides(assets: Assets) -> dict[str, dict[str, str]]:
+    """The demo config's [checkpoints] tables, with paths made absolute."""
+    import tomllib
+
+    data = tomllib.loads(assets.demo_config.read_text(encoding="utf-8"))
+    overrides = {}
+    for name, table in data.get("checkpoints", {}).items():
+        overrides[name] = {key: str((assets.root / value).resolve()) if key == "config"
+                           else value for key, value in table.items()}
+    return overrides
+
+
 class Farm:
     """A lorafarm folder for one test: its own jobs, outputs and history; the session's
     tiny models unless the test asks for a private copy."""
@@ -76,7 +88,7 @@ class Farm:
             "intake": {"settle_seconds": 0.0, "retry_young_seconds": 0.0,
                        "rescan_seconds": 1.0},
             "worker": {"max_batch": 4},
-            "checkpoints": {"tiny-sdxl-single": {"config": str(assets.configs / "tiny-sdxl")}},
+            "checkpoints": demo_checkpoint_overrides(assets),
         }
         for section, values in overrides.items():
             data.setdefault(section, {}).update(values)
