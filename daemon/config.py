@@ -27,6 +27,11 @@ class Paths:
     inputs: Path
     outputs: Path
     state: Path
+    extra_inputs: tuple[Path, ...] = ()  # more folders a job's `image` may come from
+
+    @property
+    def input_roots(self) -> tuple[Path, ...]:
+        return (self.inputs, *self.extra_inputs)
 
     @property
     def database(self) -> Path:
@@ -122,9 +127,13 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     where = str(source) if source else "config"
     _reject_unknown(data, TOP_KEYS, where, "")
     raw_paths = data.get("paths", {})
-    _reject_unknown(raw_paths, PATH_KEYS, where, "paths.")
+    _reject_unknown(raw_paths, (*PATH_KEYS, "extra_inputs"), where, "paths.")
     resolved = {key: (base / str(raw_paths.get(key, key))).resolve() for key in PATH_KEYS}
-    paths = Paths(**resolved)
+    extra = raw_paths.get("extra_inputs", [])
+    if not isinstance(extra, list) or not all(isinstance(p, str) for p in extra):
+        raise ConfigError(f'{where}: paths.extra_inputs must be a list of folders, e.g. '
+                          '["/data/start-frames"]')
+    paths = Paths(**resolved, extra_inputs=tuple((base / p).resolve() for p in extra))
 
     limits = _section(Limits, data.get("limits", {}), where, "limits")
     intake = _section(IntakeSettings, data.get("intake", {}), where, "intake")

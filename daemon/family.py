@@ -42,6 +42,20 @@ class FamilyDefaults:
     clip_skip: int | None = None
     size_multiple: int = 8  # width and height must be multiples of this
     guidance: float | None = None  # embedded (distilled) guidance, e.g. Flux.1 dev 3.5
+    # Video families: frame count and rate; a clip must have frame_step * k + 1 frames.
+    frames: int | None = None
+    fps: int | None = None
+    frame_step: int = 4
+    flow_shift: float | None = None  # None: the checkpoint's scheduler setting
+    guidance_2: float | None = None  # a second expert's guidance (Wan 2.2 low-noise)
+
+
+@dataclass(frozen=True)
+class RenderedVideo:
+    """A video family's output for one render: RGB frames and their rate."""
+
+    frames: list[Image.Image]
+    fps: int
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class LoraProbe:
     lineage: str | None = None  # within an architecture (sdxl, pony, illustrious); None unknown
     lineage_source: str | None = None  # what decided the lineage, for the user
     variant: str | None = None
+    expert: str | None = None  # Wan 2.2: the noise expert it was trained for (high/low/both)
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,8 @@ class Family(ABC):
     # Families with distilled guidance can still run real CFG with a negative prompt when
     # the job sets `true_cfg` (diffusers' true_cfg_scale).
     supports_true_cfg: bool = False
+    produces: str = "image"  # "image" or "video"
+    takes_image: bool = False  # accepts the job key `image` (image-to-video)
 
     def defaults_for(self, variant: str | None) -> FamilyDefaults:
         """Defaults for one variant of the family's checkpoints (e.g. Klein distilled vs base);
@@ -160,7 +177,7 @@ class Family(ABC):
 
     @abstractmethod
     def render_batch(self, pipe: Any, specs: list[RenderSpec],
-                     device: torch.device) -> list[Image.Image]:
+                     device: torch.device) -> list[Image.Image] | list[RenderedVideo]:
         """Render every spec in one pipeline call (they share a batch key), one generator per
         spec, so that an image does not depend on the batch it was in."""
 

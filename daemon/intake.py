@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
 from sqlalchemy import select
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -279,6 +280,7 @@ class Intake:
             extra["guidance"] = spec.guidance if spec.guidance is not None else d.guidance
         if spec.true_cfg is not None:
             extra["true_cfg"] = spec.true_cfg
+        extra.update(self._video_settings(spec, family, text))
         renders = [
             RenderSpec(
                 family=family.name, checkpoint=spec.checkpoint, prompt=prompt,
@@ -292,6 +294,79 @@ class Intake:
         ]
         return renders, warnings
 
+    def _video_settings(self, spec: JobSpec, family: Family, text: str) -> dict[str, object]:
+        """frames, fps, image, guidance_2 and flow_shift: checked against the family."""
+        d = family.defaults_for(None)
+        settings: dict[str, object] = {}
+        if family.produces != "video":
+            for key in ("frames", "fps"):
+                if getattr(spec, key) is not None:
+                    raise JobFileError(f"`{key}` is for video families; {family.display_name} "
+                                       "renders images", key=key, line=line_of_key(text, key),
+                                       fix=f"remove {key}")
+        else:
+            frames = spec.frames if spec.frames is not None else d.frames or 1
+            step = d.frame_step
+            if (frames - 1) % step:
+                lower = frames - (frames - 1) % step
+                options = [n for n in (lower, lower + step) if n >= 1]
+                raise JobFileError(
+                    f"`frames` = {frames}: {family.display_name} needs {step}k+1 frames",
+                    key="frames", line=line_of_key(text, "frames"),
+                    fix=f"use {' or '.join(str(n) for n in options)}")
+            settings["frames"] = frames
+            settings["fps"] = spec.fps if spec.fps is not None else d.fps or 16
+        for key, default in (("guidance_2", d.guidance_2), ("flow_shift", d.flow_shift)):
+            value = getattr(spec, key)
+            if value is not None and default is None:
+                raise JobFileError(f"{family.display_name} has no `{key}` setting", key=key,
+                                   line=line_of_key(text, key), fix=f"remove {key}")
+            if default is not None:
+                settings[key] = value if value is not None else default
+        if spec.image is not None:
+            if not family.takes_image:
+                raise JobFileError(f"{family.display_name} takes no input image", key="image",
+                                   line=line_of_key(text, "image"),
+                                   fix="remove image, or use an image-to-video checkpoint")
+            path = self.input_image(spec.image, text)
+            settings["image"] = spec.image
+            settings["image_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return settings
+
+    def input_image(self, name: str, text: str) -> Path:
+        """The image a job names, which must lie inside a configured inputs folder (no
+        absolute paths, no `..`, no symlink leading out) and open as an image."""
+        line = line_of_key(text, "image")
+        roots = self.config.paths.input_roots
+        shown = ", ".join(str(r) for r in roots)
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts or not name.strip():
+            raise JobFileError(f"`image` = {name!r} must be a path inside the inputs folder "
+                               f"({shown}), without `..` or a leading /", key="image",
+                               line=line, fix="copy the image into the inputs folder and give "
+                               "its name, e.g. image = \"start.png\"")
+        for root in roots:
+            candidate = root / relative
+            if not candidate.exists():
+                continue
+            real = candidate.resolve()
+            if not real.is_relative_to(root.resolve()):
+                raise JobFileError(f"`image` = {name!r} is a link that leads out of the inputs "
+                                   f"folder ({real})", key="image", line=line,
+                                   fix="copy the image itself into the inputs folder")
+            try:
+                with Image.open(real) as image:
+                    image.verify()
+            except Exception as exc:
+                raise JobFileError(f"`image` = {name!r} cannot be read as an image ({exc})",
+                                   key="image", line=line,
+                                   fix="save it again as PNG, JPEG or WEBP") from exc
+            return real
+        raise JobFileError(f"`image` = {name!r} is not in the inputs folder ({shown})",
+                           key="image", line=line,
+                           fix="put the image into the inputs folder; images dropped into jobs/ "
+                               "are taken as jobs, not inputs")
+
     def _resolve_loras(self, spec: JobSpec, family: Family, checkpoint: CheckpointInfo,
                        text: str, warnings: list[str]) -> tuple[str, tuple[LoraUse, ...]]:
         """The job's LoRAs from `[[loras]]` and `<lora:...>` prompt tags, each checked against
@@ -304,6 +379,7 @@ class Intake:
                                fix="write tags as <lora:NAME:WEIGHT>") from exc
         wanted = [(lora.name, lora.strength, lora.text_encoder_strength, "loras")
                   for lora in spec.loras]
+        experts = {lora.name: lora.expert for lora in spec.loras if lora.expert}
         wanted += [(tag.name, tag.strength, tag.text_encoder_strength, "prompt")
                    for tag in tagged]
         names = [name for name, *_ in wanted]
@@ -349,7 +425,8 @@ class Intake:
                 warnings.append(f"lineage unknown for {' and '.join(unknown)}; cannot check "
                                 "that they match (set lineage in a sidecar NAME.toml)")
             uses.append(LoraUse(name=name, strength=strength, text_encoder_strength=te_strength,
-                                autov2=info.autov2, autov3=info.autov3))
+                                autov2=info.autov2, autov3=info.autov3,
+                                expert=experts.get(name) or info.expert))
             if spec.trigger_words:
                 triggers += [t for t in info.triggers if t not in prompt and t not in triggers]
         if triggers:

@@ -46,6 +46,7 @@ class JobLora:
     name: str
     strength: float = 1.0  # the diffusion model (UNet / transformer)
     text_encoder_strength: float | None = None  # None: same as `strength`
+    expert: str | None = None  # Wan 2.2: "high", "low" or "both"; None: from the library
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class JobSpec:
     cfg: float | None
     guidance: float | None  # embedded guidance of distilled models (Flux.1 dev)
     true_cfg: float | None  # real CFG on a guidance-distilled model (needs a negative prompt)
+    frames: int | None
+    fps: int | None
+    image: str | None  # image-to-video input, relative to an inputs folder
+    guidance_2: float | None
+    flow_shift: float | None
     sampler: str | None
     width: int | None
     height: int | None
@@ -101,11 +107,17 @@ KEYS: dict[str, _Key] = {
     "height": _Key(int, low=64, high_limit="max_height", example="height = 1216"),
     "priority": _Key(int, low=-1000, high=1000, example="priority = 0"),
     "conventions": _Key(bool, example="conventions = false"),
+    "frames": _Key(int, low=1, high_limit="max_frames", example="frames = 81"),
+    "fps": _Key(int, low=1, high=120, example="fps = 16"),
+    "image": _Key(str, example='image = "start-frame.png"'),
+    "guidance_2": _Key((int, float), low=0.0, high=30.0, example="guidance_2 = 3.0"),
+    "flow_shift": _Key((int, float), low=0.0, high=100.0, example="flow_shift = 5.0"),
     "loras": _Key(list, example='[[loras]]\nname = "my-style"\nstrength = 0.8'),
     "trigger_words": _Key(bool, example="trigger_words = true"),
     "allow_cross_lineage": _Key(bool, example="allow_cross_lineage = true"),
 }
-LORA_KEYS = ("name", "strength", "text_encoder_strength")
+LORA_KEYS = ("name", "strength", "text_encoder_strength", "expert")
+EXPERTS = ("high", "low", "both")
 MAX_STRENGTH = 10.0
 
 
@@ -177,6 +189,11 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         cfg=float(values["cfg"]) if values["cfg"] is not None else None,
         guidance=float(values["guidance"]) if values["guidance"] is not None else None,
         true_cfg=float(values["true_cfg"]) if values["true_cfg"] is not None else None,
+        frames=values["frames"],
+        fps=values["fps"],
+        image=values["image"],
+        guidance_2=float(values["guidance_2"]) if values["guidance_2"] is not None else None,
+        flow_shift=float(values["flow_shift"]) if values["flow_shift"] is not None else None,
         sampler=values["sampler"],
         width=values["width"],
         height=values["height"],
@@ -220,9 +237,16 @@ def _check_loras(entries: list[Any], text: str) -> tuple[JobLora, ...]:
                                    line=line_of_key(text, key) or line, fix=f"{key} = 0.8")
             strengths[key] = float(value)
         strength = strengths["strength"]
+        expert = entry.get("expert")
+        if expert is not None and expert not in EXPERTS:
+            raise JobFileError(f"{where} ({name}): `expert` = {expert!r} is not one of "
+                               f"{', '.join(EXPERTS)}", key="loras.expert",
+                               line=line_of_key(text, "expert") or line,
+                               fix='expert = "high", "low" or "both" (Wan 2.2 noise experts)')
         result.append(JobLora(name=name.strip(),
                               strength=1.0 if strength is None else strength,
-                              text_encoder_strength=strengths["text_encoder_strength"]))
+                              text_encoder_strength=strengths["text_encoder_strength"],
+                              expert=expert))
     return tuple(result)
 
 

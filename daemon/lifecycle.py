@@ -28,7 +28,8 @@ from daemon.store import (
 
 
 def mark_done(store: Store, render_id: int, output_path: str, seconds: float,
-              lora_report: dict[str, dict[str, int]] | None = None) -> int | None:
+              lora_report: dict[str, dict[str, int]] | None = None,
+              video: tuple[int, int] | None = None) -> int | None:
     """Record a finished render; returns its job id when that job has now ended."""
     with store.session() as session:
         render = session.get(Render, render_id)
@@ -36,6 +37,8 @@ def mark_done(store: Store, render_id: int, output_path: str, seconds: float,
             return None  # e.g. cancelled meanwhile; the file stays but is not counted twice
         render.state, render.output_path, render.error = RENDER_DONE, output_path, None
         render.lora_report_json = json.dumps(lora_report) if lora_report else None
+        if video is not None:
+            render.frames, render.fps = video
         render.finished_at = utcnow()
         add_event(session, "render_done", output_path, job_id=render.job_id,
                   render_id=render_id, seconds=round(seconds, 4))

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
-SIDECAR_KEYS = ("family", "lineage", "trigger_words")
+SIDECAR_KEYS = ("family", "lineage", "trigger_words", "expert")
 OK, QUARANTINED, MISSING = "ok", "quarantined", "missing"
 
 
@@ -54,6 +54,7 @@ class LoraInfo:
     lineage: str | None
     lineage_source: str | None
     variant: str | None
+    expert: str | None
     rank: int | None
     alpha: float | None
     triggers: list[str]
@@ -79,6 +80,7 @@ class _Recognition:
     lineage: str | None = None
     lineage_source: str | None = None
     variant: str | None = None
+    expert: str | None = None
     rank: int | None = None
     alpha: float | None = None
     triggers: tuple[str, ...] = ()
@@ -140,6 +142,7 @@ class LoraLibrary:
                 row.family, row.architecture = found.family, found.architecture
                 row.lineage, row.lineage_source = found.lineage, found.lineage_source
                 row.variant, row.rank, row.alpha = found.variant, found.rank, found.alpha
+                row.expert = found.expert
                 row.triggers_json = json.dumps(list(found.triggers))
                 row.base_model, row.base_model_hash = found.base_model, found.base_model_hash
                 row.updated_at = utcnow()
@@ -232,8 +235,13 @@ class LoraLibrary:
         lineage, source = probe.lineage, probe.lineage_source
         if override.get("lineage"):
             lineage, source = override["lineage"], override["lineage_from"]
+        expert = override.get("expert") or probe.expert
+        if expert is not None and expert not in ("high", "low", "both"):
+            return _Recognition(QUARANTINED, f"expert {expert!r} must be high, low or both",
+                                **base)
         return _Recognition(OK, probe.reason, family=probe.family, architecture=probe.architecture,
-                            lineage=lineage, lineage_source=source, variant=probe.variant, **base)
+                            lineage=lineage, lineage_source=source, variant=probe.variant,
+                            expert=expert, **base)
 
     def _override(self, path: Path) -> dict[str, object]:
         """Sidecar NAME.toml beside the file, then config.toml [loras.NAME] on top."""
@@ -305,6 +313,7 @@ def _info(row: Lora) -> LoraInfo:
     return LoraInfo(name=row.name, path=Path(row.path), state=row.state, reason=row.reason,
                     layout=row.layout, family=row.family, architecture=row.architecture,
                     lineage=row.lineage, lineage_source=row.lineage_source, variant=row.variant,
+                    expert=row.expert,
                     rank=row.rank, alpha=row.alpha, triggers=row.triggers,
                     base_model=row.base_model,
                     base_model_hash=row.base_model_hash, sha256=row.sha256, autov2=row.autov2,

@@ -52,8 +52,53 @@ def write_png(image: Image.Image, path: Path, spec: RenderSpec, text: dict[str, 
     return path
 
 
+def write_mp4(frames: list[Image.Image], fps: int, path: Path, spec: RenderSpec,
+              text: dict[str, str]) -> Path:
+    """H.264 / yuv420p MP4 (plays everywhere) with the text entries as MP4 metadata, where
+    Civitai reads `parameters` (moov/udta/meta, ffmpeg's use_metadata_tags), written to a
+    temporary name and renamed in."""
+    import av
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(TEMP_PREFIX + path.name)
+    width, height = frames[0].size
+    # yuv420p halves the chroma planes: odd sizes cannot be encoded.
+    even = (width - width % 2, height - height % 2)
+    container = av.open(str(temp), "w", format="mp4",
+                        options={"movflags": "use_metadata_tags"})
+    try:
+        for key, value in text.items():
+            container.metadata[key] = value
+        container.metadata[SPEC_CHUNK] = spec.to_json()
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = even
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            rgb = frame.convert("RGB")
+            if rgb.size != even:
+                rgb = rgb.crop((0, 0, *even))
+            packet_frame = av.VideoFrame.from_ndarray(np.asarray(rgb), format="rgb24")
+            for packet in stream.encode(packet_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    finally:
+        container.close()
+    with temp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    return path
+
+
 def read_spec(path: Path) -> RenderSpec:
-    """The RenderSpec embedded in a lorafarm PNG."""
+    """The RenderSpec embedded in a lorafarm PNG or MP4."""
+    if path.suffix.lower() == ".mp4":
+        import av
+
+        with av.open(str(path)) as container:
+            return RenderSpec.from_json(container.metadata[SPEC_CHUNK])
     with Image.open(path) as image:
         return RenderSpec.from_json(image.text[SPEC_CHUNK])
 

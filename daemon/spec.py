@@ -22,6 +22,7 @@ class LoraUse:
     text_encoder_strength: float | None = None  # None: same as `strength`
     autov2: str | None = None  # sha256 of the whole file, 10 hex (Civitai AutoV2)
     autov3: str | None = None  # sha256 of the tensor data, 12 hex (Civitai AutoV3)
+    expert: str | None = None  # Wan 2.2: "high", "low" or "both" noise experts
 
 
 @dataclass(frozen=True)

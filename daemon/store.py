@@ -101,6 +101,7 @@ class Lora(Base):
     lineage: Mapped[str | None] = mapped_column(String(64))
     lineage_source: Mapped[str | None] = mapped_column(Text)  # what decided the lineage
     variant: Mapped[str | None] = mapped_column(String(64))
+    expert: Mapped[str | None] = mapped_column(String(16))  # Wan 2.2: high | low | both
     rank: Mapped[int | None] = mapped_column(Integer)
     alpha: Mapped[float | None] = mapped_column()
     triggers_json: Mapped[str] = mapped_column(Text, default="[]")
@@ -156,6 +157,8 @@ class Render(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # Per LoRA, the modules it patched in each component: {"name": {"unet": 140, ...}}.
     lora_report_json: Mapped[str | None] = mapped_column(Text)
+    frames: Mapped[int | None] = mapped_column(Integer)  # video outputs
+    fps: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)

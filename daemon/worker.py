@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from daemon.config import Config
-from daemon.family import Family, RenderError
+from daemon.family import Family, RenderedVideo, RenderError
 from daemon.lifecycle import mark_done, mark_failed
 from daemon.lora_library import LoraLibrary
 from daemon.lora_patching import AdapterState, apply_loras
-from daemon.outputs import output_path, write_png
+from daemon.outputs import output_path, write_mp4, write_png
 from daemon.plugins import Plugins
 from daemon.registry import Registry
 from daemon.scheduler import ClaimedRender
@@ -138,18 +138,25 @@ class Worker:
             spec = claimed.spec
             if model_hash and spec.checkpoint_hash != model_hash:
                 spec = replace(spec, checkpoint_hash=model_hash)
+            video = isinstance(image, RenderedVideo)
             path = output_path(self.config.paths.outputs, claimed.job_id, claimed.job_name,
-                               claimed.index, spec.seed)
+                               claimed.index, spec.seed, ".mp4" if video else ".png")
             try:
                 text = self.plugins.output_metadata(spec, family)
-                write_png(image, path, spec, text)
+                if isinstance(image, RenderedVideo):
+                    # The poster first: the video is what makes the render count as done.
+                    write_png(image.frames[0], path.with_suffix(".png"), spec, text)
+                    write_mp4(image.frames, image.fps, path, spec, text)
+                else:
+                    write_png(image, path, spec, text)
             except OSError as exc:
                 job = mark_failed(self.store, claimed.render_id,
                                   f"could not write {path}: {exc.strerror}")
                 failed.append(claimed.render_id)
             else:
                 job = mark_done(self.store, claimed.render_id, str(path), per_render,
-                                lora_report=lora_report)
+                                lora_report=lora_report,
+                                video=(len(image.frames), image.fps) if video else None)
                 done.append(claimed.render_id)
             if job is not None:
                 finished.append(job)
