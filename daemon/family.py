@@ -153,6 +153,16 @@ class Family(ABC):
         loaded). The default recognises nothing."""
         return None
 
+    def lora_fits(self, lora_variant: str | None, checkpoint_variant: str | None) -> str | None:
+        """Why a LoRA of this family's architecture still cannot patch this checkpoint (e.g.
+        a Wan 14B LoRA on the 5B model), as a message; None when it fits."""
+        return None
+
+    def load_lora(self, pipe: Any, path: Path, adapter_name: str, lora: LoraUse) -> None:
+        """Load one LoRA file into the pipeline as a named adapter. Families whose pipelines
+        need another entry point (a second expert, a model-level loader) override this."""
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+
     def lora_strengths(self, lora: LoraUse) -> dict[str, float]:
         """Per-component adapter weights for `pipe.set_adapters` (e.g. UNet and text
         encoders). The default applies `strength` to the denoiser only."""

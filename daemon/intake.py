@@ -30,7 +30,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.config import Config
-from daemon.family import Family
+from daemon.family import Family, FamilyDefaults
 from daemon.jobfile import JobFileError, JobSpec, check_job, decode_job_bytes, line_of_key
 from daemon.lora_library import LoraLibrary, LoraLookupError
 from daemon.plugins import Plugins
@@ -280,7 +280,7 @@ class Intake:
             extra["guidance"] = spec.guidance if spec.guidance is not None else d.guidance
         if spec.true_cfg is not None:
             extra["true_cfg"] = spec.true_cfg
-        extra.update(self._video_settings(spec, family, text))
+        extra.update(self._video_settings(spec, family, d, text))
         renders = [
             RenderSpec(
                 family=family.name, checkpoint=spec.checkpoint, prompt=prompt,
@@ -294,9 +294,10 @@ class Intake:
         ]
         return renders, warnings
 
-    def _video_settings(self, spec: JobSpec, family: Family, text: str) -> dict[str, object]:
-        """frames, fps, image, guidance_2 and flow_shift: checked against the family."""
-        d = family.defaults_for(None)
+    def _video_settings(self, spec: JobSpec, family: Family, d: FamilyDefaults,
+                        text: str) -> dict[str, object]:
+        """frames, fps, image, guidance_2 and flow_shift: checked against the family and the
+        checkpoint's variant defaults `d`."""
         settings: dict[str, object] = {}
         if family.produces != "video":
             for key in ("frames", "fps"):
@@ -330,6 +331,8 @@ class Intake:
                                    fix="remove image, or use an image-to-video checkpoint")
             path = self.input_image(spec.image, text)
             settings["image"] = spec.image
+            # The absolute path is for the worker; `image` and its hash are for the record.
+            settings["image_path"] = str(path)
             settings["image_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         return settings
 
@@ -406,6 +409,11 @@ class Intake:
                     f"({family.architecture}); a LoRA only works on the architecture it was "
                     "trained for", key=key, line=line,
                     fix=f"use a {family.display_name} LoRA, or a {info.family} checkpoint")
+            misfit = family.lora_fits(info.variant, checkpoint.variant)
+            if misfit:
+                raise JobFileError(f"LoRA {name!r} does not fit checkpoint {checkpoint.name!r}: "
+                                   f"{misfit}", key=key, line=line,
+                                   fix="use a LoRA trained for this model size/variant")
             lora_lineage, model_lineage = info.lineage, checkpoint.lineage
             if lora_lineage and model_lineage and lora_lineage != model_lineage:
                 message = (f"LoRA {name!r} is {lora_lineage} lineage ({info.lineage_source}) but "

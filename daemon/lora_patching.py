@@ -85,7 +85,7 @@ def apply_loras(pipe: Any, family: Family, loras: tuple[LoraUse, ...],
             raise RenderError(f"LoRA {lora.name!r} is no longer in the library (file deleted or "
                               "replaced after the job was accepted); put it back or re-submit")
         started = time.perf_counter()
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        family.load_lora(pipe, path, name, lora)
         # PEFT leaves the new layers trainable; autograd bookkeeping would make torch pick
         # other CPU kernels and strength 0 would no longer equal the base bit for bit.
         for module in pipe.components.values():
