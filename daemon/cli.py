@@ -180,12 +180,21 @@ def history_records(config: Config, limit: int = 50) -> list[dict[str, Any]]:
                 "created_at": job.created_at.isoformat(timespec="seconds") + "Z",
                 "finished_at": (job.finished_at.isoformat(timespec="seconds") + "Z"
                                 if job.finished_at else None),
-                "renders": [{"index": r.index, "seed": r.seed, "state": r.state,
-                             "attempts": r.attempts, "output": r.output_path,
-                             "error": r.error} for r in job.renders],
+                "job": json.loads(job.spec_json) if job.spec_json else None,
+                "renders": [_render_record(r) for r in job.renders],
             })
     store.dispose()
     return records
+
+
+def _render_record(render: Any) -> dict[str, Any]:
+    spec = json.loads(render.spec_json)
+    return {"index": render.index, "seed": render.seed, "state": render.state,
+            "attempts": render.attempts, "output": render.output_path, "error": render.error,
+            "prompt": spec["prompt"], "loras": spec.get("loras", []),
+            "lora_patches": json.loads(render.lora_report_json)
+            if render.lora_report_json else None,
+            "frames": render.frames, "fps": render.fps}
 
 
 def _print_history(config: Config, *, as_json: bool, limit: int) -> None:

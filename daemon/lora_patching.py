@@ -85,7 +85,17 @@ def apply_loras(pipe: Any, family: Family, loras: tuple[LoraUse, ...],
             raise RenderError(f"LoRA {lora.name!r} is no longer in the library (file deleted or "
                               "replaced after the job was accepted); put it back or re-submit")
         started = time.perf_counter()
-        family.load_lora(pipe, path, name, lora)
+        try:
+            family.load_lora(pipe, path, name, lora)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            # PEFT raises when no target module exists at all, and a shape mismatch (a LoRA
+            # for another model size) raises here too; both mean this LoRA cannot patch this
+            # checkpoint.
+            _delete(pipe, name)
+            raise RenderError(
+                f"LoRA {lora.name!r} ({path.name}) patched no module of this checkpoint: "
+                f"diffusers could not load it ({type(exc).__name__}: {str(exc).strip()[:300]}). "
+                "Is it for another model? Nothing was rendered with it") from exc
         # PEFT leaves the new layers trainable; autograd bookkeeping would make torch pick
         # other CPU kernels and strength 0 would no longer equal the base bit for bit.
         for module in pipe.components.values():

@@ -42,6 +42,9 @@ class Daemon:
     def __init__(self, config: Config, plugins: Plugins | None = None) -> None:
         # Nothing may ever be downloaded at run time: make the hub client refuse.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from daemon.cli import quiet_libraries
+
+        quiet_libraries()
         self.config = config
         self.plugins = plugins or Plugins(config.plugins)
         config.ensure_folders()
