@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from daemon.family import Family, RenderError
+from daemon.lora_probe import module_names
+from daemon.safetensors_header import read_header
 from daemon.spec import LoraUse
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,9 @@ def apply_loras(pipe: Any, family: Family, loras: tuple[LoraUse, ...],
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
         report = count_patched_modules(pipe, name)
+        # A file whose keys match only in part loads without a word from diffusers: keep
+        # the file's own module count beside what was patched, so the history shows it.
+        in_file = len(module_names(read_header(path).keys()))
         state.load_seconds += time.perf_counter() - started
         state.loads += 1
         if not report:
@@ -110,6 +115,11 @@ def apply_loras(pipe: Any, family: Family, loras: tuple[LoraUse, ...],
                 f"LoRA {lora.name!r} ({path.name}) patched no module of this checkpoint: its "
                 "keys match nothing diffusers knows for this model (wrong layout, or a LoRA "
                 "for another model). Nothing was rendered with it")
+        patched = sum(report.values())
+        if patched < in_file:
+            log.warning("LoRA %s: only %d of the %d modules in %s matched this checkpoint",
+                        lora.name, patched, in_file, path.name)
+        report["modules_in_file"] = in_file
         state.loaded[name] = report
         log.info("LoRA %s loaded: %s", lora.name, report)
         while len(state.loaded) > MAX_ADAPTERS_PER_PIPELINE:
@@ -118,7 +128,7 @@ def apply_loras(pipe: Any, family: Family, loras: tuple[LoraUse, ...],
     names = [adapter_name(lora) for lora in loras]
     weights = []
     for lora, name in zip(loras, names, strict=True):
-        patched = state.loaded[name]
+        patched = {k for k in state.loaded[name] if k != "modules_in_file"}
         # Only components this adapter patched: diffusers warns about the others.
         weights.append({component: value for component, value in
                         family.lora_strengths(lora).items() if component in patched})

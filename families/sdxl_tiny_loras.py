@@ -49,6 +49,7 @@ from families.sdxl_tiny import build_tiny_sdxl_pipeline, diffusers_unet_key_to_o
 
 __all__ = [
     "LORA_COMPONENTS",
+    "LoraWeights",
     "TinyLora",
     "count_patched_modules",
     "make_tiny_lora",
@@ -88,6 +89,7 @@ _KOHYA_SDXL_METADATA = {
 # Header entries diffusers' `save_lora_weights` owns; a caller may not overwrite them.
 _DIFFUSERS_RESERVED_METADATA = frozenset({"format", "lora_adapter_metadata"})
 
+# module path -> (down [rank, in], up [out, rank])
 LoraWeights = dict[str, tuple[Tensor, Tensor]]
 
 
@@ -203,7 +205,10 @@ def _target_shapes(
         raise ValueError(f"unknown targets {targets!r}; known: {sorted(_TARGETS)}")
     out: dict[str, dict[str, tuple[int, int]]] = {}
     for component in LORA_COMPONENTS:
-        model = getattr(pipe, component)
+        model = getattr(pipe, component, None)
+        if not isinstance(model, torch.nn.Module):
+            out[component] = {}  # e.g. a refiner pipeline without CLIP-L
+            continue
         leaves = _TARGETS[targets]["unet" if component == "unet" else "text_encoder"]
         found: dict[str, tuple[int, int]] = {}
         for name, module in model.named_modules():
@@ -489,7 +494,8 @@ def write_unmatched(path: Path) -> Path:
 
     Keys `unet.nonexistent_block.lora_A.weight` / `.lora_B.weight` and the same under
     `text_encoder.`: the layout diffusers accepts, the module names no SDXL has, so a load
-    patches no module.
+    patches no module. (peft 0.21 raises NoMatchingPeftModuleError, a ValueError, at the
+    UNet part; a file mixing matching and unknown names loads the matching ones silently.)
     """
     generator = torch.Generator().manual_seed(0)
     tensors: dict[str, Tensor] = {}
@@ -522,7 +528,7 @@ def write_flux_like(path: Path) -> Path:
     """A header-realistic Flux.1 kohya LoRA (`lora_unet_double_blocks_0_img_attn_qkv...`).
 
     Rank 1, float16, a handful of modules at Flux.1's real shapes (width 3072, qkv 9216), with
-    sd-scripts' Flux metadata; about 150 KB.
+    sd-scripts' Flux metadata; about 140 KB.
     """
     tensors: dict[str, Tensor] = {}
     generator = torch.Generator().manual_seed(0)
@@ -566,7 +572,7 @@ def write_sd15_like(path: Path) -> Path:
     Rank 1, float16, real SD 1.5 shapes throughout, but not every module (the whole attention
     set would be ~550 KB): in every attention block, transformer_blocks_0's cross-attention
     `attn2_to_k` / `attn2_to_v` (input 768, the SD1 tell); in each of CLIP-L's 12 layers,
-    `self_attn_q_proj` (768). About 150 KB.
+    `self_attn_q_proj` (768). About 155 KB.
     """
     tensors: dict[str, Tensor] = {}
     generator = torch.Generator().manual_seed(0)
