@@ -1,0 +1,61 @@
+"""The command line as a user meets it: demo, run --until-idle, and the query commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def lorafarm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+
+
+def test_demo_then_run_until_idle_then_query(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    result = lorafarm("demo", "--dir", str(demo), "--no-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = demo / "config.toml"
+    assert config.exists() and "demo written" in result.stdout
+    jobs = sorted(p.name for p in (demo / "jobs").glob("*.toml"))
+    assert "sdxl-folder.toml" in jobs and "sdxl-single-file.toml" in jobs
+
+    models = lorafarm("models", "--json", "--config", str(config), cwd=tmp_path)
+    assert models.returncode == 0, models.stderr
+    rows = {row["name"]: row for row in json.loads(models.stdout)}
+    assert rows["tiny-sdxl"]["family"] == "sdxl" and rows["tiny-sdxl"]["kind"] == "folder"
+    assert rows["tiny-sdxl-single"]["kind"] == "single_file"
+    assert all(len(row["hash"]) == 10 for row in rows.values() if row["state"] == "ok")
+
+    # Only the SDXL jobs: the point here is the CLI, not every family.
+    for job in (demo / "jobs").glob("*.toml"):
+        if not job.name.startswith("sdxl"):
+            job.unlink()
+    run = lorafarm("run", "--config", str(config), "--until-idle", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+
+    history = json.loads(lorafarm("history", "--json", "--config", str(config),
+                                  cwd=tmp_path).stdout)
+    assert {job["file"] for job in history} == {"sdxl-folder.toml", "sdxl-single-file.toml"}
+    assert all(job["state"] == "done" for job in history)
+    outputs = [Path(r["output"]) for job in history for r in job["renders"]]
+    assert len(outputs) == 4 and all(p.exists() for p in outputs)
+
+    status = json.loads(lorafarm("status", "--json", "--config", str(config),
+                                 cwd=tmp_path).stdout)
+    assert status["daemon"]["running"] is False
+    assert status["renders"] == {"done": 4} and status["jobs"] == {"done": 2}
+
+
+def test_a_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[worker]\nmax_bach = 4\n")
+    result = lorafarm("status", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown setting worker.max_bach; did you mean worker.max_batch?" in result.stderr
