@@ -70,6 +70,24 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The status page and /metrics, served by the daemon."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # any other bind needs a token
+    port: int = 8765
+    token: str = ""  # required (as ?token= or a Bearer header) when host is not loopback
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """The morning report written to outputs/ when the queue drains."""
+
+    enabled: bool = True
+    webhook_url: str = ""  # optional: a generic JSON POST when the queue drains
+
+
+@dataclass(frozen=True)
 class CheckpointOverride:
     """Per-checkpoint settings the header cannot tell (config.toml `[checkpoints.NAME]`)."""
 
@@ -93,6 +111,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
     checkpoints: dict[str, CheckpointOverride] = field(default_factory=dict)
     loras: dict[str, LoraOverride] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()  # extra plugin modules to load by import name
@@ -106,7 +126,8 @@ class Config:
 
 
 PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
-TOP_KEYS = ("paths", "limits", "intake", "worker", "checkpoints", "loras", "plugins")
+TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
+            "plugins")
 
 
 def load_config(path: Path) -> Config:
@@ -138,6 +159,11 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     limits = _section(Limits, data.get("limits", {}), where, "limits")
     intake = _section(IntakeSettings, data.get("intake", {}), where, "intake")
     worker = _section(WorkerSettings, data.get("worker", {}), where, "worker")
+    web = _section(WebSettings, data.get("web", {}), where, "web")
+    report = _section(ReportSettings, data.get("report", {}), where, "report")
+    if web.enabled and web.host not in ("127.0.0.1", "localhost", "::1") and not web.token:
+        raise ConfigError(f"{where}: [web] host = {web.host!r} exposes the status page beyond "
+                          "this machine; set [web] token = \"a long random string\" too")
     if worker.max_batch < 1 or worker.max_attempts < 1 or worker.pipelines_in_memory < 1:
         raise ConfigError(f"{where}: [worker] max_batch, max_attempts and pipelines_in_memory "
                           "must each be at least 1")
@@ -164,6 +190,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f'{where}: plugins must be a list of module names, e.g. ["my_plugin"]')
     return Config(source=source, paths=paths, limits=limits, intake=intake, worker=worker,
+                  web=web, report=report,
                   checkpoints=checkpoints, loras=loras, plugins=tuple(plugins))
 
 

@@ -8,6 +8,7 @@ file, and read back to re-render an image exactly.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +62,9 @@ class RenderSpec:
             "loras": [dataclasses.asdict(lora) for lora in self.loras],
             "extra": self.extra,
         }
-        return json.dumps(shared, sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(shared, sort_keys=True, separators=(",", ":"))
+        # A short digest: it is stored per render and indexed for the scheduler.
+        return hashlib.sha1(canonical.encode()).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -52,10 +52,11 @@ JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_REJECTED = (
     "queued", "running", "done", "failed", "rejected")
 UNFINISHED_JOB_STATES = (JOB_QUEUED, JOB_RUNNING)
 
-# Render states: queued -> running -> done | failed. A running render whose process died is
-# put back to queued at the next start until it has used up its attempts.
-RENDER_QUEUED, RENDER_RUNNING, RENDER_DONE, RENDER_FAILED = (
-    "queued", "running", "done", "failed")
+# Render states: queued -> running -> done | failed | cancelled. A running render whose
+# process died is put back to queued at the next start until it has used up its attempts.
+RENDER_QUEUED, RENDER_RUNNING, RENDER_DONE, RENDER_FAILED, RENDER_CANCELLED = (
+    "queued", "running", "done", "failed", "cancelled")
+ENDED_RENDER_STATES = (RENDER_DONE, RENDER_FAILED, RENDER_CANCELLED)
 
 
 class Checkpoint(Base):
@@ -141,7 +142,12 @@ class Job(Base):
 
 class Render(Base):
     __tablename__ = "renders"
-    __table_args__ = (Index("ix_renders_claim", "state", "priority", "id"),)
+    __table_args__ = (
+        Index("ix_renders_claim", "state", "priority", "id"),
+        # "prefer what is loaded": the best queued render of one checkpoint / one batch key.
+        Index("ix_renders_checkpoint", "state", "checkpoint", "priority", "id"),
+        Index("ix_renders_batch_key", "state", "batch_key", "priority", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -159,11 +165,47 @@ class Render(Base):
     lora_report_json: Mapped[str | None] = mapped_column(Text)
     frames: Mapped[int | None] = mapped_column(Integer)  # video outputs
     fps: Mapped[int | None] = mapped_column(Integer)
+    # Live progress of the running attempt (pipeline step callback) and its lease.
+    progress_step: Mapped[int | None] = mapped_column(Integer)
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    worker: Mapped[str | None] = mapped_column(String(128))  # who holds the running attempt
+    batch_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
     job: Mapped[Job] = relationship(back_populates="renders")
+
+
+class Batch(Base):
+    """One pipeline call's figures, for `lorafarm stats` and the scheduler benchmark."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str] = mapped_column(String(128))
+    device: Mapped[str] = mapped_column(String(64))
+    checkpoint: Mapped[str] = mapped_column(String(255))
+    renders: Mapped[int] = mapped_column(Integer)
+    pipeline_loads: Mapped[int] = mapped_column(Integer, default=0)
+    lora_loads: Mapped[int] = mapped_column(Integer, default=0)
+    lora_switches: Mapped[int] = mapped_column(Integer, default=0)
+    pipeline_seconds: Mapped[float] = mapped_column(default=0.0)  # inside the pipeline call
+    wall_seconds: Mapped[float] = mapped_column(default=0.0)  # claim to last output recorded
+    outcome: Mapped[str] = mapped_column(String(32), default="done")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class Setting(Base):
+    """Small daemon-wide switches that the CLI and the status page set (e.g. paused)."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Event(Base):

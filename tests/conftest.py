@@ -88,6 +88,8 @@ class Farm:
             "intake": {"settle_seconds": 0.0, "retry_young_seconds": 0.0,
                        "rescan_seconds": 1.0},
             "worker": {"max_batch": 4},
+            # Tests run many daemons; those that test the page turn it on with a free port.
+            "web": {"enabled": False},
             "checkpoints": demo_checkpoint_overrides(assets),
         }
         for section, values in overrides.items():
