@@ -63,6 +63,10 @@ class IntakeSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     device: str = "auto"  # "auto" = cuda when present, else cpu; or "cpu", "cuda", "cuda:1"
+    # One worker per entry, e.g. ["cuda:0", "cuda:1"]; empty: one worker on `device`.
+    devices: tuple[str, ...] = ()
+    memory_budget_gb: float = 0.0  # accelerator memory a batch may use; 0 = no limit
+    max_wait_seconds: float = 1800.0  # no render waits longer behind loaded-model work
     dtype: str = "auto"  # "auto" = fp16 on cuda, fp32 on cpu; or float32, float16, bfloat16
     max_batch: int = 4  # renders per pipeline call at most
     max_attempts: int = 3  # a render whose attempts all died ends failed
@@ -116,6 +120,10 @@ class Config:
     checkpoints: dict[str, CheckpointOverride] = field(default_factory=dict)
     loras: dict[str, LoraOverride] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()  # extra plugin modules to load by import name
+
+    @property
+    def worker_devices(self) -> tuple[str, ...]:
+        return self.worker.devices or (self.worker.device,)
 
     def ensure_folders(self) -> None:
         for path in (self.paths.jobs, self.paths.loras, self.paths.models, self.paths.inputs,
@@ -205,6 +213,9 @@ def _section(cls: type, table: Any, where: str, name: str) -> Any:
         expected = type(default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected is tuple and isinstance(value, list) and all(isinstance(v, str)
+                                                                  for v in value):
+            value = tuple(value)
         if not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool):
             raise ConfigError(f"{where}: {name}.{key} must be a {expected.__name__} "
                               f"(default {default!r}), got {value!r}")

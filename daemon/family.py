@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,30 @@ if TYPE_CHECKING:
 
 class RenderError(RuntimeError):
     """A render cannot succeed as asked (bad LoRA, impossible settings); not worth a retry."""
+
+
+class BatchAborted(RuntimeError):
+    """Raised from the step callback when the daemon is told to abort the running batch."""
+
+
+class Progress:
+    """Handed to `Family.render_batch`: pass `progress.callback` as the pipeline's
+    `callback_on_step_end`. It reports each finished step (for the live display, the status
+    page and the render lease's heartbeat) and stops the pipeline when the batch is aborted.
+    """
+
+    def __init__(self, total_steps: int, on_step: Callable[[int, int], None],
+                 should_abort: Callable[[], bool]) -> None:
+        self.total_steps = total_steps
+        self.on_step = on_step
+        self.should_abort = should_abort
+
+    def callback(self, _pipe: Any, step: int, _timestep: Any,
+                 callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.should_abort():
+            raise BatchAborted("aborted by a second stop signal")
+        self.on_step(step + 1, self.total_steps)
+        return callback_kwargs
 
 
 @dataclass(frozen=True)
@@ -186,10 +211,34 @@ class Family(ABC):
         """Load the checkpoint's pipeline through diffusers' real loading path."""
 
     @abstractmethod
-    def render_batch(self, pipe: Any, specs: list[RenderSpec],
-                     device: torch.device) -> list[Image.Image] | list[RenderedVideo]:
+    def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
+                     progress: Progress | None = None,
+                     ) -> list[Image.Image] | list[RenderedVideo]:
         """Render every spec in one pipeline call (they share a batch key), one generator per
-        spec, so that an image does not depend on the batch it was in."""
+        spec, so that an image does not depend on the batch it was in. Pass
+        `progress.callback` as `callback_on_step_end` when given."""
+
+    def batch_cost(self, spec: RenderSpec) -> int:
+        """Estimated accelerator memory (bytes) one render of `spec` adds to a batch; the
+        scheduler divides the configured memory budget by it. The default scales with the
+        latent size (and frames), calibrated on SDXL at fp16: ~0.9 GB per 1024x1024 image."""
+        frames = int(spec.extra.get("frames", 1))
+        return int(0.9 * 2**30 * (spec.width * spec.height / 1024**2) * max(1, frames // 4 + 1))
+
+    def enable_memory_savers(self, pipe: Any, device: torch.device) -> list[str]:
+        """Turn on what trades speed for memory (after an out-of-memory error at batch 1);
+        returns what was turned on. Default: VAE tiling and slicing, and CPU offload of idle
+        components on CUDA."""
+        turned_on = []
+        vae = getattr(pipe, "vae", None)
+        for name in ("enable_tiling", "enable_slicing"):
+            if vae is not None and hasattr(vae, name):
+                getattr(vae, name)()
+                turned_on.append(f"vae.{name}")
+        if device.type == "cuda" and hasattr(pipe, "enable_model_cpu_offload"):
+            pipe.enable_model_cpu_offload(device=device)
+            turned_on.append("model_cpu_offload")
+        return turned_on
 
     def infotext_fields(self, spec: RenderSpec) -> list[tuple[str, object]]:
         """Extra A1111 infotext fields this family writes (e.g. Forge's Distilled CFG Scale)."""

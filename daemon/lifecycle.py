@@ -57,16 +57,29 @@ def mark_failed(store: Store, render_id: int, error: str) -> int | None:
 
 
 def put_back(store: Store, render_ids: list[int], reason: str, *,
-             count_attempt: bool = False) -> None:
-    """Return running renders to the queue (an abort or a transient error)."""
+             count_attempt: bool = False, max_attempts: int | None = None) -> list[int]:
+    """Return running renders to the queue (an abort, or a transient error such as a full
+    disk). With `count_attempt`, a render that has used `max_attempts` ends failed instead.
+    Returns the ids of jobs that ended."""
+    ended: list[int] = []
     with store.session() as session:
         for render in session.scalars(select(Render).where(Render.id.in_(render_ids),
                                                            Render.state == RENDER_RUNNING)):
+            if count_attempt and max_attempts is not None and render.attempts >= max_attempts:
+                render.state, render.finished_at = RENDER_FAILED, utcnow()
+                render.error = f"{reason} (gave up after {render.attempts} attempts)"
+                add_event(session, "render_failed", render.error, job_id=render.job_id,
+                          render_id=render.id)
+                if _settle_job(session, render.job_id) is not None:
+                    ended.append(render.job_id)
+                continue
             render.state = RENDER_QUEUED
+            render.worker = None
             if not count_attempt:
                 render.attempts = max(0, render.attempts - 1)
             add_event(session, "render_requeued", reason, job_id=render.job_id,
                       render_id=render.id)
+    return ended
 
 
 def recover_interrupted(store: Store, max_attempts: int) -> tuple[list[int], list[int]]:

@@ -22,13 +22,15 @@ from sqlalchemy import select
 
 from daemon.config import Config
 from daemon.intake import Intake
-from daemon.lifecycle import put_back, recover_interrupted
+from daemon.lifecycle import recover_interrupted
 from daemon.lora_library import LoraLibrary
+from daemon.output_writer import OutputWriter
 from daemon.outputs import remove_leftover_temporaries
 from daemon.plugins import Plugins
 from daemon.registry import Registry
-from daemon.scheduler import claim_next_batch
-from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Store, add_event
+from daemon.scheduler import claim_next_batch, peek_next_checkpoint
+from daemon.spec import RenderSpec
+from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Setting, Store, add_event
 from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,24 @@ class Daemon:
         self.registry = Registry(config, self.store, self.plugins)
         self.library = LoraLibrary(config, self.store, self.plugins)
         self.intake = Intake(config, self.store, self.registry, self.library, self.plugins)
-        self.worker = Worker(config, self.store, self.registry, self.library, self.plugins)
+        self.writer = OutputWriter(config.paths.outputs, self.store, self.plugins,
+                                   self._job_finished, config.worker.max_attempts)
+        self.workers = [
+            Worker(config, self.store, self.registry, self.library, self.plugins, self.writer,
+                   name=f"w{i}", device=device)
+            for i, device in enumerate(config.worker_devices)
+        ]
         self._stop = threading.Event()
         self._work = threading.Event()
+        self._aborted = False
         self._signals = 0
         self._lock_file: IO[str] | None = None
-        self._intake_thread: threading.Thread | None = None
-        self.batches = 0
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    @property
+    def worker(self) -> Worker:
+        return self.workers[0]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -78,18 +91,31 @@ class Daemon:
         self.intake.scan()
         with self.store.session() as session:
             add_event(session, "daemon_started", f"pid {os.getpid()}", pid=os.getpid(),
-                      device=str(self.worker.device))
+                      devices=[str(w.device) for w in self.workers])
 
     def stop(self) -> None:
         self._stop.set()
         self._work.set()
         self.intake.wakeup.set()
 
+    def abort(self) -> None:
+        """Stop now: running batches are interrupted at their next step and re-queued."""
+        self._aborted = True
+        for worker in self.workers:
+            worker.abort.set()
+        self.stop()
+
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.stop()
         self.intake.stop_watching()
-        if self._intake_thread is not None:
-            self._intake_thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=600)
+        self.writer.close()
+        for worker in self.workers:
+            worker.close()
         self.registry.close()
         with self.store.session() as session:
             add_event(session, "daemon_stopped", f"pid {os.getpid()}")
@@ -104,42 +130,78 @@ class Daemon:
             signal.signal(signal.SIGTERM, self._on_signal)
         self.start()
         self.intake.start_watching()
-        self._intake_thread = threading.Thread(target=self._intake_loop, name="intake",
-                                               daemon=True)
-        self._intake_thread.start()
-        code = 0
+        self._threads = [threading.Thread(target=self._intake_loop, name="intake", daemon=True)]
+        self._threads += [threading.Thread(target=self._worker_loop, args=(worker,),
+                                           name=f"worker-{worker.name}", daemon=True)
+                          for worker in self.workers]
+        for thread in self._threads:
+            thread.start()
         try:
             while not self._stop.is_set():
-                batch = claim_next_batch(self.store, self.config.worker.max_batch)
-                if batch:
-                    self._render(batch)
-                    continue
                 if until_idle and self._idle():
                     break
-                self._work.wait(timeout=0.5)
-                self._work.clear()
+                self._stop.wait(timeout=0.25)
         except KeyboardInterrupt:
-            code = 130
+            self.abort()
         finally:
             self.close()
-        return code
+        return 130 if self._aborted else 0
 
-    def _render(self, batch: list) -> None:  # type: ignore[type-arg]
-        try:
-            outcome = self.worker.render(batch)
-        except KeyboardInterrupt:
-            put_back(self.store, [c.render_id for c in batch],
-                     "aborted by a second stop signal; queued again")
-            raise
-        self.batches += 1
-        for job_id in outcome.finished_jobs:
-            self.intake.file_finished_job(job_id)
-            self.plugins.notify("job_finished", str(job_id), {"job_id": job_id})
+    # -- loops -----------------------------------------------------------------------------
+
+    def _worker_loop(self, worker: Worker) -> None:
+        busy_since: float | None = None
+        while not self._stop.is_set():
+            if self._paused():
+                busy_since = None
+                self._work.wait(timeout=1.0)
+                continue
+            # Wall time counts from the end of the previous batch while work keeps coming:
+            # claims, loads and hand-offs between pipeline calls are part of it.
+            cycle_start = busy_since if busy_since is not None else time.perf_counter()
+            try:
+                batch = claim_next_batch(
+                    self.store, self.config.worker.max_batch, worker=worker.name,
+                    loaded=worker.loaded_checkpoints, active_key=worker.active_batch_key,
+                    max_wait_seconds=self.config.worker.max_wait_seconds,
+                    batch_limit=self._batch_limit)
+            except Exception:
+                log.exception("%s: claiming failed; retrying", worker.name)
+                self._stop.wait(timeout=1.0)
+                continue
+            if not batch:
+                busy_since = None
+                self._work.wait(timeout=0.5)
+                self._work.clear()
+                continue
+            worker.prefetch(peek_next_checkpoint(
+                self.store, [*worker.loaded_checkpoints, batch[0].spec.checkpoint]))
+            worker.render(batch, since=cycle_start)
+            busy_since = time.perf_counter()
+            if worker.abort.is_set():
+                break
+
+    def _batch_limit(self, spec: RenderSpec) -> int:
+        budget = self.config.worker.memory_budget_gb * 2**30
+        family = self.plugins.families.get(spec.family)
+        if budget <= 0 or family is None:
+            return self.config.worker.max_batch
+        return max(1, int(budget // max(1, family.batch_cost(spec))))
+
+    def _paused(self) -> bool:
+        with self.store.session() as session:
+            setting = session.get(Setting, "paused")
+            return setting is not None and setting.value == "1"
+
+    def _job_finished(self, job_id: int) -> None:
+        self.intake.file_finished_job(job_id)
+        self.plugins.notify("job_finished", str(job_id), {"job_id": job_id})
 
     def _idle(self) -> bool:
         self.library.scan()
         result = self.intake.scan()
         if result.accepted or result.pending:
+            self._work.set()
             return False
         with self.store.session() as session:
             busy = session.scalars(select(Render.id).where(
@@ -177,7 +239,8 @@ class Daemon:
                         signal.Signals(signum).name)
             self.stop()
         else:
-            raise KeyboardInterrupt
+            log.warning("%s again: aborting the running batch", signal.Signals(signum).name)
+            self.abort()
 
     # -- single-owner lock -----------------------------------------------------------------
 

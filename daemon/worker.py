@@ -1,31 +1,35 @@
-"""The worker: keeps pipelines loaded, renders a claimed batch in one pipeline call, writes
-the outputs and records the results.
+"""A worker: one per device. It keeps pipelines loaded, renders a claimed batch in one
+pipeline call, and hands the results to the output writer.
 
-One worker serves one device. Pipelines stay loaded between batches (a least-recently-used
-cache of `worker.pipelines_in_memory` checkpoints), so a queue that alternates checkpoints
-does not reload from disk every time.
+Pipelines stay loaded between batches (a least-recently-used cache of
+`worker.pipelines_in_memory` checkpoints), and the next batch's checkpoint is loaded from
+disk in the background while the current batch renders. Out of memory is handled the way a
+person would: split the batch and retry the halves; at batch 1 turn on the family's memory
+savers and retry once; then fail the render with the reason.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from daemon.config import Config
-from daemon.family import Family, RenderedVideo, RenderError
-from daemon.lifecycle import mark_done, mark_failed
+from daemon.family import BatchAborted, Family, Progress, RenderError
+from daemon.lifecycle import mark_failed, put_back
 from daemon.lora_library import LoraLibrary
 from daemon.lora_patching import AdapterState, apply_loras
-from daemon.outputs import output_path, write_mp4, write_png
+from daemon.output_writer import OutputWriter, PendingOutput
 from daemon.plugins import Plugins
-from daemon.registry import Registry
-from daemon.scheduler import ClaimedRender
+from daemon.registry import CheckpointInfo, Registry
+from daemon.scheduler import ClaimedRender, record_batch, record_progress
 from daemon.store import Store
 
 log = logging.getLogger(__name__)
@@ -47,120 +51,212 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return dtypes[setting]
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
 @dataclass
 class _Loaded:
     pipe: Any
     identity: tuple[str, int]  # (path, mtime) when loaded: a replaced file means reload
     adapters: AdapterState = field(default_factory=AdapterState)
+    memory_savers: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class BatchOutcome:
-    done: list[int]
-    failed: list[int]
-    finished_jobs: list[int]
-    seconds_in_pipeline: float
+@dataclass
+class BatchFigures:
+    """Counted per batch and stored in the `batches` table."""
+
+    pipeline_loads: int = 0
+    lora_loads: int = 0
+    lora_switches: int = 0
+    pipeline_seconds: float = 0.0
 
 
 class Worker:
     def __init__(self, config: Config, store: Store, registry: Registry, library: LoraLibrary,
-                 plugins: Plugins) -> None:
+                 plugins: Plugins, writer: OutputWriter, *, name: str = "w0",
+                 device: str | None = None) -> None:
         self.config = config
         self.store = store
         self.registry = registry
         self.library = library
         self.plugins = plugins
-        self.device = resolve_device(config.worker.device)
+        self.writer = writer
+        self.name = name
+        self.device = resolve_device(device or config.worker.device)
         self.dtype = resolve_dtype(config.worker.dtype, self.device)
         self._pipelines: OrderedDict[str, _Loaded] = OrderedDict()
+        self._lock = threading.Lock()
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-load")
+        self._prefetching: dict[str, Future[_Loaded]] = {}
         self.pipeline_loads = 0
+        self.active_batch_key: str | None = None
+        self.abort = threading.Event()
 
-    def pipeline_for(self, checkpoint: str, family: Family) -> _Loaded:
+    # -- pipelines -------------------------------------------------------------------------
+
+    @property
+    def loaded_checkpoints(self) -> list[str]:
+        with self._lock:
+            return list(self._pipelines)
+
+    def _identity(self, info: CheckpointInfo) -> tuple[str, int]:
+        return (str(info.path), info.path.stat().st_mtime_ns)
+
+    def _load(self, info: CheckpointInfo, family: Family) -> _Loaded:
+        started = time.perf_counter()
+        pipe = family.load_pipeline(info.loaded(), self.device, self.dtype)
+        log.info("%s: loaded %s (%s) in %.2fs", self.name, info.name, family.name,
+                 time.perf_counter() - started)
+        return _Loaded(pipe=pipe, identity=self._identity(info))
+
+    def pipeline_for(self, checkpoint: str, family: Family, figures: BatchFigures) -> _Loaded:
         info = self.registry.get(checkpoint)
         if info is None or info.state != "ok":
             reason = info.reason if info else "it is not in the registry any more"
             raise RenderError(f"checkpoint {checkpoint!r} is not usable: {reason}")
-        identity = (str(info.path), info.path.stat().st_mtime_ns)
-        cached = self._pipelines.get(checkpoint)
-        if cached is not None and cached.identity == identity:
-            self._pipelines.move_to_end(checkpoint)
-            return cached
-        while len(self._pipelines) >= self.config.worker.pipelines_in_memory:
-            evicted, _ = self._pipelines.popitem(last=False)
-            log.info("unloading %s to make room", evicted)
-        started = time.perf_counter()
-        pipe = family.load_pipeline(info.loaded(), self.device, self.dtype)
+        identity = self._identity(info)
+        with self._lock:
+            cached = self._pipelines.get(checkpoint)
+            if cached is not None and cached.identity == identity:
+                self._pipelines.move_to_end(checkpoint)
+                return cached
+            pending = self._prefetching.pop(checkpoint, None)
+        loaded = pending.result() if pending is not None else None
+        if loaded is None or loaded.identity != identity:
+            loaded = self._load(info, family)
+        figures.pipeline_loads += 1
         self.pipeline_loads += 1
-        log.info("loaded %s (%s) in %.2fs", checkpoint, family.name,
-                 time.perf_counter() - started)
-        loaded = _Loaded(pipe=pipe, identity=identity)
-        self._pipelines[checkpoint] = loaded
+        with self._lock:
+            self._pipelines[checkpoint] = loaded
+            while len(self._pipelines) > self.config.worker.pipelines_in_memory:
+                evicted, _ = self._pipelines.popitem(last=False)
+                log.info("%s: unloading %s to make room", self.name, evicted)
         return loaded
 
-    def render(self, batch: list[ClaimedRender]) -> BatchOutcome:
-        """Render a claimed batch; every render ends done or failed (or is put back by the
-        caller when the batch is aborted with KeyboardInterrupt)."""
+    def prefetch(self, checkpoint: str | None) -> None:
+        """Start loading `checkpoint` from disk while the current batch renders."""
+        if checkpoint is None:
+            return
+        with self._lock:
+            if checkpoint in self._pipelines or checkpoint in self._prefetching:
+                return
+            # Room for it next to the one rendering now, or it would evict that one.
+            if self.config.worker.pipelines_in_memory < 2:
+                return
+        info = self.registry.get(checkpoint)
+        family = self.plugins.families.get(info.family) if info and info.family else None
+        if info is None or info.state != "ok" or family is None:
+            return
+        with self._lock:
+            self._prefetching[checkpoint] = self._prefetcher.submit(self._load, info, family)
+
+    # -- rendering -------------------------------------------------------------------------
+
+    def render(self, batch: list[ClaimedRender], since: float | None = None) -> None:
+        """Render a claimed batch. Every render ends done or failed, or goes back to the queue
+        when the batch is aborted; outputs are written by the output writer. `since` is when
+        this worker's wall clock for the batch started (perf_counter)."""
+        started = since if since is not None else time.perf_counter()
+        figures = BatchFigures()
+        outcome = "done"
+        try:
+            self._render(batch, figures, savers=False)
+        except BatchAborted:
+            put_back(self.store, [c.render_id for c in batch],
+                     "aborted by a second stop signal; queued again")
+            outcome = "aborted"
+        finally:
+            record_batch(self.store, worker=self.name, device=str(self.device),
+                         checkpoint=batch[0].spec.checkpoint, renders=len(batch),
+                         figures=figures, wall_seconds=time.perf_counter() - started,
+                         outcome=outcome)
+
+    def _render(self, batch: list[ClaimedRender], figures: BatchFigures, savers: bool) -> None:
         first = batch[0].spec
         family = self.plugins.families.get(first.family)
-        done: list[int] = []
-        failed: list[int] = []
-        finished: list[int] = []
-        seconds = 0.0
         try:
             if family is None:
                 raise RenderError(f"the {first.family} family plugin is not installed any more")
-            loaded = self.pipeline_for(first.checkpoint, family)
+            loaded = self.pipeline_for(first.checkpoint, family, figures)
             files = {lora.name: self.library.path_for(lora.autov2, lora.name)
                      for lora in first.loras}
+            before = (loaded.adapters.loads, loaded.adapters.switches)
             lora_report = apply_loras(loaded.pipe, family, first.loras,
                                       {k: v for k, v in files.items() if v is not None},
                                       loaded.adapters)
-            started = time.perf_counter()
-            images = family.render_batch(loaded.pipe, [c.spec for c in batch], self.device)
-            seconds = time.perf_counter() - started
-            if len(images) != len(batch):
-                raise RenderError(f"the pipeline returned {len(images)} images for "
+            figures.lora_loads += loaded.adapters.loads - before[0]
+            figures.lora_switches += loaded.adapters.switches - before[1]
+            if savers and not loaded.memory_savers:
+                loaded.memory_savers = family.enable_memory_savers(loaded.pipe, self.device)
+                log.warning("%s: memory savers on for %s: %s", self.name, first.checkpoint,
+                            ", ".join(loaded.memory_savers) or "none available")
+            progress = Progress(first.steps, self._progress_writer(batch), self.abort.is_set)
+            call_started = time.perf_counter()
+            results = family.render_batch(loaded.pipe, [c.spec for c in batch], self.device,
+                                          progress)
+            seconds = time.perf_counter() - call_started
+            figures.pipeline_seconds += seconds
+            if len(results) != len(batch):
+                raise RenderError(f"the pipeline returned {len(results)} outputs for "
                                   f"{len(batch)} renders")
-        except (KeyboardInterrupt, SystemExit):
+        except BatchAborted:
             raise
         except Exception as exc:
-            reason = _reason(exc)
-            log.error("batch of %d failed: %s", len(batch), reason)
-            for claimed in batch:
-                job = mark_failed(self.store, claimed.render_id, reason)
-                failed.append(claimed.render_id)
-                if job is not None:
-                    finished.append(job)
-            return BatchOutcome(done, failed, finished, seconds)
+            if is_out_of_memory(exc):
+                self._free_memory()
+                if len(batch) > 1:
+                    half = len(batch) // 2
+                    log.warning("%s: out of memory at batch %d; retrying as %d + %d",
+                                self.name, len(batch), half, len(batch) - half)
+                    self._render(batch[:half], figures, savers)
+                    self._render(batch[half:], figures, savers)
+                    return
+                if not savers:
+                    self._render(batch, figures, savers=True)
+                    return
+                self._fail(batch, "out of GPU memory even at batch 1 with the memory savers on "
+                           "(VAE tiling, CPU offload); lower width, height or frames")
+                return
+            self._fail(batch, _reason(exc))
+            return
+        self.active_batch_key = batch[0].batch_key
         model_hash = self.registry.model_hash(first.checkpoint, wait=True)
-        per_render = seconds / len(batch)
-        for claimed, image in zip(batch, images, strict=True):
-            spec = claimed.spec
-            if model_hash and spec.checkpoint_hash != model_hash:
-                spec = replace(spec, checkpoint_hash=model_hash)
-            video = isinstance(image, RenderedVideo)
-            path = output_path(self.config.paths.outputs, claimed.job_id, claimed.job_name,
-                               claimed.index, spec.seed, ".mp4" if video else ".png")
-            try:
-                text = self.plugins.output_metadata(spec, family)
-                if isinstance(image, RenderedVideo):
-                    # The poster first: the video is what makes the render count as done.
-                    write_png(image.frames[0], path.with_suffix(".png"), spec, text)
-                    write_mp4(image.frames, image.fps, path, spec, text)
-                else:
-                    write_png(image, path, spec, text)
-            except OSError as exc:
-                job = mark_failed(self.store, claimed.render_id,
-                                  f"could not write {path}: {exc.strerror}")
-                failed.append(claimed.render_id)
-            else:
-                job = mark_done(self.store, claimed.render_id, str(path), per_render,
-                                lora_report=lora_report,
-                                video=(len(image.frames), image.fps) if video else None)
-                done.append(claimed.render_id)
+        for claimed, result in zip(batch, results, strict=True):
+            self.writer.submit(PendingOutput(claimed=claimed, result=result, family=family,
+                                             model_hash=model_hash,
+                                             seconds=seconds / len(batch),
+                                             lora_report=lora_report))
+
+    def _fail(self, batch: list[ClaimedRender], reason: str) -> None:
+        log.error("%s: batch of %d failed: %s", self.name, len(batch), reason)
+        for claimed in batch:
+            job = mark_failed(self.store, claimed.render_id, reason)
             if job is not None:
-                finished.append(job)
-        return BatchOutcome(done, failed, finished, seconds)
+                self.writer.on_job_finished(job)
+
+    def _progress_writer(self, batch: list[ClaimedRender]) -> Any:
+        ids = [c.render_id for c in batch]
+        last = [0.0]
+
+        def on_step(step: int, total: int) -> None:
+            now = time.monotonic()
+            # One small write per half second at most: the heartbeat and the live display
+            # need no more, and tiny models finish a step every few milliseconds.
+            if now - last[0] >= 0.5 or step == total:
+                last[0] = now
+                record_progress(self.store, ids, step, total, self.name)
+        return on_step
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._pipelines.clear()
 
 
 def _reason(exc: Exception) -> str:
