@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (("status", cmd_status, "queue and daemon state"),
                                 ("history", cmd_history, "jobs and their renders"),
                                 ("models", cmd_models, "checkpoints the registry knows"),
-                                ("loras", cmd_loras, "the LoRA library")):
+                                ("loras", cmd_loras, "the LoRA library"),
+                                ("stats", cmd_stats, "throughput, busy fraction, ETA")):
         query = sub.add_parser(name, help=text)
         _config_arg(query)
         query.add_argument("--json", action="store_true", help="machine-readable output")
@@ -242,6 +243,24 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"{row['state']:<13} {row['file']}")
             if row["state"] != "ok":
                 print(f"{'':<32} {row['reason']}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from daemon.scheduler import stats
+
+    config = load_config(args.config)
+    store = _reader(config)
+    if store is None:
+        print("no history yet" if not args.json else "{}")
+        return 0
+    figures = stats(store)
+    store.dispose()
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    for key, value in figures.items():
+        print(f"{key.replace('_', ' '):<20} {value if value is not None else '-'}")
     return 0
 
 

@@ -164,7 +164,7 @@ class Daemon:
                     self.store, self.config.worker.max_batch, worker=worker.name,
                     loaded=worker.loaded_checkpoints, active_key=worker.active_batch_key,
                     max_wait_seconds=self.config.worker.max_wait_seconds,
-                    batch_limit=self._batch_limit)
+                    batch_limit=self._batch_limit, device=str(worker.device))
             except Exception:
                 log.exception("%s: claiming failed; retrying", worker.name)
                 self._stop.wait(timeout=1.0)

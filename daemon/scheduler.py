@@ -50,6 +50,7 @@ class ClaimedRender:
     index: int
     attempt: int
     batch_key: str
+    batch_id: int  # the `batches` row this claim opened
     spec: RenderSpec
 
 
@@ -85,7 +86,7 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
                      loaded: Sequence[str] = (), active_key: str | None = None,
                      max_wait_seconds: float = 1800.0,
                      batch_limit: Callable[[RenderSpec], int] | None = None,
-                     ) -> list[ClaimedRender]:
+                     device: str = "cpu") -> list[ClaimedRender]:
     """Claim the next batch (possibly empty) for `worker` and mark it running.
 
     `batch_limit(spec)` caps the batch by memory (the family's batch cost against the
@@ -113,6 +114,12 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
         ).all()
         if not claimed_ids:
             return []
+        opened = Batch(worker=worker, device=device, checkpoint=head.checkpoint,
+                       renders=len(claimed_ids), outcome="running", started_at=now)
+        session.add(opened)
+        session.flush()
+        session.execute(update(Render).where(Render.id.in_(claimed_ids))
+                        .values(batch_id=opened.id))
         rows = session.scalars(select(Render).where(Render.id.in_(claimed_ids))
                                .order_by(Render.priority.desc(), Render.id)).all()
         job_ids = {row.job_id for row in rows}
@@ -122,7 +129,7 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
         for row in rows:
             batch.append(ClaimedRender(render_id=row.id, job_id=row.job_id, job_name=row.job.name,
                                        index=row.index, attempt=row.attempts,
-                                       batch_key=row.batch_key,
+                                       batch_key=row.batch_key, batch_id=opened.id,
                                        spec=RenderSpec.from_json(row.spec_json)))
             add_event(session, "render_started", f"attempt {row.attempts} on {worker}",
                       job_id=row.job_id, render_id=row.id, batch=len(claimed_ids))
@@ -155,15 +162,43 @@ def record_progress(store: Store, render_ids: list[int], step: int, total: int,
                                 heartbeat_at=utcnow()))
 
 
-def record_batch(store: Store, *, worker: str, device: str, checkpoint: str, renders: int,
-                 figures: BatchFigures, wall_seconds: float, outcome: str) -> None:
+def record_batch(store: Store, batch_id: int, figures: BatchFigures, wall_seconds: float,
+                 outcome: str) -> None:
+    """Close the batch row its claim opened, with the figures the worker counted."""
     with store.session() as session:
-        session.add(Batch(worker=worker, device=device, checkpoint=checkpoint, renders=renders,
-                          pipeline_loads=figures.pipeline_loads, lora_loads=figures.lora_loads,
-                          lora_switches=figures.lora_switches,
-                          pipeline_seconds=figures.pipeline_seconds, wall_seconds=wall_seconds,
-                          outcome=outcome, started_at=utcnow() - dt.timedelta(
-                              seconds=wall_seconds), finished_at=utcnow()))
+        row = session.get(Batch, batch_id)
+        if row is None:
+            return
+        row.pipeline_loads, row.lora_loads = figures.pipeline_loads, figures.lora_loads
+        row.lora_switches, row.pipeline_seconds = figures.lora_switches, figures.pipeline_seconds
+        row.wall_seconds, row.outcome, row.finished_at = wall_seconds, outcome, utcnow()
+
+
+def stats(store: Store) -> dict[str, Any]:
+    """Throughput figures summed over the batches table, and an ETA for what is queued."""
+    with store.session() as session:
+        totals = session.execute(select(
+            func.count(Batch.id), func.coalesce(func.sum(Batch.renders), 0),
+            func.coalesce(func.sum(Batch.pipeline_loads), 0),
+            func.coalesce(func.sum(Batch.lora_loads), 0),
+            func.coalesce(func.sum(Batch.lora_switches), 0),
+            func.coalesce(func.sum(Batch.pipeline_seconds), 0.0),
+            func.coalesce(func.sum(Batch.wall_seconds), 0.0),
+        )).one()
+        remaining = session.scalar(select(func.count(Render.id)).where(
+            Render.state.in_((RENDER_QUEUED, RENDER_RUNNING)))) or 0
+    batches, renders, loads, lora_loads, switches, pipeline_s, wall_s = totals
+    per_render = wall_s / renders if renders else None
+    return {
+        "batches": batches, "renders": renders, "pipeline_loads": loads,
+        "lora_loads": lora_loads, "lora_switches": switches,
+        "pipeline_seconds": round(pipeline_s, 3), "wall_seconds": round(wall_s, 3),
+        "busy_fraction": round(pipeline_s / wall_s, 4) if wall_s else None,
+        "renders_per_hour": round(3600 / per_render, 1) if per_render else None,
+        "mean_batch_size": round(renders / batches, 2) if batches else None,
+        "queued_or_running": remaining,
+        "eta_seconds": round(remaining * per_render, 1) if per_render else None,
+    }
 
 
 def queue_counts(store: Store) -> dict[str, int]:

@@ -2,8 +2,12 @@
 pipeline call, and hands the results to the output writer.
 
 Pipelines stay loaded between batches (a least-recently-used cache of
-`worker.pipelines_in_memory` checkpoints), and the next batch's checkpoint is loaded from
-disk in the background while the current batch renders. Out of memory is handled the way a
+`worker.pipelines_in_memory` checkpoints), and the next batch's checkpoint files are read
+from disk in the background while the current batch renders. Only the disk read overlaps:
+diffusers and transformers build models under a process-wide "empty weights" (meta device)
+patch of torch, so constructing a pipeline on another thread would corrupt the render
+running meanwhile. Reading the files into the page cache is the slow part for a large
+checkpoint on a real disk, and it is safe. Out of memory is handled the way a
 person would: split the batch and retry the halves; at batch 1 turn on the family's memory
 savers and retry once; then fail the render with the reason.
 """
@@ -15,7 +19,9 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +55,50 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting not in dtypes:
         raise ValueError(f"worker.dtype must be auto or one of {', '.join(dtypes)}")
     return dtypes[setting]
+
+
+class LoadGate:
+    """Model construction must not overlap any render in this process: diffusers,
+    transformers and PEFT build modules under a process-wide patch of torch that puts new
+    tensors on the meta device, and a render on another thread meanwhile fails ("Tensor on
+    device cpu is not on the expected device meta"). Renders on several devices may run
+    together (shared); a load waits for them and runs alone (exclusive)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._renders = 0
+        self._loading = False
+        self._loads_waiting = 0
+
+    @contextmanager
+    def rendering(self) -> Iterator[None]:
+        with self._cond:
+            # Waiting loads go first, or a busy second worker would starve them.
+            self._cond.wait_for(lambda: not self._loading and not self._loads_waiting)
+            self._renders += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._renders -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        with self._cond:
+            self._loads_waiting += 1
+            self._cond.wait_for(lambda: not self._loading and self._renders == 0)
+            self._loads_waiting -= 1
+            self._loading = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._loading = False
+                self._cond.notify_all()
+
+
+LOAD_GATE = LoadGate()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -89,7 +139,7 @@ class Worker:
         self._pipelines: OrderedDict[str, _Loaded] = OrderedDict()
         self._lock = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-load")
-        self._prefetching: dict[str, Future[_Loaded]] = {}
+        self._prefetching: dict[str, Future[int]] = {}
         self.pipeline_loads = 0
         self.active_batch_key: str | None = None
         self.abort = threading.Event()
@@ -106,7 +156,8 @@ class Worker:
 
     def _load(self, info: CheckpointInfo, family: Family) -> _Loaded:
         started = time.perf_counter()
-        pipe = family.load_pipeline(info.loaded(), self.device, self.dtype)
+        with LOAD_GATE.loading():
+            pipe = family.load_pipeline(info.loaded(), self.device, self.dtype)
         log.info("%s: loaded %s (%s) in %.2fs", self.name, info.name, family.name,
                  time.perf_counter() - started)
         return _Loaded(pipe=pipe, identity=self._identity(info))
@@ -123,9 +174,9 @@ class Worker:
                 self._pipelines.move_to_end(checkpoint)
                 return cached
             pending = self._prefetching.pop(checkpoint, None)
-        loaded = pending.result() if pending is not None else None
-        if loaded is None or loaded.identity != identity:
-            loaded = self._load(info, family)
+        if pending is not None:
+            pending.result()  # let the background read finish rather than read twice
+        loaded = self._load(info, family)
         figures.pipeline_loads += 1
         self.pipeline_loads += 1
         with self._lock:
@@ -136,21 +187,18 @@ class Worker:
         return loaded
 
     def prefetch(self, checkpoint: str | None) -> None:
-        """Start loading `checkpoint` from disk while the current batch renders."""
+        """Start reading `checkpoint`'s files from disk while the current batch renders."""
         if checkpoint is None:
             return
         with self._lock:
             if checkpoint in self._pipelines or checkpoint in self._prefetching:
                 return
-            # Room for it next to the one rendering now, or it would evict that one.
-            if self.config.worker.pipelines_in_memory < 2:
-                return
         info = self.registry.get(checkpoint)
-        family = self.plugins.families.get(info.family) if info and info.family else None
-        if info is None or info.state != "ok" or family is None:
+        if info is None or info.state != "ok":
             return
         with self._lock:
-            self._prefetching[checkpoint] = self._prefetcher.submit(self._load, info, family)
+            self._prefetching[checkpoint] = self._prefetcher.submit(read_into_page_cache,
+                                                                    info.path)
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -168,10 +216,8 @@ class Worker:
                      "aborted by a second stop signal; queued again")
             outcome = "aborted"
         finally:
-            record_batch(self.store, worker=self.name, device=str(self.device),
-                         checkpoint=batch[0].spec.checkpoint, renders=len(batch),
-                         figures=figures, wall_seconds=time.perf_counter() - started,
-                         outcome=outcome)
+            record_batch(self.store, batch[0].batch_id, figures,
+                         time.perf_counter() - started, outcome)
 
     def _render(self, batch: list[ClaimedRender], figures: BatchFigures, savers: bool) -> None:
         first = batch[0].spec
@@ -183,9 +229,12 @@ class Worker:
             files = {lora.name: self.library.path_for(lora.autov2, lora.name)
                      for lora in first.loras}
             before = (loaded.adapters.loads, loaded.adapters.switches)
-            lora_report = apply_loras(loaded.pipe, family, first.loras,
-                                      {k: v for k, v in files.items() if v is not None},
-                                      loaded.adapters)
+            # Loading a LoRA builds PEFT layers (a load); switching adapters does not, but it
+            # is cheap enough to take the same gate.
+            with LOAD_GATE.loading():
+                lora_report = apply_loras(loaded.pipe, family, first.loras,
+                                          {k: v for k, v in files.items() if v is not None},
+                                          loaded.adapters)
             figures.lora_loads += loaded.adapters.loads - before[0]
             figures.lora_switches += loaded.adapters.switches - before[1]
             if savers and not loaded.memory_savers:
@@ -193,10 +242,11 @@ class Worker:
                 log.warning("%s: memory savers on for %s: %s", self.name, first.checkpoint,
                             ", ".join(loaded.memory_savers) or "none available")
             progress = Progress(first.steps, self._progress_writer(batch), self.abort.is_set)
-            call_started = time.perf_counter()
-            results = family.render_batch(loaded.pipe, [c.spec for c in batch], self.device,
-                                          progress)
-            seconds = time.perf_counter() - call_started
+            with LOAD_GATE.rendering():
+                call_started = time.perf_counter()
+                results = family.render_batch(loaded.pipe, [c.spec for c in batch],
+                                              self.device, progress)
+                seconds = time.perf_counter() - call_started
             figures.pipeline_seconds += seconds
             if len(results) != len(batch):
                 raise RenderError(f"the pipeline returned {len(results)} outputs for "
@@ -257,6 +307,24 @@ class Worker:
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._pipelines.clear()
+
+
+def read_into_page_cache(path: Any, chunk: int = 16 * 2**20) -> int:
+    """Read a checkpoint's weight files once so that loading them next finds them in the OS
+    page cache; returns the bytes read."""
+    from pathlib import Path
+
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(root.rglob("*.safetensors"))
+    total = 0
+    for file in files:
+        try:
+            with file.open("rb") as handle:
+                while block := handle.read(chunk):
+                    total += len(block)
+        except OSError:
+            continue  # it may be replaced meanwhile; the real load will say what is wrong
+    return total
 
 
 def _reason(exc: Exception) -> str:
