@@ -236,10 +236,12 @@ def _thumb(render: Render, outputs: Path) -> dict[str, Any] | None:
     rel = output_relpath(outputs, render.output_path)
     if rel is None:
         return None
+    spec = json.loads(render.spec_json)
     return {"render_id": render.id, "job_id": render.job_id, "index": render.index,
             "seed": render.seed, "file": rel, "poster": poster_relpath(rel),
             "video": Path(rel).suffix.lower() != ".png",
-            "finished_at": iso(render.finished_at)}
+            "prompt": spec.get("user_prompt") or spec.get("prompt", ""),
+            "checkpoint": render.checkpoint, "finished_at": iso(render.finished_at)}
 
 
 def gallery(session: Session, outputs: Path, *, limit: int = 60,
@@ -253,9 +255,6 @@ def gallery(session: Session, outputs: Path, *, limit: int = 60,
     for render in session.scalars(query):
         thumb = _thumb(render, outputs)
         if thumb is not None:
-            spec = json.loads(render.spec_json)
-            thumb.update(prompt=spec.get("user_prompt") or spec.get("prompt", ""),
-                         checkpoint=render.checkpoint)
             items.append(thumb)
     return items
 
@@ -270,8 +269,12 @@ def history(session: Session, outputs: Path, *, limit: int = 50,
         thumbs = [t for t in (_thumb(r, outputs) for r in job.renders
                               if r.state == RENDER_DONE) if t][:thumbs_per_job]
         spec = json.loads(job.spec_json) if job.spec_json else {}
+        # A failed job's reasons are on its renders; the first few say enough for a list.
+        failures = [f"render {r.index}: {r.error}" for r in job.renders
+                    if r.state == RENDER_FAILED and r.error][:3]
         jobs.append({"id": job.id, "name": job.name, "file": job.file_name, "state": job.state,
-                     "error": job.error, "checkpoint": spec.get("checkpoint"),
+                     "error": job.error, "failures": failures,
+                     "checkpoint": spec.get("checkpoint"),
                      "prompt": spec.get("prompt"), "renders": states,
                      "created_at": iso(job.created_at), "finished_at": iso(job.finished_at),
                      "thumbs": thumbs})

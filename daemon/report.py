@@ -74,7 +74,12 @@ def night_summary(session: Session, outputs: Path, since: dt.datetime) -> dict[s
             failures.append({"job_id": render.job_id, "job": job_name, "file": file_name,
                              "index": render.index, "seed": render.seed,
                              "checkpoint": render.checkpoint, "error": render.error})
-    window = max((until - since).total_seconds(), 0.0)
+    # The night starts with its first batch, not at `since`: hours idle before the first job
+    # was dropped are not time the farm could have been busy.
+    first = session.scalar(select(func.min(Batch.started_at)).where(Batch.started_at >= since))
+    first = first or session.scalar(select(func.min(Render.started_at)).where(
+        Render.finished_at >= since, Render.started_at >= since))
+    window = max((until - max(since, first or since)).total_seconds(), 0.0)
     busy = overview.busy_seconds(session, since)
     loads, in_pipeline, batch_wall = session.execute(select(
         func.coalesce(func.sum(Batch.pipeline_loads), 0),
@@ -87,6 +92,7 @@ def night_summary(session: Session, outputs: Path, since: dt.datetime) -> dict[s
         "done": counts[RENDER_DONE], "failed": counts[RENDER_FAILED],
         "cancelled": counts[RENDER_CANCELLED], "still_queued": left,
         "busy_seconds": round(busy, 1), "window_seconds": round(window, 1),
+        "first_started": overview.iso(first),
         # Renders overlap in a batch, so busy time comes from pipeline calls, not renders.
         "busy_fraction": round(min(busy / window, 1.0), 3) if window > 0 else None,
         # Of the busy time, the share inside pipeline calls (the rest: loads, LoRA switches,

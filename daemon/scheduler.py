@@ -18,11 +18,12 @@ SQLite and PostgreSQL alike, so several workers can share one queue.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from daemon.spec import RenderSpec
 from daemon.store import (
@@ -31,10 +32,10 @@ from daemon.store import (
     RENDER_QUEUED,
     RENDER_RUNNING,
     Batch,
+    Event,
     Job,
     Render,
     Store,
-    add_event,
     utcnow,
 )
 
@@ -62,7 +63,7 @@ def _next_head(session: Any, loaded: Sequence[str], active_key: str | None,
         return None
     queued_top = (Render.state == RENDER_QUEUED, Render.priority == top)
     columns = (Render.id, Render.batch_key, Render.checkpoint, Render.spec_json,
-               Render.created_at)
+               Render.created_at, Render.priority)
     oldest = session.execute(select(*columns).where(*queued_top).order_by(Render.id)
                              .limit(1)).first()
     if oldest.created_at <= utcnow() - dt.timedelta(seconds=max_wait_seconds):
@@ -98,16 +99,24 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
         size = max_batch
         if batch_limit is not None:
             size = max(1, min(size, batch_limit(RenderSpec.from_json(head.spec_json))))
-        candidate_ids = session.scalars(
-            select(Render.id)
-            .where(Render.state == RENDER_QUEUED, Render.batch_key == head.batch_key)
-            .order_by(Render.priority.desc(), Render.id)
-            .limit(size)
-        ).all()
+        # Same key and same priority: one index range, oldest first; a batch not full yet
+        # takes lower-priority renders with the same key (they cost nothing extra).
+        same_key = (Render.state == RENDER_QUEUED, Render.batch_key == head.batch_key)
+        candidate_ids = list(session.scalars(
+            select(Render.id).where(*same_key, Render.priority == head.priority)
+            .order_by(Render.id).limit(size)))
+        if len(candidate_ids) < size:
+            candidate_ids += session.scalars(
+                select(Render.id).where(*same_key, Render.priority < head.priority)
+                .order_by(Render.priority.desc(), Render.id)
+                .limit(size - len(candidate_ids))).all()
         now = utcnow()
         claimed_ids = session.scalars(
             update(Render)
-            .where(Render.id.in_(candidate_ids), Render.state == RENDER_QUEUED)
+            # `state || ''` keeps SQLite's planner on the primary key: without table
+            # statistics it would walk a state index over the whole queue (20 ms at 50,000
+            # queued renders instead of 0.1 ms). PostgreSQL plans it the same either way.
+            .where(Render.id.in_(candidate_ids), (Render.state + "") == RENDER_QUEUED)
             .values(state=RENDER_RUNNING, attempts=Render.attempts + 1, started_at=now,
                     heartbeat_at=now, worker=worker, progress_step=0, progress_total=None)
             .returning(Render.id)
@@ -120,19 +129,23 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
         session.flush()
         session.execute(update(Render).where(Render.id.in_(claimed_ids))
                         .values(batch_id=opened.id))
-        rows = session.scalars(select(Render).where(Render.id.in_(claimed_ids))
-                               .order_by(Render.priority.desc(), Render.id)).all()
-        job_ids = {row.job_id for row in rows}
-        session.execute(update(Job).where(Job.id.in_(job_ids), Job.state == JOB_QUEUED)
-                        .values(state=JOB_RUNNING))
-        batch = []
-        for row in rows:
-            batch.append(ClaimedRender(render_id=row.id, job_id=row.job_id, job_name=row.job.name,
-                                       index=row.index, attempt=row.attempts,
-                                       batch_key=row.batch_key, batch_id=opened.id,
-                                       spec=RenderSpec.from_json(row.spec_json)))
-            add_event(session, "render_started", f"attempt {row.attempts} on {worker}",
-                      job_id=row.job_id, render_id=row.id, batch=len(claimed_ids))
+        rows = session.execute(
+            select(Render.id, Render.job_id, Job.name, Render.index, Render.attempts,
+                   Render.batch_key, Render.spec_json)
+            .join(Job, Job.id == Render.job_id)
+            .where(Render.id.in_(claimed_ids))
+            .order_by(Render.priority.desc(), Render.id)).all()
+        session.execute(update(Job).where(Job.id.in_({row.job_id for row in rows}),
+                                          Job.state == JOB_QUEUED).values(state=JOB_RUNNING))
+        batch = [ClaimedRender(render_id=row.id, job_id=row.job_id, job_name=row.name,
+                               index=row.index, attempt=row.attempts, batch_key=row.batch_key,
+                               batch_id=opened.id, spec=RenderSpec.from_json(row.spec_json))
+                 for row in rows]
+        data = json.dumps({"batch": opened.id, "size": len(rows), "worker": worker})
+        session.execute(insert(Event), [
+            {"at": now, "kind": "render_started", "job_id": row.job_id, "render_id": row.id,
+             "message": f"attempt {row.attempts} on {worker}", "data_json": data}
+            for row in rows])
         return batch
 
 

@@ -270,6 +270,7 @@ HISTORY = """{% extends "base.html" %}{% import "macros.html" as m %}
   {%- if not loop.last %}, {% endif %}{% endfor %}</span>
  {% if job.prompt %}<div class="muted">{{ job.prompt }}</div>{% endif %}
  {% if job.error %}<div class="error">{{ job.error }}</div>{% endif %}
+ {% for f in job.failures %}<div class="error">{{ f }}</div>{% endfor %}
  {% if job.thumbs %}<div class="gallery">
   {%- for t in job.thumbs %}{{ m.thumb(t, u) }}{% endfor %}</div>{% endif %}
 </div>
