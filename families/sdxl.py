@@ -23,6 +23,7 @@ from daemon.family import (
     FamilyDefaults,
     LoadedCheckpoint,
     LoraProbe,
+    Progress,
     RenderError,
 )
 from daemon.lora_probe import LoraFacts
@@ -141,8 +142,8 @@ class SDXLFamily(Family):
         # Loaded on the CPU already; `.to("cpu")` would only warn about fp32 modules.
         return pipe if device.type == "cpu" else pipe.to(device)
 
-    def render_batch(self, pipe: Any, specs: list[RenderSpec],
-                     device: torch.device) -> list[Image.Image]:
+    def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
+                     progress: Progress | None = None) -> list[Image.Image]:
         first = specs[0]
         pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
                                         first.schedule, kind=self.sampler_kind)
@@ -158,6 +159,7 @@ class SDXLFamily(Family):
             height=first.height,
             generator=generators,
             output_type="pil",
+            callback_on_step_end=progress.callback if progress else None,
         )
         return list(result.images)
 
