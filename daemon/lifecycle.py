@@ -7,6 +7,7 @@ always says why a render is in the state it is in.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from sqlalchemy import select, update
 
@@ -111,6 +112,25 @@ def recover_interrupted(store: Store, max_attempts: int) -> tuple[list[int], lis
             Render.state.in_((RENDER_RUNNING, RENDER_DONE, RENDER_FAILED)))).values(
             state=JOB_QUEUED))
     return requeued, ended_jobs
+
+
+def stale_outputs(store: Store, outputs: Path) -> list[Path]:
+    """Output files of renders that are not done: a crash after the rename but before the
+    database recorded it. The render runs again and writes the same name; until then the
+    file must not count, so start-up removes it."""
+    from daemon.outputs import output_path
+
+    stale = []
+    with store.session() as session:
+        rows = session.execute(select(Render.job_id, Job.name, Render.index, Render.seed)
+                               .join(Job, Job.id == Render.job_id)
+                               .where(Render.state == RENDER_QUEUED)).all()
+    for job_id, job_name, index, seed in rows:
+        for suffix in (".png", ".mp4"):
+            path = output_path(outputs, job_id, job_name, index, seed, suffix)
+            if path.exists():
+                stale.append(path)
+    return stale
 
 
 def _settle_job(session, job_id: int) -> int | None:  # type: ignore[no-untyped-def]

@@ -49,7 +49,17 @@ def write_png(image: Image.Image, path: Path, spec: RenderSpec, text: dict[str, 
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
+    fsync_folder(path.parent)
     return path
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable before the database says the file exists."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_mp4(frames: list[Image.Image], fps: int, path: Path, spec: RenderSpec,
@@ -89,6 +99,7 @@ def write_mp4(frames: list[Image.Image], fps: int, path: Path, spec: RenderSpec,
     with temp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temp, path)
+    fsync_folder(path.parent)
     return path
 
 

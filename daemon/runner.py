@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from daemon.config import Config
 from daemon.intake import Intake
-from daemon.lifecycle import recover_interrupted
+from daemon.lifecycle import recover_interrupted, stale_outputs
 from daemon.lora_library import LoraLibrary
 from daemon.output_writer import OutputWriter
 from daemon.outputs import remove_leftover_temporaries
@@ -82,6 +82,9 @@ class Daemon:
         if requeued:
             log.info("re-queued %d render(s) interrupted by the last shutdown", len(requeued))
         remove_leftover_temporaries(self.config.paths.outputs)
+        for path in stale_outputs(self.store, self.config.paths.outputs):
+            log.info("removing %s: its render was not recorded done and runs again", path)
+            path.unlink(missing_ok=True)
         self.intake.ensure_folders()
         self.intake.reconcile()
         for job_id in ended:
