@@ -98,6 +98,7 @@ class CheckpointOverride:
     family: str | None = None
     lineage: str | None = None
     config: Path | None = None  # a diffusers config folder for single-file loading
+    variant: str | None = None  # what the file cannot tell, e.g. Klein "base" / "distilled"
 
 
 @dataclass(frozen=True)
@@ -181,12 +182,14 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [checkpoints.{name}] must be a table, e.g. "
                               f'[checkpoints.{name}]\\nfamily = "sdxl"')
-        _reject_unknown(table, ("family", "lineage", "config"), where, f"checkpoints.{name}.")
+        _reject_unknown(table, ("family", "lineage", "config", "variant"), where,
+                        f"checkpoints.{name}.")
         config_dir = table.get("config")
         checkpoints[name] = CheckpointOverride(
             family=table.get("family"),
             lineage=table.get("lineage"),
             config=(base / config_dir).resolve() if config_dir else None,
+            variant=table.get("variant"),
         )
     loras: dict[str, LoraOverride] = {}
     for name, table in data.get("loras", {}).items():

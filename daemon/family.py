@@ -73,6 +73,8 @@ class FamilyDefaults:
     frame_step: int = 4
     flow_shift: float | None = None  # None: the checkpoint's scheduler setting
     guidance_2: float | None = None  # a second expert's guidance (Wan 2.2 low-noise)
+    # A distilled model that runs without CFG: a job may not ask for another cfg value.
+    cfg_fixed: float | None = None
 
 
 @dataclass(frozen=True)

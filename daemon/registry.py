@@ -135,10 +135,10 @@ class Registry:
                 data = tomllib.loads(sidecar.read_text(encoding="utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
                 raise ValueError(f"sidecar {sidecar.name} is not valid TOML: {exc}") from exc
-            unknown = sorted(set(data) - {"family", "lineage", "config"})
+            unknown = sorted(set(data) - {"family", "lineage", "config", "variant"})
             if unknown:
                 raise ValueError(f"sidecar {sidecar.name}: unknown key(s) {', '.join(unknown)}; "
-                                 "allowed: family, lineage, config")
+                                 "allowed: family, lineage, config, variant")
             values.update(data)
             if "config" in values:
                 values["config"] = (sidecar.parent / str(values["config"])).resolve()
@@ -183,7 +183,7 @@ class Registry:
                     None, config_path)
             matching = [p for p in probes if p.family == override.family]
             lineage = override.lineage or (matching[0].lineage if matching else None)
-            variant = matching[0].variant if matching else None
+            variant = override.variant or (matching[0].variant if matching else None)
             return self._Recognition(override.family, lineage, variant, "ok",
                                      "family set in config.toml", "config", config_path)
         if not probes:
@@ -200,7 +200,8 @@ class Registry:
                 f"families tie for this checkpoint ({tied}); choose one with "
                 f'[checkpoints.{name}] family = "..." in config.toml', None, config_path)
         lineage = override.lineage if override and override.lineage else best.lineage
-        return self._Recognition(best.family, lineage, best.variant, "ok", best.reason,
+        variant = override.variant if override and override.variant else best.variant
+        return self._Recognition(best.family, lineage, variant, "ok", best.reason,
                                  "header", config_path)
 
     # -- queries ---------------------------------------------------------------------------

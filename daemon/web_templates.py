@@ -160,6 +160,8 @@ SCRIPT = """
     }
     thumbs(q.recent);
     body.dataset.refreshed = q.at;
+    // Counted for scripts that watch the page (the browser test waits on it).
+    body.dataset.refreshes = String(Number(body.dataset.refreshes || 0) + 1);
   }
   async function tick() {
     try {
@@ -176,7 +178,7 @@ BASE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{% block title %}lorafarm{% endblock %}</title>
-<style>{{ css }}</style></head>
+<style>{{ css|safe }}</style></head>
 <body data-api="{% block api %}{% endblock %}" data-token="{{ token }}">
 <header><a class="brand" href="{{ u('/') }}">lorafarm</a>
 <a href="{{ u('/') }}">Queue</a><a href="{{ u('/history') }}">History</a>
@@ -185,7 +187,7 @@ BASE = """<!doctype html>
 {% if msg %}<div class="msg" id="msg">{{ msg }}</div>{% endif %}
 {% block main %}{% endblock %}
 </main>
-<script>{{ script }}</script>
+<script>{{ script|safe }}</script>
 </body></html>
 """
 

@@ -57,13 +57,15 @@ DISTILLED, BASE = "distilled", "base"
 VARIANTS = (DISTILLED, BASE)
 
 
-def _klein_defaults(steps: int, cfg: float) -> FamilyDefaults:
+def _klein_defaults(steps: int, cfg: float, cfg_fixed: float | None) -> FamilyDefaults:
     # Sides are multiples of 16: the VAE's factor 8 times the transformer's 2x2 patches.
     return FamilyDefaults(width=1024, height=1024, steps=steps, cfg=cfg, sampler="Euler",
-                          schedule=None, size_multiple=16)
+                          schedule=None, size_multiple=16, cfg_fixed=cfg_fixed)
 
 
-VARIANT_DEFAULTS = {DISTILLED: _klein_defaults(4, 1.0), BASE: _klein_defaults(50, 4.0)}
+# The distilled model runs without CFG: a job's cfg there would be recorded but not applied.
+VARIANT_DEFAULTS = {DISTILLED: _klein_defaults(4, 1.0, cfg_fixed=1.0),
+                    BASE: _klein_defaults(50, 4.0, cfg_fixed=None)}
 
 # Hidden width of the Flux 2 transformer -> model size. Flux.1 is also 3072 wide: width alone
 # never says "Flux 2", it only names the size once the names or shapes have said so.

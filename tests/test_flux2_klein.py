@@ -500,3 +500,11 @@ def test_build_demo_writes_both_variants_and_a_job_each(tmp_path: Path) -> None:
         assert probe.variant == (DISTILLED if name == DEMO_DISTILLED else BASE)
     size = sum(f.stat().st_size for f in (tmp_path / "models").rglob("*") if f.is_file())
     assert size < 8 * 1024 * 1024
+
+
+def test_cfg_on_a_distilled_checkpoint_is_refused_at_intake(farm) -> None:
+    farm.drop("cfg.toml", f'checkpoint = "{DEMO_DISTILLED}"\nprompt = "a cat"\ncfg = 4.0\n'
+                          "width = 64\nheight = 64\nsteps = 2\n")
+    assert farm.run() == 0
+    report = (farm.jobs / "rejected" / "cfg.toml.error.txt").read_text()
+    assert "distilled to run without CFG" in report and "remove cfg" in report
