@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-run", action="store_true", help="only write the files")
     demo.set_defaults(handler=cmd_demo)
 
+    backup = sub.add_parser("backup", help="copy the history database (safe while running)")
+    _config_arg(backup)
+    backup.add_argument("dest", type=Path, help="a file, or a folder for a dated copy")
+    backup.set_defaults(handler=cmd_backup)
+
     for name, handler, text in (("status", cmd_status, "queue and daemon state"),
                                 ("history", cmd_history, "jobs and their renders"),
                                 ("models", cmd_models, "checkpoints the registry knows"),
@@ -243,6 +248,20 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"{row['state']:<13} {row['file']}")
             if row["state"] != "ok":
                 print(f"{'':<32} {row['reason']}")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from daemon.store import Store
+
+    config = load_config(args.config)
+    if not config.paths.database.exists():
+        print(f"lorafarm: no database at {config.paths.database} yet", file=sys.stderr)
+        return 1
+    store = Store(f"sqlite:///{config.paths.database}", writer=False)
+    path = store.backup(args.dest)
+    store.dispose()
+    print(f"backup written: {path}")
     return 0
 
 

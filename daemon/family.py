@@ -180,6 +180,17 @@ class Family(ABC):
         loaded). The default recognises nothing."""
         return None
 
+    def image_input(self, variant: str | None) -> str:
+        """Whether a job for this variant gives an input image: "required", "optional" or
+        "none" (checked at intake)."""
+        return "optional" if self.takes_image else "none"
+
+    def size_for_image(self, variant: str | None, image_width: int,
+                       image_height: int) -> tuple[int, int] | None:
+        """The render size for a job that gives an image but no width/height (e.g. the
+        default area at the image's aspect); None: the family defaults."""
+        return None
+
     def lora_fits(self, lora_variant: str | None, checkpoint_variant: str | None) -> str | None:
         """Why a LoRA of this family's architecture still cannot patch this checkpoint (e.g.
         a Wan 14B LoRA on the 5B model), as a message; None when it fits."""

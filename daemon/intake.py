@@ -247,6 +247,11 @@ class Intake:
         sampler, schedule = choice.sampler, choice.schedule
         width = spec.width or d.width
         height = spec.height or d.height
+        if spec.image is not None and spec.width is None and spec.height is None:
+            with Image.open(self.input_image(spec.image, text)) as image:
+                fitted = family.size_for_image(checkpoint.variant, *image.size)
+            if fitted is not None:
+                width, height = fitted
         for key, value in (("width", width), ("height", height)):
             if value % d.size_multiple:
                 lower = value - value % d.size_multiple
@@ -286,7 +291,7 @@ class Intake:
             extra["guidance"] = spec.guidance if spec.guidance is not None else d.guidance
         if spec.true_cfg is not None:
             extra["true_cfg"] = spec.true_cfg
-        extra.update(self._video_settings(spec, family, d, text))
+        extra.update(self._video_settings(spec, family, d, checkpoint.variant, text))
         renders = [
             RenderSpec(
                 family=family.name, checkpoint=spec.checkpoint, prompt=prompt,
@@ -301,7 +306,7 @@ class Intake:
         return renders, warnings
 
     def _video_settings(self, spec: JobSpec, family: Family, d: FamilyDefaults,
-                        text: str) -> dict[str, object]:
+                        variant: str | None, text: str) -> dict[str, object]:
         """frames, fps, image, guidance_2 and flow_shift: checked against the family and the
         checkpoint's variant defaults `d`."""
         settings: dict[str, object] = {}
@@ -330,10 +335,15 @@ class Intake:
                                    line=line_of_key(text, key), fix=f"remove {key}")
             if default is not None:
                 settings[key] = value if value is not None else default
+        wants_image = family.image_input(variant)
+        if spec.image is None and wants_image == "required":
+            raise JobFileError(f"this {family.display_name} checkpoint animates an input image: "
+                               "the job needs `image`", key="image",
+                               fix='add image = "start.png" (a file in the inputs folder)')
         if spec.image is not None:
-            if not family.takes_image:
-                raise JobFileError(f"{family.display_name} takes no input image", key="image",
-                                   line=line_of_key(text, "image"),
+            if wants_image == "none":
+                raise JobFileError(f"this {family.display_name} checkpoint takes no input image",
+                                   key="image", line=line_of_key(text, "image"),
                                    fix="remove image, or use an image-to-video checkpoint")
             path = self.input_image(spec.image, text)
             settings["image"] = spec.image

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
-SIDECAR_KEYS = ("family", "lineage", "trigger_words", "expert")
+SIDECAR_KEYS = ("family", "lineage", "trigger_words", "expert", "variant")
 OK, QUARANTINED, MISSING = "ok", "quarantined", "missing"
 
 
@@ -236,11 +236,12 @@ class LoraLibrary:
         if override.get("lineage"):
             lineage, source = override["lineage"], override["lineage_from"]
         expert = override.get("expert") or probe.expert
+        variant = override.get("variant") or probe.variant
         if expert is not None and expert not in ("high", "low", "both"):
             return _Recognition(QUARANTINED, f"expert {expert!r} must be high, low or both",
                                 **base)
         return _Recognition(OK, probe.reason, family=probe.family, architecture=probe.architecture,
-                            lineage=lineage, lineage_source=source, variant=probe.variant,
+                            lineage=lineage, lineage_source=source, variant=variant,
                             expert=expert, **base)
 
     def _override(self, path: Path) -> dict[str, object]:

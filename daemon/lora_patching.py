@@ -45,7 +45,8 @@ def adapter_name(lora: LoraUse) -> str:
     """PEFT adapter names must be identifiers; the content hash keeps two files of one name
     (or one file renamed) apart."""
     key = lora.autov3 or re.sub(r"\W", "_", lora.name)
-    return f"lf_{key}"
+    # One file used for another Wan expert is placed differently: a separate adapter.
+    return f"lf_{key}_{lora.expert or 'auto'}"
 
 
 def count_patched_modules(pipe: Any, adapter: str) -> dict[str, int]:
@@ -89,6 +90,9 @@ def apply_loras(pipe: Any, family: Family, loras: tuple[LoraUse, ...],
         started = time.perf_counter()
         try:
             family.load_lora(pipe, path, name, lora)
+        except RenderError:
+            _delete(pipe, name)  # the family's own message says it best
+            raise
         except (ValueError, KeyError, RuntimeError) as exc:
             # PEFT raises when no target module exists at all, and a shape mismatch (a LoRA
             # for another model size) raises here too; both mean this LoRA cannot patch this

@@ -288,6 +288,23 @@ class Store:
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
 
+    def backup(self, destination: Path) -> Path:
+        """A consistent copy of the SQLite database, taken with SQLite's online backup API
+        (safe while the daemon writes; readers and the writer are not blocked for long)."""
+        import sqlite3
+
+        if not self.is_sqlite:
+            raise ValueError("backup copies SQLite databases; use pg_dump for PostgreSQL")
+        destination = Path(destination)
+        if destination.is_dir() or not destination.suffix:  # a folder: a dated copy in it
+            destination = destination / f"lorafarm-{utcnow():%Y%m%d-%H%M%S}.sqlite"
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        source_path = self.engine.url.database
+        with sqlite3.connect(source_path) as source, sqlite3.connect(destination) as target:
+            source.backup(target, pages=1024)
+        os.chmod(destination, 0o600)
+        return destination
+
     def dispose(self) -> None:
         self.engine.dispose()
 

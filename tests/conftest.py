@@ -189,3 +189,15 @@ def sdxl_job(checkpoint: str = "tiny-sdxl", prompt: str = "a red lighthouse", se
              count: int = 2, steps: int = 3, sampler: str = "DPM++ 2M Karras") -> str:
     return SDXL_JOB.format(checkpoint=checkpoint, prompt=prompt, seed=seed, count=count,
                            steps=steps, sampler=sampler)
+
+
+@pytest.fixture(scope="module")
+def started_daemon(tmp_path_factory: pytest.TempPathFactory, assets: Assets,
+                   plugins: Plugins) -> Iterator[Daemon]:
+    """A daemon that has indexed the tiny models but renders nothing: for checking intake
+    (`daemon.intake.parse(...)`) many times without a render loop."""
+    farm = Farm(tmp_path_factory.mktemp("intake"), assets, plugins)
+    daemon = farm.daemon()
+    daemon.start()
+    yield daemon
+    daemon.close()
