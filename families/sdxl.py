@@ -129,8 +129,9 @@ class SDXLFamily(Family):
         if problem:
             raise RenderError(problem)
         if checkpoint.kind == "folder":
+            # use_safetensors: a folder's .bin weights are pickles and are never loaded.
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                checkpoint.path, dtype=dtype, local_files_only=True)
+                checkpoint.path, dtype=dtype, local_files_only=True, use_safetensors=True)
         else:
             pipe = StableDiffusionXLPipeline.from_single_file(
                 str(checkpoint.path), config=str(checkpoint.config_path), dtype=dtype,
