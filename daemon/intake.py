@@ -32,7 +32,7 @@ from watchdog.observers import Observer
 from daemon.config import Config
 from daemon.family import Family, FamilyDefaults
 from daemon.jobfile import JobFileError, JobSpec, check_job, decode_job_bytes, line_of_key
-from daemon.lora_library import LoraLibrary, LoraLookupError
+from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError
 from daemon.plugins import Plugins
 from daemon.prompt_tags import PromptTagError, extract_lora_tags
 from daemon.registry import CheckpointInfo, Registry
@@ -413,49 +413,59 @@ class Intake:
             key = "loras" if where == "loras" else "prompt"
             line = line_of_key(text, key) or line_of_key(text, "name")
             try:
-                info = self.library.resolve(name)
+                infos = self.library.resolve_all(name)
             except LoraLookupError as exc:
                 raise JobFileError(str(exc), key=key, line=line,
                                    fix="put the .safetensors file under "
                                        f"{self.config.paths.loras}, or fix the name") from exc
-            if info.architecture != family.architecture:
-                raise JobFileError(
-                    f"LoRA {name!r} is for {info.family} ({info.architecture} architecture) "
-                    f"but checkpoint {checkpoint.name!r} is {family.display_name} "
-                    f"({family.architecture}); a LoRA only works on the architecture it was "
-                    "trained for", key=key, line=line,
-                    fix=f"use a {family.display_name} LoRA, or a {info.family} checkpoint")
-            misfit = family.lora_fits(info.variant, checkpoint.variant)
-            if misfit:
-                raise JobFileError(f"LoRA {name!r} does not fit checkpoint {checkpoint.name!r}: "
-                                   f"{misfit}", key=key, line=line,
-                                   fix="use a LoRA trained for this model size/variant")
-            lora_lineage, model_lineage = info.lineage, checkpoint.lineage
-            if lora_lineage and model_lineage and lora_lineage != model_lineage:
-                message = (f"LoRA {name!r} is {lora_lineage} lineage ({info.lineage_source}) but "
-                           f"checkpoint {checkpoint.name!r} is {model_lineage}; {lora_lineage} "
-                           f"LoRAs do not carry over to {model_lineage} models")
-                if not spec.allow_cross_lineage:
-                    raise JobFileError(
-                        message, key=key, line=line,
-                        fix="use a LoRA of the checkpoint's lineage, set allow_cross_lineage = "
-                            "true to try anyway, or correct the lineage in a sidecar "
-                            f"{info.name}.toml (lineage = \"...\") if the guess is wrong")
-                warnings.append(message + " (allowed by allow_cross_lineage)")
-            elif not lora_lineage or not model_lineage:
-                unknown = [what for what, value in (("LoRA " + repr(name), lora_lineage),
-                                                    ("checkpoint " + repr(checkpoint.name),
-                                                     model_lineage)) if not value]
-                warnings.append(f"lineage unknown for {' and '.join(unknown)}; cannot check "
-                                "that they match (set lineage in a sidecar NAME.toml)")
-            uses.append(LoraUse(name=name, strength=strength, text_encoder_strength=te_strength,
-                                autov2=info.autov2, autov3=info.autov3,
-                                expert=experts.get(name) or info.expert))
-            if spec.trigger_words:
-                triggers += [t for t in info.triggers if t not in prompt and t not in triggers]
+            for info in infos:
+                self._check_lora_fits(info, family, checkpoint, spec, key, line, warnings)
+                # A HIGH/LOW pair is two files, each for its own expert.
+                expert = experts.get(name) if len(infos) == 1 else info.expert
+                uses.append(LoraUse(name=info.name, strength=strength,
+                                    text_encoder_strength=te_strength, autov2=info.autov2,
+                                    autov3=info.autov3, expert=expert or info.expert))
+                if spec.trigger_words:
+                    triggers += [t for t in info.triggers
+                                 if t not in prompt and t not in triggers]
         if triggers:
             prompt = f"{prompt}, {', '.join(triggers)}"
         return prompt, tuple(uses)
+
+    def _check_lora_fits(self, info: LoraInfo, family: Family, checkpoint: CheckpointInfo,
+                         spec: JobSpec, key: str, line: int | None,
+                         warnings: list[str]) -> None:
+        """Refuse a LoRA of another architecture, size or lineage; warn when unsure."""
+        if info.architecture != family.architecture:
+            raise JobFileError(
+                f"LoRA {info.name!r} is for {info.family} ({info.architecture} architecture) "
+                f"but checkpoint {checkpoint.name!r} is {family.display_name} "
+                f"({family.architecture}); a LoRA only works on the architecture it was "
+                "trained for", key=key, line=line,
+                fix=f"use a {family.display_name} LoRA, or a {info.family} checkpoint")
+        misfit = family.lora_fits(info.variant, checkpoint.variant)
+        if misfit:
+            raise JobFileError(f"LoRA {info.name!r} does not fit checkpoint {checkpoint.name!r}: "
+                               f"{misfit}", key=key, line=line,
+                               fix="use a LoRA trained for this model size/variant")
+        lora_lineage, model_lineage = info.lineage, checkpoint.lineage
+        if lora_lineage and model_lineage and lora_lineage != model_lineage:
+            message = (f"LoRA {info.name!r} is {lora_lineage} lineage ({info.lineage_source}) but "
+                       f"checkpoint {checkpoint.name!r} is {model_lineage}; {lora_lineage} "
+                       f"LoRAs do not carry over to {model_lineage} models")
+            if not spec.allow_cross_lineage:
+                raise JobFileError(
+                    message, key=key, line=line,
+                    fix="use a LoRA of the checkpoint's lineage, set allow_cross_lineage = "
+                        "true to try anyway, or correct the lineage in a sidecar "
+                        f"{info.name}.toml (lineage = \"...\") if the guess is wrong")
+            warnings.append(message + " (allowed by allow_cross_lineage)")
+        elif not lora_lineage or not model_lineage:
+            unknown = [what for what, value in (("LoRA " + repr(info.name), lora_lineage),
+                                                ("checkpoint " + repr(checkpoint.name),
+                                                 model_lineage)) if not value]
+            warnings.append(f"lineage unknown for {' and '.join(unknown)}; cannot check "
+                            "that they match (set lineage in a sidecar NAME.toml)")
 
     # -- accepting and rejecting -----------------------------------------------------------
 

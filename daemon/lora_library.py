@@ -280,6 +280,32 @@ class LoraLibrary:
             return [_info(row) for row in session.scalars(select(Lora).order_by(Lora.name,
                                                                                    Lora.path))]
 
+    def pairs(self) -> dict[str, dict[str, LoraInfo]]:
+        """HIGH/LOW pairs (Wan 2.2 experts): two files in one folder whose names differ only
+        by the expert word, as the family's `lora_pair_name` rule says; name -> expert ->
+        file. One pair is one LoRA to the user."""
+        groups: dict[tuple[str, str], dict[str, LoraInfo]] = {}
+        for info in self.all():
+            family = self.plugins.families.get(info.family or "")
+            rule = getattr(family, "lora_pair_name", None)
+            if info.state != OK or rule is None:
+                continue
+            paired = rule(info.name)
+            if paired is not None:
+                shared, expert = paired
+                groups.setdefault((str(info.path.parent), shared), {})[expert] = info
+        return {shared: members for (_, shared), members in groups.items()
+                if set(members) == {"high", "low"}}
+
+    def resolve_all(self, name: str) -> list[LoraInfo]:
+        """The file(s) a job's LoRA name stands for: one file, or both files of a HIGH/LOW
+        pair when `name` is the pair's shared name."""
+        if not any(info.name == name for info in self.all()):
+            pair = self.pairs().get(name)
+            if pair is not None:
+                return [pair["high"], pair["low"]]
+        return [self.resolve(name)]
+
     def resolve(self, name: str) -> LoraInfo:
         """The usable LoRA a job names, or LoraLookupError saying why not."""
         known = [info for info in self.all() if info.state != MISSING or info.name == name]

@@ -545,12 +545,11 @@ def test_a_hot_folder_lora_goes_to_the_expert_its_name_says(farm, t2v: Any) -> N
     farm.drop("plain.toml", job)
     farm.drop("high.toml", job + '[[loras]]\nname = "watercolor_HIGH"\n')
     farm.drop("low.toml", job + '[[loras]]\nname = "watercolor_LOW"\n')
-    assert farm.run() == 0
-    # A job may override the guess. (A separate run: the core caches an adapter per LoRA
-    # file, not per file and expert, so within one run the LOW file stays where it was put.)
+    # A job may override the guess; the pair's shared name stands for both files.
     farm.drop("forced.toml", job + '[[loras]]\nname = "watercolor_LOW"\nexpert = "both"\n')
+    farm.drop("pair.toml", job + '[[loras]]\nname = "watercolor"\nstrength = 0.9\n')
     assert farm.run() == 0
-    assert len(farm.files_in("done")) == 4, farm.files_in("failed")
+    assert len(farm.files_in("done")) == 5, farm.files_in("failed")
     history = {job["file"]: job["renders"][0] for job in farm.history()}
     patched = TINY_BLOCKS * BLOCK_LINEARS
     reports = {name: {lora: _patched(report) for lora, report in
@@ -562,6 +561,13 @@ def test_a_hot_folder_lora_goes_to_the_expert_its_name_says(farm, t2v: Any) -> N
         "watercolor_LOW": {"transformer": patched, "transformer_2": patched}}
     assert history["high.toml"]["loras"][0]["expert"] == "high"
     assert history["forced.toml"]["loras"][0]["expert"] == "both"
+    pair = {lora: _patched(report) for lora, report in
+            history["pair.toml"]["lora_patches"].items()}
+    assert pair == {"watercolor_HIGH": {"transformer": patched},
+                    "watercolor_LOW": {"transformer_2": patched}}
+    assert [(lora["name"], lora["expert"], lora["strength"])
+            for lora in history["pair.toml"]["loras"]] == [
+        ("watercolor_HIGH", "high", 0.9), ("watercolor_LOW", "low", 0.9)]
     videos = {job: np.stack(_decoded_frames(paths[0])).astype(np.int16)
               for job, paths in _videos(farm).items()}
     for name in ("high", "low", "forced"):
