@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 DEMO_DIR  ?= demo
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv lint clean bench reliability browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,21 @@ venv: $(BIN)/.installed
 demo: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/lorafarm demo --dir $(DEMO_DIR)
 
-test: venv
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+# The browser test drives Debian's headless Chromium (installed here if missing).
+browser:
+	bash scripts/install-browser.sh
+
+test: venv browser
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Figures, not tests: each prints throughput ratios and timings.
+bench: venv
+	OMP_NUM_THREADS=1 $(BIN)/python bench/lora_switch.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/scheduler.py
+
+# Regenerates docs/RELIABILITY.md from a fresh kill-and-restart and fuzzing run.
+reliability: venv
+	OMP_NUM_THREADS=1 $(BIN)/python -m tests.reliability_report --trials 20 --fuzz 2000
 
 lint: venv
 	$(BIN)/ruff check daemon families plugins tests bench
