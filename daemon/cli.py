@@ -24,9 +24,10 @@ DEFAULT_CONFIG = "config.toml"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    from daemon.console import configure_logging
+
+    configure_logging(json_lines=getattr(args, "log_json", False),
+                      verbose=getattr(args, "verbose", False))
     # The libraries log loudly about things that are expected here (e.g. no CUDA).
     quiet_libraries()
     try:
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until-idle", action="store_true",
                      help="exit 0 once nothing is queued or running")
     run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument("--log-json", action="store_true",
+                     help="log lines as JSON objects (for journald, Loki, jq)")
+    run.add_argument("--no-live", action="store_true",
+                     help="no live progress display even on a terminal")
     run.set_defaults(handler=cmd_run)
 
     demo = sub.add_parser("demo", help="write tiny demo models and jobs, then render them")
@@ -94,18 +99,28 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 # -- run / demo ---------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return run_daemon(load_config(args.config), until_idle=args.until_idle)
+    live = sys.stderr.isatty() and not args.log_json and not args.no_live
+    return run_daemon(load_config(args.config), until_idle=args.until_idle, live=live)
 
 
-def run_daemon(config: Config, *, until_idle: bool) -> int:
+def run_daemon(config: Config, *, until_idle: bool, live: bool = False) -> int:
     from daemon.runner import Daemon, DaemonLockedError
 
+    display = None
     try:
         daemon = Daemon(config)
+        if live:
+            from daemon.console import LiveDisplay
+
+            display = LiveDisplay(daemon.store)
+            display.start()
         return daemon.run(until_idle=until_idle, install_signals=True)
     except DaemonLockedError as exc:
         print(f"lorafarm: {exc}", file=sys.stderr)
         return 3
+    finally:
+        if display is not None:
+            display.stop()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
