@@ -1,0 +1,623 @@
+"""The Flux.1 families: FLUX.1 [dev] and FLUX.1 [schnell] by Black Forest Labs.
+
+Two families on one architecture ("flux1": a Flux.1 LoRA loads into either), because they
+sample differently:
+
+* dev is guidance-distilled: its transformer takes the guidance value as an input
+  (`guidance_in`), 28 steps at guidance 3.5 by default, and sigmas shifted by image size;
+* schnell is step-distilled: no guidance input at all, 4 unshifted steps.
+
+How users have them: a diffusers folder (`FluxPipeline`), or the transformer alone as one
+`.safetensors` file in Black Forest Labs' layout (`flux1-dev.safetensors`, or a ComfyUI / Forge
+save with the `model.diffusion_model.` prefix) plus a diffusers Flux.1 folder "base" for
+everything else (CLIP-L, T5-XXL, VAE, tokenizers, scheduler and the transformer's config),
+named in config.toml: `[checkpoints.NAME] config = "path/to/FLUX.1-dev"`. The file's own
+weights decide dev vs schnell (`guidance_in` keys), whichever base it is paired with.
+
+Prompts are natural language, encoded by CLIP-L (pooled) and T5 (up to 512 tokens on dev, 256
+on schnell, as BFL ships them). There is no negative prompt and no CFG scale: guidance is the
+job key `guidance` (Forge's "Distilled CFG Scale"); a negative prompt needs `true_cfg`, which
+runs real classifier-free guidance at twice the cost per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from daemon import hookimpl
+from daemon.family import (
+    CheckpointProbe,
+    CheckpointSource,
+    DemoAssets,
+    Family,
+    FamilyDefaults,
+    LoadedCheckpoint,
+    LoraProbe,
+    Progress,
+    RenderError,
+)
+from daemon.lora_probe import LoraFacts
+from daemon.safetensors_header import SafetensorsHeader
+from daemon.samplers import make_scheduler
+from daemon.spec import LoraUse, RenderSpec
+from families.flux_bfl import (
+    BflLayoutError,
+    bfl_to_diffusers,
+    is_transformer_key,
+    strip_bfl_prefix,
+)
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "flux1"
+FLUX_PIPELINES = ("FluxPipeline",)
+# The family Flux.1 LoRAs are filed under: nothing in a LoRA says whether it was trained on
+# dev or schnell, and both families share the architecture, so the choice is only a label.
+LORA_FAMILY = "flux-dev"
+
+# The scheduler settings FLUX.1-dev and -schnell ship with (scheduler_config.json). dev shifts
+# its sigmas by image size (mu from the image token count); schnell was distilled for 1-4
+# unshifted steps. Applied over a single file's base folder, which may be the other variant.
+SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
+    "dev": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+            "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+            "max_image_seq_len": 4096},
+    "schnell": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
+                "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                "max_image_seq_len": 4096},
+}
+
+# Single-file tells, after any `model.diffusion_model.` prefix. `vector_in` (the pooled CLIP
+# input) and per-block `img_mod` are Flux.1's: Flux 2 and Chroma have neither, HunyuanVideo
+# spells its fused projection `img_attn_qkv`.
+_SINGLE_FILE_TELLS = ("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mod.lin.weight",
+                      "single_blocks.0.linear1.weight", "vector_in.in_layer.weight")
+_GUIDANCE_KEY = "guidance_in.in_layer.weight"
+# Text-to-image Flux.1 takes 16 latent channels x 2 x 2; Fill (384) and Canny/Depth (128)
+# concatenate conditioning channels and need other pipelines.
+TEXT_TO_IMAGE_IN_CHANNELS = 64
+
+# LoRA keys in the original (BFL / ComfyUI) naming, and PEFT's suffixes for them.
+_ORIGINAL_LORA_PREFIXES = ("diffusion_model.", "text_encoders.")
+_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+# A1111 emphasis: "(word:1.2)". Flux.1 reads the text as written.
+_WEIGHTING = re.compile(r"\([^()]*:\s*-?\d+(?:\.\d+)?\s*\)")
+
+
+class FluxFamily(Family):
+    """What FLUX.1 [dev] and [schnell] share; the two subclasses hold what differs."""
+
+    architecture = ARCHITECTURE
+    sampler_kind = "flow"
+    supports_negative_prompt = False  # unless the job sets true_cfg
+    supports_true_cfg = True  # FluxPipeline's true_cfg_scale
+    variant: str  # "dev" | "schnell"
+    guidance_embeds: bool  # the transformer takes a guidance input (dev)
+    max_sequence_length: int  # T5 tokens, as BFL's reference code uses per variant
+
+    # -- recognition -----------------------------------------------------------------------
+
+    def probe_checkpoint(self, source: CheckpointSource) -> CheckpointProbe | None:
+        if source.kind == "folder":
+            pipeline_class = (source.model_index or {}).get("_class_name")
+            if pipeline_class not in FLUX_PIPELINES:
+                return None
+            config = _read_json(source.path / "transformer" / "config.json")
+            if config is None:
+                return None  # no transformer: a base folder for single files, not a model
+            if bool(config.get("guidance_embeds")) != self.guidance_embeds:
+                return None
+            return CheckpointProbe(
+                family=self.name, score=0.9,
+                reason=f"model_index.json: {pipeline_class}, transformer guidance_embeds: "
+                       f"{str(self.guidance_embeds).lower()}")
+        if source.header is None:
+            return None
+        facts = bfl_transformer_facts(source.header)
+        if facts is None or facts.guidance != self.guidance_embeds:
+            return None
+        if facts.in_channels != TEXT_TO_IMAGE_IN_CHANNELS:
+            return None  # Fill / Canny / Depth: not a text-to-image transformer
+        guidance = ("guidance_in keys: dev" if facts.guidance else
+                    "no guidance_in keys: schnell")
+        return CheckpointProbe(
+            family=self.name, score=0.9,
+            reason=f"Flux.1 transformer in the BFL layout ({facts.double_blocks} double / "
+                   f"{facts.single_blocks} single blocks, width {facts.width}); {guidance}")
+
+    def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
+        if self.name != LORA_FAMILY:
+            return None  # one answer per file: both families would say the same
+        found = recognise_flux1_lora(header, facts)
+        if found is None:
+            return None
+        score, reason = found
+        return LoraProbe(family=LORA_FAMILY, architecture=ARCHITECTURE, score=score,
+                         reason=reason, variant=None)
+
+    def lora_strengths(self, lora: LoraUse) -> dict[str, float]:
+        # Flux.1 LoRAs patch the transformer and CLIP-L; diffusers never patches T5 (it drops
+        # a kohya file's `lora_te2_` T5 part on load).
+        te = lora.strength if lora.text_encoder_strength is None else lora.text_encoder_strength
+        return {"transformer": lora.strength, "text_encoder": te}
+
+    def load_lora(self, pipe: Any, path: Path, adapter_name: str, lora: LoraUse) -> None:
+        pipe.load_lora_weights(self.lora_for_loading(path), adapter_name=adapter_name)
+
+    def lora_for_loading(self, path: Path) -> str | dict[str, torch.Tensor]:
+        """What to hand `pipe.load_lora_weights` for this file: its path, or its tensors
+        renamed where diffusers would otherwise load nothing.
+
+        diffusers 0.42 loads original-name Flux.1 LoRAs (`diffusion_model.double_blocks...`,
+        ComfyUI's `text_encoders.clip_l...`) only with kohya's `lora_down` / `lora_up`
+        suffixes; with PEFT's `lora_A` / `lora_B` it patches no module and raises nothing.
+        The two pairs mean the same matrices (down = A, up = B), so renaming is exact.
+        """
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            if not any(key.startswith(_ORIGINAL_LORA_PREFIXES) and key.endswith(_PEFT_SUFFIXES)
+                       for key in keys):
+                return str(path)
+            tensors = {key: handle.get_tensor(key) for key in keys}
+        renamed: dict[str, torch.Tensor] = {}
+        for key, tensor in tensors.items():
+            if key.startswith(_ORIGINAL_LORA_PREFIXES):
+                key = key.replace(".lora_A.weight", ".lora_down.weight").replace(
+                    ".lora_B.weight", ".lora_up.weight")
+            renamed[key] = tensor
+        return renamed
+
+    def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
+        if checkpoint.kind != "single_file":
+            return None
+        where = f"[checkpoints.{checkpoint.name}] config"
+        base = checkpoint.config_path
+        if base is None:
+            return (f"{checkpoint.name!r} is a Flux.1 transformer alone; the text encoders "
+                    "(CLIP-L, T5-XXL), VAE, tokenizers and configs come from a local diffusers "
+                    f"Flux.1 folder (lorafarm never downloads one): set {where} = "
+                    f'"path/to/FLUX.1-{self.variant}" in config.toml, or config = "..." in a '
+                    f"sidecar {checkpoint.name}.toml beside the file (the folder's transformer "
+                    "weights are not needed)")
+        index = _read_json(base / "model_index.json")
+        if index is None:
+            return (f"the config folder {base} for {checkpoint.name!r} has no readable "
+                    f"model_index.json; point {where} at a diffusers FLUX.1 folder")
+        if index.get("_class_name") not in FLUX_PIPELINES:
+            return (f"the config folder {base} for {checkpoint.name!r} is a "
+                    f"{index.get('_class_name')}, not a FluxPipeline; point {where} at a "
+                    "diffusers FLUX.1 folder")
+        if not (base / "transformer" / "config.json").is_file():
+            return (f"the config folder {base} has no transformer/config.json, which "
+                    f"{checkpoint.name!r} needs to be built")
+        for component in ("text_encoder", "text_encoder_2", "vae"):
+            if not any((base / component).glob("*.safetensors")):
+                return (f"the config folder {base} has no {component} weights "
+                        f"({component}/*.safetensors); {checkpoint.name!r} takes them from "
+                        "there: use a complete diffusers FLUX.1 download")
+        for component in ("tokenizer", "tokenizer_2", "scheduler"):
+            if not (base / component).is_dir():
+                return f"the config folder {base} has no {component}/ folder"
+        return None
+
+    def apply_conventions(self, prompt: str, negative_prompt: str | None,
+                          enabled: bool) -> tuple[str, str, list[str]]:
+        warnings = []
+        if _WEIGHTING.search(prompt):
+            warnings.append("Flux.1 reads prompts as plain text: A1111 weighting such as "
+                            "(word:1.2) is not applied, the brackets and numbers are encoded "
+                            "as written")
+        return prompt, negative_prompt or "", warnings
+
+    # -- loading and rendering -------------------------------------------------------------
+
+    def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
+                      dtype: torch.dtype) -> Any:
+        from diffusers import FluxPipeline
+
+        problem = self.missing_requirements(checkpoint)
+        if problem:
+            raise RenderError(problem)
+        if dtype == torch.float16:
+            # Flux.1 (and its T5) overflow in float16 and draw black or NaN images; bfloat16
+            # has float32's range and the same memory cost.
+            log.info("Flux.1 runs in bfloat16 instead of float16")
+            dtype = torch.bfloat16
+        if checkpoint.kind == "folder":
+            pipe = FluxPipeline.from_pretrained(checkpoint.path, dtype=dtype,
+                                                local_files_only=True)
+            scheduler_config = dict(pipe.scheduler.config)
+        else:
+            assert checkpoint.config_path is not None  # checked by missing_requirements
+            transformer = load_bfl_transformer(checkpoint.path, checkpoint.config_path, dtype)
+            if bool(transformer.config.guidance_embeds) != self.guidance_embeds:
+                raise RenderError(
+                    f"{checkpoint.path.name} is a FLUX.1 "
+                    f"{'dev' if transformer.config.guidance_embeds else 'schnell'} transformer "
+                    f"but was filed as {self.display_name}; remove the family override in "
+                    "config.toml")
+            pipe = FluxPipeline.from_pretrained(checkpoint.config_path, transformer=transformer,
+                                                dtype=dtype, local_files_only=True)
+            # The base folder may be the other variant: the transformer decides the sigmas.
+            scheduler_config = _with_settings(dict(pipe.scheduler.config),
+                                              SCHEDULER_SETTINGS[self.variant])
+        pipe.set_progress_bar_config(disable=True)
+        # Samplers are swapped per batch, each built from these training settings (shift,
+        # dynamic shifting), kept here untouched.
+        pipe.lorafarm_scheduler_config = scheduler_config
+        return pipe if device.type == "cpu" else pipe.to(device)
+
+    def guidance(self, spec: RenderSpec) -> float:
+        """The embedded guidance a render runs at; intake records the default in the spec."""
+        default = self.defaults.guidance
+        value = spec.extra.get("guidance", default)
+        return float(value) if value is not None else 0.0
+
+    def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
+                     progress: Progress | None = None) -> list[Image.Image]:
+        first = specs[0]
+        if first.cfg != 1.0:
+            # Not checked at intake yet (no family hook for it): fail clearly rather than
+            # render at a setting that does not exist.
+            raise RenderError(f"{self.display_name} has no CFG scale (cfg = {first.cfg:g}): use "
+                              "`guidance` for its distilled guidance, or `true_cfg` for real "
+                              "classifier-free guidance with a negative prompt")
+        pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
+                                        first.schedule, kind=self.sampler_kind)
+        # CPU generators: the same seed gives the same noise on any device, and one generator
+        # per render keeps each image independent of its batch.
+        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+        options: dict[str, Any] = {}
+        true_cfg = first.extra.get("true_cfg")
+        if true_cfg is not None:
+            # FluxPipeline runs real CFG only when a negative prompt is given; "" is one.
+            options = {"true_cfg_scale": float(true_cfg),
+                       "negative_prompt": [spec.negative_prompt for spec in specs]}
+        result = pipe(
+            prompt=[spec.prompt for spec in specs],
+            guidance_scale=self.guidance(first),  # ignored by schnell's transformer
+            num_inference_steps=first.steps,
+            width=first.width,
+            height=first.height,
+            generator=generators,
+            max_sequence_length=self.max_sequence_length,
+            output_type="pil",
+            callback_on_step_end=progress.callback if progress else None,
+            **options,
+        )
+        return list(result.images)
+
+    def infotext_fields(self, spec: RenderSpec) -> list[tuple[str, object]]:
+        # Forge writes "Distilled CFG Scale" beside "CFG scale: 1" for models with a guidance
+        # input only; for schnell it writes nothing, since the value would do nothing.
+        if not self.guidance_embeds:
+            return []
+        return [("Distilled CFG Scale", self.guidance(spec))]
+
+
+class FluxDevFamily(FluxFamily):
+    name = "flux-dev"
+    display_name = "FLUX.1 [dev]"
+    variant = "dev"
+    guidance_embeds = True
+    max_sequence_length = 512
+    # size_multiple 16: the VAE's factor 8 times the transformer's 2x2 latent packing.
+    defaults = FamilyDefaults(width=1024, height=1024, steps=28, cfg=1.0, sampler="Euler",
+                              schedule=None, size_multiple=16, guidance=3.5)
+
+    def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
+        from families.flux_tiny import (
+            build_tiny_flux_pipeline,
+            build_tiny_flux_transformer,
+            save_tiny_flux_folder,
+            save_tiny_flux_transformer_single_file,
+        )
+
+        save_tiny_flux_folder(build_tiny_flux_pipeline("dev", seed=0), models_dir / DEMO_DEV)
+        # A different transformer from the folder's, so that a render shows which was used.
+        save_tiny_flux_transformer_single_file(
+            build_tiny_flux_transformer("dev", seed=1), models_dir / f"{DEMO_DEV_BFL}.safetensors",
+            metadata={"modelspec.architecture": "flux-1-dev", "modelspec.title": DEMO_DEV_BFL})
+        return DemoAssets(
+            checkpoint_overrides={DEMO_DEV_BFL: {"config": f"models/{DEMO_DEV}"}},
+            jobs={"flux-dev.toml": DEMO_JOB.format(name=DEMO_DEV, seed=5000, steps=3,
+                                                   extra="guidance = 3.5\n"),
+                  "flux-dev-single-file.toml": DEMO_JOB.format(name=DEMO_DEV_BFL, seed=6000,
+                                                               steps=3, extra="")})
+
+
+class FluxSchnellFamily(FluxFamily):
+    name = "flux-schnell"
+    display_name = "FLUX.1 [schnell]"
+    variant = "schnell"
+    guidance_embeds = False
+    max_sequence_length = 256
+    # guidance None: schnell has no guidance input, so a job's `guidance` is an error at
+    # intake rather than a number that silently does nothing.
+    defaults = FamilyDefaults(width=1024, height=1024, steps=4, cfg=1.0, sampler="Euler",
+                              schedule=None, size_multiple=16, guidance=None)
+
+    def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
+        from families.flux_tiny import build_tiny_flux_pipeline, save_tiny_flux_folder
+
+        save_tiny_flux_folder(build_tiny_flux_pipeline("schnell", seed=0),
+                              models_dir / DEMO_SCHNELL)
+        return DemoAssets(jobs={"flux-schnell.toml": DEMO_JOB.format(
+            name=DEMO_SCHNELL, seed=7000, steps=2, extra="")})
+
+
+DEMO_DEV = "tiny-flux-dev"
+DEMO_DEV_BFL = "tiny-flux-dev-bfl"
+DEMO_SCHNELL = "tiny-flux-schnell"
+DEMO_JOB = ('checkpoint = "{name}"\n'
+            'prompt = "a lighthouse keeper reading by lamplight, rain on the window"\n'
+            "seed = {seed}\ncount = 2\nsteps = {steps}\n{extra}width = 64\nheight = 64\n")
+
+
+# --- single files ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BflTransformerFacts:
+    """What a BFL-layout Flux.1 transformer file says about itself, from its header."""
+
+    guidance: bool
+    double_blocks: int
+    single_blocks: int
+    width: int
+    in_channels: int
+
+
+def bfl_transformer_facts(header: SafetensorsHeader) -> BflTransformerFacts | None:
+    """Facts about a Flux.1 transformer in the BFL layout, or None if the file is not one."""
+    shapes = {key: info.shape for key, info in strip_bfl_prefix(header.tensors).items()}
+    if not all(tell in shapes for tell in _SINGLE_FILE_TELLS):
+        return None
+    img_in = shapes.get("img_in.weight")
+    if img_in is None or len(img_in) != 2:
+        return None
+    blocks = {kind: {int(m.group(1)) for key in shapes
+                     if (m := re.match(rf"{kind}\.(\d+)\.", key))}
+              for kind in ("double_blocks", "single_blocks")}
+    return BflTransformerFacts(
+        guidance=_GUIDANCE_KEY in shapes,
+        double_blocks=len(blocks["double_blocks"]),
+        single_blocks=len(blocks["single_blocks"]),
+        width=img_in[0],
+        in_channels=img_in[1],
+    )
+
+
+def load_bfl_transformer(path: Path, base: Path, dtype: torch.dtype) -> Any:
+    """A BFL-layout Flux.1 transformer file as a diffusers FluxTransformer2DModel, its config
+    from the base folder's transformer/config.json, depth and guidance from the file itself.
+
+    The keys are converted here (see families.flux_bfl for why not by diffusers) and the
+    converted state dict goes through diffusers' single-file loader (meta-device init, dtype).
+    """
+    from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        # Only the transformer's tensors: an all-in-one file also carries VAE and encoders.
+        state = {key: handle.get_tensor(key) for key in handle.keys()
+                 if is_transformer_key(key)}
+    try:
+        converted = bfl_to_diffusers(state)
+    except BflLayoutError as exc:
+        raise RenderError(f"{path.name}: {exc}") from exc
+    transformer = FluxTransformer2DModel.from_single_file(
+        converted.state_dict, config=str(base), subfolder="transformer", dtype=dtype,
+        local_files_only=True, guidance_embeds=converted.guidance,
+        num_layers=converted.double_blocks, num_single_layers=converted.single_blocks)
+    # diffusers leaves a weight the state dict lacks on the meta device without an error.
+    missing = [name for name, tensor in (*transformer.named_parameters(),
+                                         *transformer.named_buffers())
+               if tensor.device.type == "meta"]
+    if missing:
+        raise RenderError(f"{path.name} lacks {len(missing)} transformer weights (e.g. "
+                          f"{missing[0]}) for the config in {base}/transformer")
+    return transformer
+
+
+# --- LoRA recognition -----------------------------------------------------------------------
+
+_PREFIXES = ("lora_unet_", "lora_transformer_", "model.diffusion_model.", "diffusion_model.",
+             "transformer.")
+_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_", "text_encoder.",
+                          "text_encoders.")
+_BLOCK = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)"
+                    r"_(\d+)_(.+)$")
+# Module names inside a block (with "_" for "."), and how their output width relates to their
+# input width: (out multiple, in multiple), i.e. out * in_multiple == in * out_multiple. The
+# ratios are Flux.1's at any width (MLP ratio 4, GELU), so they also hold for tiny models.
+_SQUARE = (1, 1)
+_BFL_DOUBLE = {
+    "img_attn_qkv": (3, 1), "txt_attn_qkv": (3, 1), "img_attn_proj": _SQUARE,
+    "txt_attn_proj": _SQUARE, "img_mlp_0": (4, 1), "txt_mlp_0": (4, 1), "img_mlp_2": (1, 4),
+    "txt_mlp_2": (1, 4), "img_mod_lin": (6, 1), "txt_mod_lin": (6, 1),
+    # XLabs: q/k/v and output projection of the image (1) and text (2) streams
+    "processor_qkv_lora1": (3, 1), "processor_qkv_lora2": (3, 1),
+    "processor_proj_lora1": _SQUARE, "processor_proj_lora2": _SQUARE,
+}
+_BFL_SINGLE = {
+    "linear1": (7, 1), "linear2": (1, 5), "modulation_lin": (3, 1),
+    "processor_qkv_lora": (3, 1), "processor_proj_lora": _SQUARE,
+}
+_DIFFUSERS_DOUBLE = {
+    **{f"attn_{name}": _SQUARE for name in (
+        "to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj",
+        "to_add_out")},
+    "ff_net_0_proj": (4, 1), "ff_net_2": (1, 4), "ff_context_net_0_proj": (4, 1),
+    "ff_context_net_2": (1, 4), "norm1_linear": (6, 1), "norm1_context_linear": (6, 1),
+}
+_DIFFUSERS_SINGLE = {
+    "attn_to_q": _SQUARE, "attn_to_k": _SQUARE, "attn_to_v": _SQUARE, "proj_mlp": (4, 1),
+    "proj_out": (1, 5), "norm_linear": (3, 1),
+}
+# Names HunyuanVideo spells differently (img_mlp_fc1, img_mod_linear, modulation_linear):
+# with one of these the file cannot be a HunyuanVideo LoRA.
+_FLUX_ONLY_BFL = {"img_mlp_0", "img_mlp_2", "txt_mlp_0", "txt_mlp_2", "img_mod_lin",
+                  "txt_mod_lin", "modulation_lin", "processor_qkv_lora1", "processor_qkv_lora2",
+                  "processor_proj_lora1", "processor_proj_lora2", "processor_qkv_lora",
+                  "processor_proj_lora"}
+_TOP_LEVEL = {"img_in", "txt_in", "time_in_in_layer", "time_in_out_layer", "vector_in_in_layer",
+              "vector_in_out_layer", "guidance_in_in_layer", "guidance_in_out_layer",
+              "final_layer_linear", "final_layer_adaLN_modulation_1", "x_embedder",
+              "context_embedder", "proj_out", "norm_out_linear",
+              "time_text_embed_timestep_embedder_linear_1",
+              "time_text_embed_timestep_embedder_linear_2",
+              "time_text_embed_text_embedder_linear_1", "time_text_embed_text_embedder_linear_2",
+              "time_text_embed_guidance_embedder_linear_1",
+              "time_text_embed_guidance_embedder_linear_2"}
+MAX_DOUBLE_BLOCK = 18  # Flux.1 has double blocks 0..18 (HunyuanVideo 0..19)
+MAX_SINGLE_BLOCK = 37  # and single blocks 0..37 (HunyuanVideo 0..39)
+FLUX1_WIDTH = 3072
+# Widths of full-size models start far above any test model's; there, the width must be Flux.1's.
+REAL_MODEL_MIN_WIDTH = 1024
+_OTHER_MODELS_IN_METADATA = re.compile(r"flux[-_.]?2|klein|hunyuan|hyv|chroma|wan|sd3|qwen",
+                                       re.IGNORECASE)
+_FLUX1_IN_METADATA = re.compile(r"flux[-_.]?1|flux1", re.IGNORECASE)
+
+
+def _lora_shapes(header: SafetensorsHeader) -> dict[str, tuple[int | None, int | None]]:
+    """LoRA module -> (input width from the down matrix, output width from the up matrix)."""
+    found: dict[str, list[int | None]] = {}
+    suffixes = (((".lora_down.weight", ".lora_A.weight", ".down.weight"), 0, 1),
+                ((".lora_up.weight", ".lora_B.weight", ".up.weight"), 1, 0))
+    for key, info in header.tensors.items():
+        if len(info.shape) != 2:
+            continue
+        for ends, slot, dim in suffixes:
+            end = next((e for e in ends if key.endswith(e)), None)
+            if end:
+                found.setdefault(key[: -len(end)], [None, None])[slot] = info.shape[dim]
+                break
+    return {module: (pair[0], pair[1]) for module, pair in found.items()}
+
+
+def _normalise(module: str) -> str | None:
+    """A transformer module name without its layout prefix and with "_" for "."; None for
+    text-encoder modules."""
+    if module.startswith(_TEXT_ENCODER_PREFIXES):
+        return None
+    for prefix in _PREFIXES:
+        if module.startswith(prefix):
+            module = module[len(prefix):]
+            break
+    return module.replace(".", "_")
+
+
+def recognise_flux1_lora(header: SafetensorsHeader,
+                         facts: LoraFacts) -> tuple[float, str] | None:
+    """(score, reason) when the LoRA is for Flux.1, from key names, block indices, the shape
+    ratios of Flux.1's modules and trainer metadata; None when anything says otherwise.
+
+    Every transformer module must be one Flux.1 has, in one of the namings diffusers loads
+    (kohya `lora_unet_double_blocks_0_img_attn_qkv`, `diffusion_model.double_blocks...`,
+    XLabs `double_blocks.0.processor.qkv_lora1`, diffusers `transformer.transformer_blocks...`).
+    Flux 2 (fused `to_qkv_mlp_proj`, shared modulation) and HunyuanVideo (`img_mlp_fc1`, blocks
+    19 / 38 and up) fail that test. Names HunyuanVideo shares (qkv, proj, linear1/2 in kohya
+    naming) and diffusers names (shared with HunyuanVideo and Chroma) score lower.
+    """
+    stated = [f"{key} = {header.metadata[key]!r}" for key in (
+        "modelspec.architecture", "ss_base_model_version") if header.metadata.get(key)]
+    metadata = " ".join(stated)
+    if _OTHER_MODELS_IN_METADATA.search(metadata) and not _FLUX1_IN_METADATA.search(metadata):
+        return None
+    shapes = _lora_shapes(header)
+    modules = set(facts.module_keys) | set(shapes)
+    blocks: dict[str, set[int]] = {"double": set(), "single": set()}
+    bfl_names = flux_only = 0
+    text_encoder = t5 = False
+    for module in sorted(modules):
+        name = _normalise(module)
+        if name is None:
+            text_encoder = True
+            t5 = t5 or module.startswith("lora_te2_") or ".t5xxl." in module
+            continue
+        if name in _TOP_LEVEL:
+            continue
+        match = _BLOCK.match(name)
+        if match is None:
+            return None  # a module Flux.1 does not have
+        kind, index, rest = match.group(1), int(match.group(2)), match.group(3)
+        double = kind in ("double_blocks", "transformer_blocks")
+        bfl = kind in ("double_blocks", "single_blocks")
+        table = {(True, True): _BFL_DOUBLE, (True, False): _BFL_SINGLE,
+                 (False, True): _DIFFUSERS_DOUBLE, (False, False): _DIFFUSERS_SINGLE}[(bfl, double)]
+        ratio = table.get(rest)
+        if ratio is None:
+            return None
+        if index > (MAX_DOUBLE_BLOCK if double else MAX_SINGLE_BLOCK):
+            return None  # deeper than Flux.1: HunyuanVideo or another model
+        fan_in, fan_out = shapes.get(module, (None, None))
+        if fan_in and fan_out and fan_out * ratio[1] != fan_in * ratio[0]:
+            return None  # the right name at the wrong shape (Flux 2's SwiGLU MLP, ...)
+        if fan_in and fan_in >= REAL_MODEL_MIN_WIDTH and fan_in != FLUX1_WIDTH and ratio[1] == 1:
+            return None  # a full-size model of another width (Flux 2 9B/dev, SD3, ...)
+        blocks["double" if double else "single"].add(index)
+        if bfl:
+            bfl_names += 1
+            # BFL's dotted fused name counts too: HunyuanVideo's original layout writes
+            # `img_attn_qkv`.
+            if rest in _FLUX_ONLY_BFL or ".img_attn.qkv" in module or ".txt_attn.qkv" in module:
+                flux_only += 1
+    if not (blocks["double"] or blocks["single"]):
+        return None
+    if flux_only:
+        score, naming = 0.8, "Flux.1 block names"
+    elif bfl_names:
+        score, naming = 0.6, "block names Flux.1 shares with HunyuanVideo"
+    elif blocks["single"]:
+        score, naming = 0.7, "diffusers Flux.1 names"
+    else:
+        score, naming = 0.5, "diffusers double-block names (also SD3 / HunyuanVideo-like)"
+    if _FLUX1_IN_METADATA.search(metadata):
+        score = max(score, 0.95)
+        naming += f"; {', '.join(stated)}"
+    extent = ", ".join(f"{kind} blocks {min(found)}..{max(found)}" if len(found) > 1 else
+                       f"{kind} block {min(found)}" for kind, found in blocks.items() if found)
+    reason = f"Flux.1 LoRA: {extent} ({naming})"
+    if text_encoder:
+        reason += "; patches CLIP-L too"
+    if t5:
+        reason += "; its T5 part is not applied (diffusers loads no T5 LoRA)"
+    if facts.dora:
+        reason += "; its DoRA magnitudes (dora_scale) are not applied (diffusers drops them)"
+    return score, reason
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _with_settings(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """`config` with `settings` set explicitly: a scheduler config lists the keys it left at
+    their defaults in `_use_default_values`, and make_scheduler would drop them again."""
+    defaults = [key for key in config.get("_use_default_values", []) if key not in settings]
+    return {**config, **settings, "_use_default_values": defaults}
+
+
+@hookimpl
+def register_families(register: Any) -> None:
+    register(FluxDevFamily())
+    register(FluxSchnellFamily())
