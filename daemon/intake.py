@@ -260,11 +260,17 @@ class Intake:
                     f"{family.display_name} needs", key=key, line=line_of_key(text, key),
                     fix=f"use {lower} or {lower + d.size_multiple}")
         if d.cfg_fixed is not None and spec.cfg is not None and spec.cfg != d.cfg_fixed:
+            alternatives = ["remove cfg"]
+            if d.guidance is not None:
+                alternatives.append(f"set `guidance` (default {d.guidance:g}) for its distilled "
+                                    "guidance")
+            if family.supports_true_cfg:
+                alternatives.append("set `true_cfg` with a negative prompt for real CFG")
+            alternatives.append("or use a base (non-distilled) checkpoint")
             raise JobFileError(
                 f"this {family.display_name} checkpoint is distilled to run without CFG "
-                f"(cfg {d.cfg_fixed:g}); `cfg` = {spec.cfg:g} would be recorded but not applied",
-                key="cfg", line=line_of_key(text, "cfg"),
-                fix="remove cfg, or use a base (non-distilled) checkpoint")
+                f"(cfg {d.cfg_fixed:g}); `cfg` = {spec.cfg:g} would not be applied",
+                key="cfg", line=line_of_key(text, "cfg"), fix="; ".join(alternatives))
         if spec.true_cfg is not None and not family.supports_true_cfg:
             raise JobFileError(f"{family.display_name} has no true CFG mode", key="true_cfg",
                                line=line_of_key(text, "true_cfg"),

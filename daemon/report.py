@@ -79,7 +79,10 @@ def night_summary(session: Session, outputs: Path, since: dt.datetime) -> dict[s
     first = session.scalar(select(func.min(Batch.started_at)).where(Batch.started_at >= since))
     first = first or session.scalar(select(func.min(Render.started_at)).where(
         Render.finished_at >= since, Render.started_at >= since))
-    window = max((until - max(since, first or since)).total_seconds(), 0.0)
+    # ... and ends with its last render, however much later the report is written.
+    last = max((render.finished_at for render, *_ in rows if render.finished_at),
+               default=until)
+    window = max((last - max(since, first or since)).total_seconds(), 0.0)
     busy = overview.busy_seconds(session, since)
     loads, in_pipeline, batch_wall = session.execute(select(
         func.coalesce(func.sum(Batch.pipeline_loads), 0),
@@ -169,6 +172,51 @@ def on_queue_drained(config: Config, store: Store, since: dt.datetime) -> Path |
     return path
 
 
+class DrainWatch:
+    """Tells when the queue has drained and since when it was busy, so the runner only has
+    to call `check()` on each turn of its main loop (one COUNT query; never raises).
+
+    The night starts at the oldest render that was waiting when work was first seen, and ends
+    when nothing is queued or running any more (a paused queue still has work: no report).
+    Work that came and went between two checks is still reported, from the last report on.
+    """
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self._since: dt.datetime | None = None
+        self._last_report = utcnow()
+        self.reports: list[Path] = []
+
+    def check(self) -> Path | None:
+        try:
+            return self._check()
+        except Exception:
+            log.exception("could not check whether the queue drained; will try again")
+            return None
+
+    def _check(self) -> Path | None:
+        unfinished = (RENDER_QUEUED, RENDER_RUNNING)
+        with self.store.session() as session:
+            busy = session.scalar(select(func.count()).select_from(Render)
+                                  .where(Render.state.in_(unfinished))) or 0
+            if busy:
+                if self._since is None:
+                    self._since = session.scalar(select(func.min(Render.created_at))
+                                                 .where(Render.state.in_(unfinished)))
+                return None
+            since = self._since or session.scalar(
+                select(func.min(Render.created_at)).where(
+                    Render.finished_at > self._last_report))
+        if since is None:
+            return None  # idle, and nothing ended since the last report
+        self._since, self._last_report = None, utcnow()
+        path = on_queue_drained(self.config, self.store, since)
+        if path is not None:
+            self.reports.append(path)
+        return path
+
+
 def _href(relpath: str | None) -> str:
     return quote(relpath) if relpath else ""
 
@@ -203,7 +251,7 @@ table { border-collapse:collapse; } th, td { text-align:left; padding:.25rem .6r
   border-bottom:1px solid #d9dee7; vertical-align:top; }
 .error { color:#7a1d15; white-space:pre-wrap; }
 </style></head><body>
-<h1>lorafarm: the night from {{ s.since }} to {{ s.until }}</h1>
+<h1>lorafarm: the night from {{ s.first_started or s.since }} to {{ s.until }}</h1>
 <div class="figures">
  <div><b id="done">{{ s.done }}</b><span class="muted">renders done</span></div>
  <div><b id="failed">{{ s.failed }}</b><span class="muted">failed</span></div>

@@ -268,8 +268,7 @@ class FluxFamily(Family):
                      progress: Progress | None = None) -> list[Image.Image]:
         first = specs[0]
         if first.cfg != 1.0:
-            # Not checked at intake yet (no family hook for it): fail clearly rather than
-            # render at a setting that does not exist.
+            # Intake refuses this (FamilyDefaults.cfg_fixed); kept for specs from elsewhere.
             raise RenderError(f"{self.display_name} has no CFG scale (cfg = {first.cfg:g}): use "
                               "`guidance` for its distilled guidance, or `true_cfg` for real "
                               "classifier-free guidance with a negative prompt")
@@ -314,7 +313,7 @@ class FluxDevFamily(FluxFamily):
     max_sequence_length = 512
     # size_multiple 16: the VAE's factor 8 times the transformer's 2x2 latent packing.
     defaults = FamilyDefaults(width=1024, height=1024, steps=28, cfg=1.0, sampler="Euler",
-                              schedule=None, size_multiple=16, guidance=3.5)
+                              schedule=None, size_multiple=16, guidance=3.5, cfg_fixed=1.0)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
         from families.flux_tiny import (
@@ -346,7 +345,7 @@ class FluxSchnellFamily(FluxFamily):
     # guidance None: schnell has no guidance input, so a job's `guidance` is an error at
     # intake rather than a number that silently does nothing.
     defaults = FamilyDefaults(width=1024, height=1024, steps=4, cfg=1.0, sampler="Euler",
-                              schedule=None, size_multiple=16, guidance=None)
+                              schedule=None, size_multiple=16, guidance=None, cfg_fixed=1.0)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
         from families.flux_tiny import build_tiny_flux_pipeline, save_tiny_flux_folder

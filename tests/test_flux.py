@@ -608,6 +608,7 @@ def test_jobs_flux_cannot_do_are_rejected_with_how_to_fix(make_farm, assets) -> 
     farm.drop("schnell-guidance.toml", _job(DEMO_SCHNELL, extra="guidance = 3.5\n"))
     farm.drop("size.toml", _job().replace("width = 64", "width = 72"))
     farm.drop("no-base.toml", _job("flux-alone"))
+    farm.drop("cfg.toml", _job(extra="cfg = 3.5\n"))  # the commonest Flux mistake
     assert farm.run() == 0
     assert farm.files_in("done") == [] and not list(farm.outputs.rglob("*.png"))
 
@@ -623,6 +624,9 @@ def test_jobs_flux_cannot_do_are_rejected_with_how_to_fix(make_farm, assets) -> 
     assert "not a multiple of 16" in report("size.toml")
     text = report("no-base.toml")
     assert '[checkpoints.flux-alone] config = "path/to/FLUX.1-dev"' in text
+    text = report("cfg.toml")
+    assert "distilled to run without CFG" in text and "`guidance` (default 3.5)" in text
+    assert "`true_cfg`" in text
 
 
 def test_a_negative_prompt_with_true_cfg_renders(farm) -> None:
