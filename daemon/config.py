@@ -66,6 +66,9 @@ class WorkerSettings:
     # One worker per entry, e.g. ["cuda:0", "cuda:1"]; empty: one worker on `device`.
     devices: tuple[str, ...] = ()
     memory_budget_gb: float = 0.0  # accelerator memory a batch may use; 0 = no limit
+    # How much of a pipeline lives in accelerator memory: none (all of it), model (diffusers
+    # model CPU offload), group (group offload), sequential (layer by layer; slowest).
+    offload: str = "none"
     max_wait_seconds: float = 1800.0  # no render waits longer behind loaded-model work
     dtype: str = "auto"  # "auto" = fp16 on cuda, fp32 on cpu; or float32, float16, bfloat16
     max_batch: int = 4  # renders per pipeline call at most
@@ -134,6 +137,7 @@ class Config:
         os.chmod(self.paths.state, 0o700)
 
 
+OFFLOAD_MODES = ("none", "model", "group", "sequential")
 PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
 TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
             "plugins")
@@ -173,6 +177,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     if web.enabled and web.host not in ("127.0.0.1", "localhost", "::1") and not web.token:
         raise ConfigError(f"{where}: [web] host = {web.host!r} exposes the status page beyond "
                           "this machine; set [web] token = \"a long random string\" too")
+    if worker.offload not in OFFLOAD_MODES:
+        raise ConfigError(f"{where}: worker.offload = {worker.offload!r}; use one of "
+                          f"{', '.join(OFFLOAD_MODES)}")
     if worker.max_batch < 1 or worker.max_attempts < 1 or worker.pipelines_in_memory < 1:
         raise ConfigError(f"{where}: [worker] max_batch, max_attempts and pipelines_in_memory "
                           "must each be at least 1")
