@@ -145,9 +145,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _reader(config: Config):  # type: ignore[no-untyped-def]
     from daemon.store import Store
 
-    if not config.paths.database.exists():
+    url = config.database_url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         return None
-    return Store(f"sqlite:///{config.paths.database}", writer=False)
+    return Store(url, writer=False)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -243,7 +244,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     config.ensure_folders()
     # Scanning writes the index: use a writer store (the daemon may be running; SQLite's
     # busy timeout makes the two take turns).
-    store = Store.for_path(config.paths.database)
+    store = Store.for_url(config.database_url)
     store.migrate()
     registry = Registry(config, store, Plugins(config.plugins))
     infos = registry.scan()
@@ -267,13 +268,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from daemon.store import Store
 
     config = load_config(args.config)
-    if not config.paths.database.exists():
+    store = _reader(config)
+    if store is None:
         print(f"lorafarm: no database at {config.paths.database} yet", file=sys.stderr)
         return 1
-    store = Store(f"sqlite:///{config.paths.database}", writer=False)
     path = store.backup(args.dest)
     store.dispose()
     print(f"backup written: {path}")
@@ -305,7 +305,7 @@ def cmd_loras(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     config.ensure_folders()
-    store = Store.for_path(config.paths.database)
+    store = Store.for_url(config.database_url)
     store.migrate()
     infos = LoraLibrary(config, store, Plugins(config.plugins)).scan()
     store.dispose()

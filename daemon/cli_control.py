@@ -52,7 +52,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     config.ensure_folders()
     # A writer store: the verbs write. Migrating is a no-op on a current database and lets
     # `lorafarm pause` work before the daemon ever ran (pause first, then start it).
-    store = Store.for_path(config.paths.database)
+    store = Store.for_url(config.database_url)
     try:
         store.migrate()
         if args.verb == "pause":

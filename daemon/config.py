@@ -124,6 +124,18 @@ class Config:
     checkpoints: dict[str, CheckpointOverride] = field(default_factory=dict)
     loras: dict[str, LoraOverride] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()  # extra plugin modules to load by import name
+    database_url_setting: str = ""  # config.toml `database_url`; "" = SQLite under state/
+    # A running render's lease: a daemon that has not heartbeat for this long has lost its
+    # renders to the queue (several daemons on one database).
+    lease_seconds: float = 120.0
+
+    @property
+    def database_url(self) -> str:
+        """LORAFARM_DATABASE_URL, else config.toml `database_url`, else SQLite in state/."""
+        url = os.environ.get("LORAFARM_DATABASE_URL") or self.database_url_setting
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        return url or f"sqlite:///{self.paths.database}"
 
     @property
     def worker_devices(self) -> tuple[str, ...]:
@@ -140,7 +152,7 @@ class Config:
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
 TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
-            "plugins")
+            "plugins", "database_url", "lease_seconds")
 
 
 def load_config(path: Path) -> Config:
@@ -204,12 +216,21 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
             raise ConfigError(f'{where}: [loras.{name}] must be a table, e.g. lineage = "pony"')
         _reject_unknown(table, ("family", "lineage"), where, f"loras.{name}.")
         loras[name] = LoraOverride(family=table.get("family"), lineage=table.get("lineage"))
+    database_url = data.get("database_url", "")
+    if not isinstance(database_url, str) or (database_url and not database_url.startswith(
+            ("sqlite:", "postgresql:", "postgresql+psycopg:"))):
+        raise ConfigError(f"{where}: database_url must be a postgresql://user@host/db or "
+                          "sqlite:///path URL (empty: SQLite under state/)")
+    lease = data.get("lease_seconds", 120)
+    if isinstance(lease, bool) or not isinstance(lease, int | float) or lease < 5:
+        raise ConfigError(f"{where}: lease_seconds must be a number of seconds >= 5")
     plugins = data.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f'{where}: plugins must be a list of module names, e.g. ["my_plugin"]')
     return Config(source=source, paths=paths, limits=limits, intake=intake, worker=worker,
                   web=web, report=report,
-                  checkpoints=checkpoints, loras=loras, plugins=tuple(plugins))
+                  checkpoints=checkpoints, loras=loras, plugins=tuple(plugins),
+                  database_url_setting=database_url, lease_seconds=float(lease))
 
 
 def _section(cls: type, table: Any, where: str, name: str) -> Any:

@@ -50,7 +50,7 @@ class Daemon:
         self.config = config
         self.plugins = plugins or Plugins(config.plugins)
         config.ensure_folders()
-        self.store = Store.for_path(config.paths.database)
+        self.store = Store.for_url(config.database_url)
         self.registry = Registry(config, self.store, self.plugins)
         self.library = LoraLibrary(config, self.store, self.plugins)
         self.intake = Intake(config, self.store, self.registry, self.library, self.plugins)

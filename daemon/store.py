@@ -250,9 +250,17 @@ class Store:
     def __init__(self, url: str, *, writer: bool = True) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        self.engine: Engine = create_engine(url, future=True)
+        options = {} if self.is_sqlite else {"pool_pre_ping": True}
+        self.engine: Engine = create_engine(url, future=True, **options)
         if self.is_sqlite:
             _configure_sqlite(self.engine, writer=writer)
+
+    @classmethod
+    def for_url(cls, url: str, *, writer: bool = True) -> Store:
+        """SQLite (file created user-only) or PostgreSQL, from a database URL."""
+        if url.startswith("sqlite:///"):
+            return cls.for_path(Path(url[len("sqlite:///"):]), writer=writer)
+        return cls(url, writer=writer)
 
     @classmethod
     def for_path(cls, path: Path, *, writer: bool = True) -> Store:
