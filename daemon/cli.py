@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until-idle", action="store_true",
                      help="exit 0 once nothing is queued or running")
     run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument("--name", default=None,
+                     help="this daemon's name in a farm (default: host name and process id)")
     run.add_argument("--log-json", action="store_true",
                      help="log lines as JSON objects (for journald, Loki, jq)")
     run.add_argument("--no-live", action="store_true",
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("history", cmd_history, "jobs and their renders"),
                                 ("models", cmd_models, "checkpoints the registry knows"),
                                 ("loras", cmd_loras, "the LoRA library"),
-                                ("stats", cmd_stats, "throughput, busy fraction, ETA")):
+                                ("stats", cmd_stats, "throughput, busy fraction, ETA"),
+                                ("hosts", cmd_hosts, "the daemons sharing this database")):
         query = sub.add_parser(name, help=text)
         _config_arg(query)
         query.add_argument("--json", action="store_true", help="machine-readable output")
@@ -100,15 +103,17 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     live = sys.stderr.isatty() and not args.log_json and not args.no_live
-    return run_daemon(load_config(args.config), until_idle=args.until_idle, live=live)
+    return run_daemon(load_config(args.config), until_idle=args.until_idle, live=live,
+                      name=args.name)
 
 
-def run_daemon(config: Config, *, until_idle: bool, live: bool = False) -> int:
+def run_daemon(config: Config, *, until_idle: bool, live: bool = False,
+               name: str | None = None) -> int:
     from daemon.runner import Daemon, DaemonLockedError
 
     display = None
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, name=name)
         if live:
             from daemon.console import LiveDisplay
 
@@ -264,6 +269,26 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"{row['state']:<13} {row['file']}")
             if row["state"] != "ok":
                 print(f"{'':<32} {row['reason']}")
+    return 0
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    from daemon.hosts import host_records
+
+    config = load_config(args.config)
+    store = _reader(config)
+    records = host_records(store, config) if store is not None else []
+    if store is not None:
+        store.dispose()
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if not records:
+        print("no hosts yet")
+    for host in records:
+        loaded = sorted({c for names in host["loaded"].values() for c in names})
+        print(f"{host['name']:<32} {host['state']:<20} heartbeat {host['last_heartbeat']}  "
+              f"batch {host['current_batch'] or '-'}  loaded: {', '.join(loaded) or '-'}")
     return 0
 
 

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 MAX_JOB_FILE_BYTES = 1024 * 1024  # a job file is a few hundred bytes; 1 MB is not a job
 SUBFOLDERS = ("processing", "done", "failed", "rejected")
+CLAIM_FOLDER_PREFIX = ".taking-"  # jobs/.taking-<daemon>/: files a daemon is taking in
 
 
 @dataclass
@@ -68,11 +69,12 @@ class ScanResult:
 
 class Intake:
     def __init__(self, config: Config, store: Store, registry: Registry,
-                 library: LoraLibrary, plugins: Plugins) -> None:
+                 library: LoraLibrary, plugins: Plugins, owner: str = "local") -> None:
         self.config = config
         self.store = store
         self.registry = registry
         self.library = library
+        self.owner = owner.replace("/", "_")  # names this daemon's claim folder
         self.plugins = plugins
         self.jobs_dir = config.paths.jobs
         self.wakeup = threading.Event()  # set by the watcher; the scan loop waits on it
@@ -163,6 +165,19 @@ class Intake:
             return
         raw = path.read_bytes()
         content_hash = hashlib.sha256(raw).hexdigest()
+        error: JobFileError | None = None
+        try:
+            spec, renders, warnings = self.parse(path.name, raw)
+        except JobFileError as exc:
+            if time.time() - stat.st_mtime < self.config.intake.retry_young_seconds:
+                result.pending.append(path.name)  # its writer may not be done: retry soon
+                return
+            error = exc
+        # Several daemons may watch one folder: the one whose rename succeeds takes the
+        # file, the others find it gone. The name stays; only the folder changes.
+        taken = self._take_ownership(path)
+        if taken is None:
+            return
         with self.store.session() as session:
             twin = session.scalars(select(Job).where(
                 Job.content_hash == content_hash, Job.state.in_(UNFINISHED_JOB_STATES))).first()
@@ -171,23 +186,46 @@ class Intake:
             twin_id, twin_path, twin_name = twin_info
             if twin_name == path.name and (twin_path is None or not Path(twin_path).exists()):
                 # The row was written but the daemon stopped before the move: finish it.
-                self._move_accepted(twin_id, path)
+                self._move_accepted(twin_id, taken)
                 return
-            self._reject(path, raw, JobFileError(
+            self._reject(taken, raw, JobFileError(
                 f"the same job content is already queued as job {twin_id} ({twin_name}), "
                 "which has not finished", fix="wait for it to finish, or change the file "
                 "(e.g. its seed) to queue a new run"), result, duplicate_of=twin_id)
             return
-        try:
-            spec, renders, warnings = self.parse(path.name, raw)
-        except JobFileError as exc:
-            if time.time() - stat.st_mtime < self.config.intake.retry_young_seconds:
-                result.pending.append(path.name)  # its writer may not be done: retry soon
-                return
-            self._reject(path, raw, exc, result)
+        if error is not None:
+            self._reject(taken, raw, error, result)
             return
-        job_id = self._accept(path, content_hash, spec, renders, warnings)
+        job_id = self._accept(taken, content_hash, spec, renders, warnings)
         result.accepted.append(job_id)
+
+    def _take_ownership(self, path: Path) -> Path | None:
+        """Move the file into this daemon's hidden claim folder (an atomic rename within
+        jobs/); None when another daemon took it first."""
+        claims = self.jobs_dir / f"{CLAIM_FOLDER_PREFIX}{self.owner}"
+        claims.mkdir(exist_ok=True)
+        taken = claims / path.name
+        try:
+            os.rename(path, taken)
+        except FileNotFoundError:
+            return None
+        return taken
+
+    def return_claims(self, owners: set[str] | None = None) -> list[str]:
+        """Put files that a claim folder still holds back into jobs/ (a daemon stopped
+        between taking a file and recording it). `owners`: whose folders (None: this
+        daemon's); a file whose name is taken again in jobs/ meanwhile stays put."""
+        returned = []
+        wanted = {self.owner} if owners is None else owners
+        for folder in self.jobs_dir.glob(f"{CLAIM_FOLDER_PREFIX}*"):
+            if folder.name[len(CLAIM_FOLDER_PREFIX):] not in wanted or not folder.is_dir():
+                continue
+            for file in folder.iterdir():
+                target = self.jobs_dir / file.name
+                if not target.exists():
+                    os.rename(file, target)
+                    returned.append(file.name)
+        return returned
 
     # -- parsing and resolving -------------------------------------------------------------
 
@@ -206,10 +244,10 @@ class Intake:
 
     def resolve(self, spec: JobSpec, text: str) -> tuple[list[RenderSpec], list[str]]:
         """Check the job against the registry and its family; expand it into renders."""
-        info = self.registry.get(spec.checkpoint)
+        info = self.registry.find(spec.checkpoint)
         line = line_of_key(text, "checkpoint")
         if info is None or info.state == "missing":
-            known = [c.name for c in self.registry.all() if c.state == "ok"]
+            known = self.registry.known_names()
             close = difflib.get_close_matches(spec.checkpoint, known, n=3, cutoff=0.5)
             hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close else
                     f"known checkpoints: {', '.join(known) or 'none yet'}")
@@ -556,6 +594,7 @@ class Intake:
 
     def reconcile(self) -> None:
         """Repair what a crash can leave between a database write and a file move."""
+        self.return_claims()
         with self.store.session() as session:
             jobs = [(j.id, j.state, j.file_path, j.file_name) for j in session.scalars(
                 select(Job).where(Job.state.in_((JOB_QUEUED, "running", JOB_DONE, JOB_FAILED))))]

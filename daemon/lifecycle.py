@@ -6,10 +6,11 @@ always says why a render is in the state it is in.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from daemon.store import (
     JOB_DONE,
@@ -28,14 +29,22 @@ from daemon.store import (
 )
 
 
+def _holds(render: Render | None, worker: str | None) -> bool:
+    """Whether `worker` still holds this render's running attempt. A daemon whose lease
+    expired may finish late: its render was re-queued (perhaps rendered by another host), and
+    its result must not be recorded a second time."""
+    return (render is not None and render.state == RENDER_RUNNING
+            and (worker is None or render.worker == worker))
+
+
 def mark_done(store: Store, render_id: int, output_path: str, seconds: float,
               lora_report: dict[str, dict[str, int]] | None = None,
-              video: tuple[int, int] | None = None) -> int | None:
+              video: tuple[int, int] | None = None, worker: str | None = None) -> int | None:
     """Record a finished render; returns its job id when that job has now ended."""
     with store.session() as session:
         render = session.get(Render, render_id)
-        if render is None or render.state != RENDER_RUNNING:
-            return None  # e.g. cancelled meanwhile; the file stays but is not counted twice
+        if not _holds(render, worker):
+            return None  # cancelled or lease lost meanwhile: not counted twice
         render.state, render.output_path, render.error = RENDER_DONE, output_path, None
         render.lora_report_json = json.dumps(lora_report) if lora_report else None
         if video is not None:
@@ -46,11 +55,12 @@ def mark_done(store: Store, render_id: int, output_path: str, seconds: float,
         return _settle_job(session, render.job_id)
 
 
-def mark_failed(store: Store, render_id: int, error: str) -> int | None:
+def mark_failed(store: Store, render_id: int, error: str,
+                worker: str | None = None) -> int | None:
     """Record a render that cannot succeed; returns its job id when that job has now ended."""
     with store.session() as session:
         render = session.get(Render, render_id)
-        if render is None or render.state != RENDER_RUNNING:
+        if not _holds(render, worker):
             return None
         render.state, render.error, render.finished_at = RENDER_FAILED, error, utcnow()
         add_event(session, "render_failed", error, job_id=render.job_id, render_id=render_id)
@@ -83,14 +93,27 @@ def put_back(store: Store, render_ids: list[int], reason: str, *,
     return ended
 
 
-def recover_interrupted(store: Store, max_attempts: int) -> tuple[list[int], list[int]]:
-    """At start-up: renders left `running` by a dead process go back to the queue, unless
-    they have used up their attempts (a render that kills its worker every time must end).
+def recover_interrupted(store: Store, max_attempts: int, *, holder_prefix: str | None = None,
+                        lease_seconds: float | None = None) -> tuple[list[int], list[int]]:
+    """Renders left `running` by a dead process go back to the queue, unless they have used
+    up their attempts (a render that kills its worker every time must end).
+
+    With neither filter (a lone daemon at start-up, which holds the state lock): every
+    running render. In a farm: those held by `holder_prefix` (this daemon's earlier life)
+    and those whose lease expired (no heartbeat for `lease_seconds`).
     Returns (requeued render ids, job ids that ended)."""
     requeued: list[int] = []
     ended_jobs: list[int] = []
+    query = select(Render).where(Render.state == RENDER_RUNNING)
+    conditions = []
+    if holder_prefix is not None:
+        conditions.append(Render.worker.startswith(holder_prefix))
+    if lease_seconds is not None:
+        conditions.append(Render.heartbeat_at < utcnow() - dt.timedelta(seconds=lease_seconds))
+    if conditions:
+        query = query.where(or_(*conditions))
     with store.session() as session:
-        stale = session.scalars(select(Render).where(Render.state == RENDER_RUNNING)).all()
+        stale = session.scalars(query.with_for_update(skip_locked=True)).all()
         for render in stale:
             if render.attempts >= max_attempts:
                 render.state, render.finished_at = RENDER_FAILED, utcnow()
@@ -102,7 +125,7 @@ def recover_interrupted(store: Store, max_attempts: int) -> tuple[list[int], lis
                 if _settle_job(session, render.job_id) is not None:
                     ended_jobs.append(render.job_id)
             else:
-                render.state = RENDER_QUEUED
+                render.state, render.worker = RENDER_QUEUED, None
                 requeued.append(render.id)
                 add_event(session, "render_requeued",
                           f"interrupted during attempt {render.attempts}; queued again",

@@ -27,6 +27,7 @@ from daemon.config import Config
 from daemon.family import LoraProbe
 from daemon.lora_probe import civitai_hashes, probe_lora_file
 from daemon.plugins import Plugins
+from daemon.registry import live_hosts
 from daemon.safetensors_header import SafetensorsError, read_header
 from daemon.store import Lora, Store, add_event, utcnow
 
@@ -90,11 +91,13 @@ class _Recognition:
 
 
 class LoraLibrary:
-    def __init__(self, config: Config, store: Store, plugins: Plugins) -> None:
+    def __init__(self, config: Config, store: Store, plugins: Plugins,
+                 host: str = "local") -> None:
         self.config = config
         self.store = store
         self.plugins = plugins
         self.root = config.paths.loras
+        self.host = host  # the daemon whose loras/ folder this index describes
 
     # -- scanning --------------------------------------------------------------------------
 
@@ -102,7 +105,8 @@ class LoraLibrary:
         """Bring the library in line with the folder; returns every known LoRA."""
         files = self._candidate_files()
         with self.store.session() as session:
-            rows = {row.path: row for row in session.scalars(select(Lora))}
+            rows = {row.path: row for row in session.scalars(
+                select(Lora).where(Lora.host == self.host))}
             seen: set[str] = set()
             for path in files:
                 key = str(path)
@@ -133,7 +137,7 @@ class LoraLibrary:
                         add_event(session, "lora_moved", f"{row.path} -> {path}")
                         rows.pop(row.path, None)
                 if row is None:
-                    row = Lora(path=key)
+                    row = Lora(path=key, host=self.host)
                     session.add(row)
                 row.path, row.name = key, path.stem
                 row.size_bytes, row.mtime_ns = stat.st_size, mtime
@@ -275,17 +279,33 @@ class LoraLibrary:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def all(self) -> list[LoraInfo]:
+    def all(self, *, anywhere: bool = False) -> list[LoraInfo]:
+        """This host's LoRAs; with `anywhere`, also those of the farm's other live hosts
+        (intake accepts a job whose LoRA some host has; only that host renders it)."""
         with self.store.session() as session:
-            return [_info(row) for row in session.scalars(select(Lora).order_by(Lora.name,
-                                                                                   Lora.path))]
+            hosts = [self.host]
+            if anywhere:
+                hosts += live_hosts(session, self.config)
+            rows = session.scalars(select(Lora).where(Lora.host.in_(hosts))
+                                   .order_by(Lora.name, Lora.path))
+            infos = [_info(row) for row in rows]
+        if anywhere:  # the same file on several hosts is one LoRA
+            unique: dict[tuple[str, str | None], LoraInfo] = {}
+            for info in infos:
+                unique.setdefault((info.name, info.sha256 or str(info.path)), info)
+            infos = list(unique.values())
+        return infos
+
+    def available_autov2(self) -> set[str]:
+        """Content keys of the LoRAs this host can load (the claim checks them)."""
+        return {info.autov2 for info in self.all() if info.state == OK and info.autov2}
 
     def pairs(self) -> dict[str, dict[str, LoraInfo]]:
         """HIGH/LOW pairs (Wan 2.2 experts): two files in one folder whose names differ only
         by the expert word, as the family's `lora_pair_name` rule says; name -> expert ->
         file. One pair is one LoRA to the user."""
         groups: dict[tuple[str, str], dict[str, LoraInfo]] = {}
-        for info in self.all():
+        for info in self.all(anywhere=True):
             family = self.plugins.families.get(info.family or "")
             rule = getattr(family, "lora_pair_name", None)
             if info.state != OK or rule is None:
@@ -300,7 +320,7 @@ class LoraLibrary:
     def resolve_all(self, name: str) -> list[LoraInfo]:
         """The file(s) a job's LoRA name stands for: one file, or both files of a HIGH/LOW
         pair when `name` is the pair's shared name."""
-        if not any(info.name == name for info in self.all()):
+        if not any(info.name == name for info in self.all(anywhere=True)):
             pair = self.pairs().get(name)
             if pair is not None:
                 return [pair["high"], pair["low"]]
@@ -308,7 +328,8 @@ class LoraLibrary:
 
     def resolve(self, name: str) -> LoraInfo:
         """The usable LoRA a job names, or LoraLookupError saying why not."""
-        known = [info for info in self.all() if info.state != MISSING or info.name == name]
+        known = [info for info in self.all(anywhere=True)
+                 if info.state != MISSING or info.name == name]
         matches = [info for info in known if info.name == name]
         if not matches:
             names = sorted({info.name for info in known if info.state == OK})
@@ -318,7 +339,9 @@ class LoraLibrary:
             raise LoraLookupError(f"LoRA {name!r} is not in the library ({self.root}); {hint}")
         usable = [info for info in matches if info.state == OK]
         if len(usable) > 1:
-            places = ", ".join(str(info.path.relative_to(self.root)) for info in usable)
+            places = ", ".join(str(info.path.relative_to(self.root))
+                               if info.path.is_relative_to(self.root) else str(info.path)
+                               for info in usable)
             raise LoraLookupError(f"LoRA name {name!r} is ambiguous: {places}; rename one file")
         if not usable:
             info = matches[0]

@@ -102,10 +102,11 @@ class OutputWriter:
                     self.on_job_finished(job_id)
                 return
             job = mark_failed(self.store, claimed.render_id,
-                              f"could not write {path}: {exc.strerror or exc}")
+                              f"could not write {path}: {exc.strerror or exc}",
+                              worker=claimed.worker)
         else:
             frames = (len(item.result.frames), item.result.fps) if video else None
             job = mark_done(self.store, claimed.render_id, str(path), item.seconds,
-                            lora_report=item.lora_report, video=frames)
+                            lora_report=item.lora_report, video=frames, worker=claimed.worker)
         if job is not None:
             self.on_job_finished(job)

@@ -11,12 +11,14 @@ writing the first output of a checkpoint whose hash is still being computed.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import tomllib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -24,7 +26,7 @@ from daemon.config import CheckpointOverride, Config
 from daemon.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
 from daemon.plugins import Plugins
 from daemon.safetensors_header import SafetensorsError, read_header, sha256_file
-from daemon.store import Checkpoint, FileHash, Store, add_event, utcnow
+from daemon.store import Checkpoint, FileHash, Host, Store, add_event, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,12 @@ class CheckpointInfo:
 
 
 class Registry:
-    def __init__(self, config: Config, store: Store, plugins: Plugins) -> None:
+    def __init__(self, config: Config, store: Store, plugins: Plugins,
+                 host: str = "local") -> None:
         self.config = config
         self.store = store
         self.plugins = plugins
+        self.host = host  # the daemon whose models/ folder this index describes
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hasher")
         self._hash_jobs: dict[str, Future[str]] = {}
         self._lock = threading.Lock()
@@ -78,7 +82,8 @@ class Registry:
                 elif entry.is_file() and entry.suffix.lower() in PICKLE_SUFFIXES:
                     found.setdefault(entry.stem, (entry, "pickle"))
         with self.store.session() as session:
-            rows = {row.name: row for row in session.scalars(select(Checkpoint))}
+            rows = {row.name: row for row in session.scalars(
+                select(Checkpoint).where(Checkpoint.host == self.host))}
             for name, (path, kind) in found.items():
                 stat = path.stat()
                 mtime = int(stat.st_mtime_ns)
@@ -90,7 +95,7 @@ class Registry:
                              and row.size_bytes == size)
                 info = self._recognise(name, path, kind)
                 if row is None:
-                    row = Checkpoint(name=name)
+                    row = Checkpoint(name=name, host=self.host)
                     session.add(row)
                 before = (row.family, row.lineage, row.state, row.reason, row.config_path)
                 row.path, row.kind, row.size_bytes, row.mtime_ns = str(path), kind, size, mtime
@@ -208,13 +213,36 @@ class Registry:
 
     def all(self) -> list[CheckpointInfo]:
         with self.store.session() as session:
-            return [_info(row) for row in session.scalars(select(Checkpoint).order_by(
-                Checkpoint.name))]
+            return [_info(row) for row in session.scalars(
+                select(Checkpoint).where(Checkpoint.host == self.host)
+                .order_by(Checkpoint.name))]
 
     def get(self, name: str) -> CheckpointInfo | None:
+        """This host's checkpoint of that name."""
         with self.store.session() as session:
-            row = session.scalars(select(Checkpoint).where(Checkpoint.name == name)).first()
+            row = session.scalars(select(Checkpoint).where(Checkpoint.host == self.host,
+                                                           Checkpoint.name == name)).first()
             return _info(row) if row else None
+
+    def find(self, name: str) -> CheckpointInfo | None:
+        """For intake: this host's checkpoint, else a usable one of another live host of the
+        farm (the job will be rendered there)."""
+        own = self.get(name)
+        if own is not None and own.state != "missing":
+            return own
+        with self.store.session() as session:
+            row = session.scalars(
+                select(Checkpoint).where(Checkpoint.name == name, Checkpoint.state == "ok",
+                                         Checkpoint.host.in_(live_hosts(session,
+                                                                        self.config)))).first()
+            return _info(row) if row else own
+
+    def known_names(self) -> list[str]:
+        """Usable checkpoint names on any live host (for did-you-mean)."""
+        with self.store.session() as session:
+            hosts = [self.host, *live_hosts(session, self.config)]
+            return sorted(set(session.scalars(select(Checkpoint.name).where(
+                Checkpoint.state == "ok", Checkpoint.host.in_(hosts)))))
 
     # -- hashing ---------------------------------------------------------------------------
 
@@ -267,13 +295,21 @@ class Registry:
                                        mtime_ns=stat.st_mtime_ns, sha256=digest,
                                        computed_at=utcnow()))
         with self.store.session() as session:
-            row = session.scalars(select(Checkpoint).where(Checkpoint.name == info.name)).first()
+            row = session.scalars(select(Checkpoint).where(Checkpoint.host == self.host,
+                                                           Checkpoint.name == info.name)).first()
             if row is not None and row.path == str(info.path):
                 row.sha256, row.model_hash = digest, digest[:10]
         return digest[:10]
 
     def close(self) -> None:
         self._hasher.shutdown(wait=True, cancel_futures=True)
+
+
+def live_hosts(session: Any, config: Config) -> list[str]:
+    """Hosts of the farm that heartbeat within the lease time."""
+    cutoff = utcnow() - dt.timedelta(seconds=config.lease_seconds)
+    return list(session.scalars(select(Host.name).where(Host.heartbeat_at >= cutoff,
+                                                        Host.state == "running")))
 
 
 def _info(row: Checkpoint) -> CheckpointInfo:

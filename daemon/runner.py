@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import IO
 from sqlalchemy import select
 
 from daemon.config import Config
+from daemon.hosts import forget_dead_inventories, heartbeat, register_host, stop_host
 from daemon.intake import Intake
 from daemon.lifecycle import recover_interrupted, stale_outputs
 from daemon.lora_library import LoraLibrary
@@ -28,7 +30,7 @@ from daemon.output_writer import OutputWriter
 from daemon.outputs import remove_leftover_temporaries
 from daemon.plugins import Plugins
 from daemon.registry import Registry
-from daemon.scheduler import claim_next_batch, peek_next_checkpoint
+from daemon.scheduler import Inventory, claim_next_batch, peek_next_checkpoint
 from daemon.spec import RenderSpec
 from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Setting, Store, add_event
 from daemon.worker import Worker
@@ -41,7 +43,13 @@ class DaemonLockedError(RuntimeError):
 
 
 class Daemon:
-    def __init__(self, config: Config, plugins: Plugins | None = None) -> None:
+    """One lorafarm daemon. `name` identifies it among the hosts of a farm sharing one
+    PostgreSQL database (default: host name and process id); its inventory of models and
+    LoRAs is kept under `name` when given, else under the host name, so that a restart finds
+    its index (and hashes) again."""
+
+    def __init__(self, config: Config, plugins: Plugins | None = None,
+                 name: str | None = None) -> None:
         # Nothing may ever be downloaded at run time: make the hub client refuse.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from daemon.cli import quiet_libraries
@@ -51,14 +59,18 @@ class Daemon:
         self.plugins = plugins or Plugins(config.plugins)
         config.ensure_folders()
         self.store = Store.for_url(config.database_url)
-        self.registry = Registry(config, self.store, self.plugins)
-        self.library = LoraLibrary(config, self.store, self.plugins)
-        self.intake = Intake(config, self.store, self.registry, self.library, self.plugins)
+        self.farm = not self.store.is_sqlite  # several daemons may share this database
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.inventory_host = name or socket.gethostname()
+        self.registry = Registry(config, self.store, self.plugins, host=self.inventory_host)
+        self.library = LoraLibrary(config, self.store, self.plugins, host=self.inventory_host)
+        self.intake = Intake(config, self.store, self.registry, self.library, self.plugins,
+                             owner=self.name)
         self.writer = OutputWriter(config.paths.outputs, self.store, self.plugins,
                                    self._job_finished, config.worker.max_attempts)
         self.workers = [
             Worker(config, self.store, self.registry, self.library, self.plugins, self.writer,
-                   name=f"w{i}", device=device)
+                   name=f"{self.name}/w{i}", device=device)
             for i, device in enumerate(config.worker_devices)
         ]
         self._stop = threading.Event()
@@ -78,7 +90,17 @@ class Daemon:
     def start(self) -> None:
         self._acquire_lock()
         self.store.migrate()
-        requeued, ended = recover_interrupted(self.store, self.config.worker.max_attempts)
+        if self.farm:
+            # Others may be rendering: take back only our own earlier renders and those
+            # whose lease expired.
+            requeued, ended = recover_interrupted(
+                self.store, self.config.worker.max_attempts, holder_prefix=f"{self.name}/",
+                lease_seconds=self.config.lease_seconds)
+        else:
+            requeued, ended = recover_interrupted(self.store, self.config.worker.max_attempts)
+        register_host(self.store, self.name, [str(w.device) for w in self.workers])
+        forget_dead_inventories(self.store, self.config, keep=self.inventory_host,
+                                lone=not self.farm)
         if requeued:
             log.info("re-queued %d render(s) interrupted by the last shutdown", len(requeued))
         remove_leftover_temporaries(self.config.paths.outputs)
@@ -120,6 +142,7 @@ class Daemon:
         for worker in self.workers:
             worker.close()
         self.registry.close()
+        stop_host(self.store, self.name)
         with self.store.session() as session:
             add_event(session, "daemon_stopped", f"pid {os.getpid()}")
         self.store.dispose()
@@ -133,7 +156,9 @@ class Daemon:
             signal.signal(signal.SIGTERM, self._on_signal)
         self.start()
         self.intake.start_watching()
-        self._threads = [threading.Thread(target=self._intake_loop, name="intake", daemon=True)]
+        self._threads = [threading.Thread(target=self._intake_loop, name="intake", daemon=True),
+                         threading.Thread(target=self._heartbeat_loop, name="heartbeat",
+                                          daemon=True)]
         self._threads += [threading.Thread(target=self._worker_loop, args=(worker,),
                                            name=f"worker-{worker.name}", daemon=True)
                           for worker in self.workers]
@@ -167,7 +192,8 @@ class Daemon:
                     self.store, self.config.worker.max_batch, worker=worker.name,
                     loaded=worker.loaded_checkpoints, active_key=worker.active_batch_key,
                     max_wait_seconds=self.config.worker.max_wait_seconds,
-                    batch_limit=self._batch_limit, device=str(worker.device))
+                    batch_limit=self._batch_limit, device=str(worker.device),
+                    inventory=self._inventory() if self.farm else None)
             except Exception:
                 log.exception("%s: claiming failed; retrying", worker.name)
                 self._stop.wait(timeout=1.0)
@@ -183,6 +209,26 @@ class Daemon:
             busy_since = time.perf_counter()
             if worker.abort.is_set():
                 break
+
+    def _inventory(self) -> Inventory:
+        """What this host can render: a host is given only work whose files it has."""
+        checkpoints = frozenset(c.name for c in self.registry.all() if c.state == "ok")
+        return Inventory(checkpoints=checkpoints, loras=frozenset(self.library.available_autov2()))
+
+    def _heartbeat_loop(self) -> None:
+        """Keep this daemon's leases and host row fresh, and hand the renders of daemons
+        that stopped heartbeating back to the queue (the attempt cap still holds)."""
+        interval = max(0.5, min(10.0, self.config.lease_seconds / 4))
+        while not self._stop.wait(timeout=interval):
+            try:
+                loaded = {w.name: w.loaded_checkpoints for w in self.workers}
+                heartbeat(self.store, self.name, loaded)
+                _, ended = recover_interrupted(self.store, self.config.worker.max_attempts,
+                                               lease_seconds=self.config.lease_seconds)
+                for job_id in ended:
+                    self._job_finished(job_id)
+            except Exception:
+                log.exception("heartbeat failed; will retry")
 
     def _batch_limit(self, spec: RenderSpec) -> int:
         budget = self.config.worker.memory_budget_gb * 2**30

@@ -53,31 +53,57 @@ class ClaimedRender:
     batch_key: str
     batch_id: int  # the `batches` row this claim opened
     spec: RenderSpec
+    worker: str = "w0"  # who holds the lease; a late result from another holder is ignored
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a host can render: its usable checkpoints (names) and LoRA files (AutoV2
+    hashes). None: everything (a lone daemon whose intake already checked the files)."""
+
+    checkpoints: frozenset[str]
+    loras: frozenset[str]
+
+    def can_render(self, spec_json: str) -> bool:
+        loras = json.loads(spec_json).get("loras", [])
+        return all(lora.get("autov2") in self.loras for lora in loras)
+
+
+HEADS_PER_LOOKUP = 32  # candidates looked at per lookup when the inventory filters some out
 
 
 def _next_head(session: Any, loaded: Sequence[str], active_key: str | None,
-               max_wait_seconds: float) -> Any:
+               max_wait_seconds: float, inventory: Inventory | None = None) -> Any:
     """The queued render the next batch is built around, or None."""
-    top = session.scalar(select(func.max(Render.priority)).where(Render.state == RENDER_QUEUED))
+    where = [Render.state == RENDER_QUEUED]
+    if inventory is not None:
+        where.append(Render.checkpoint.in_(sorted(inventory.checkpoints)))
+    top = session.scalar(select(func.max(Render.priority)).where(*where))
     if top is None:
         return None
-    queued_top = (Render.state == RENDER_QUEUED, Render.priority == top)
+    queued_top = (*where, Render.priority == top)
     columns = (Render.id, Render.batch_key, Render.checkpoint, Render.spec_json,
                Render.created_at, Render.priority)
-    oldest = session.execute(select(*columns).where(*queued_top).order_by(Render.id)
-                             .limit(1)).first()
+
+    def first(*conditions: Any) -> Any:
+        rows = session.execute(
+            select(*columns).where(*queued_top, *conditions).order_by(Render.id)
+            .limit(1 if inventory is None else HEADS_PER_LOOKUP)
+            .with_for_update(skip_locked=True)).all()
+        return next((row for row in rows
+                     if inventory is None or inventory.can_render(row.spec_json)), None)
+
+    oldest = first()
+    if oldest is None:
+        return None
     if oldest.created_at <= utcnow() - dt.timedelta(seconds=max_wait_seconds):
         return oldest  # waited too long: it goes first, loaded or not
     if active_key is not None:
-        same = session.execute(select(*columns).where(*queued_top,
-                                                      Render.batch_key == active_key)
-                               .order_by(Render.id).limit(1)).first()
+        same = first(Render.batch_key == active_key)
         if same is not None:
             return same
     if loaded:
-        warm = session.execute(select(*columns).where(*queued_top,
-                                                      Render.checkpoint.in_(list(loaded)))
-                               .order_by(Render.id).limit(1)).first()
+        warm = first(Render.checkpoint.in_(list(loaded)))
         if warm is not None:
             return warm
     return oldest
@@ -87,13 +113,14 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
                      loaded: Sequence[str] = (), active_key: str | None = None,
                      max_wait_seconds: float = 1800.0,
                      batch_limit: Callable[[RenderSpec], int] | None = None,
-                     device: str = "cpu") -> list[ClaimedRender]:
+                     device: str = "cpu",
+                     inventory: Inventory | None = None) -> list[ClaimedRender]:
     """Claim the next batch (possibly empty) for `worker` and mark it running.
 
     `batch_limit(spec)` caps the batch by memory (the family's batch cost against the
     configured budget)."""
     with store.session() as session:
-        head = _next_head(session, loaded, active_key, max_wait_seconds)
+        head = _next_head(session, loaded, active_key, max_wait_seconds, inventory)
         if head is None:
             return []
         size = max_batch
@@ -102,14 +129,16 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
         # Same key and same priority: one index range, oldest first; a batch not full yet
         # takes lower-priority renders with the same key (they cost nothing extra).
         same_key = (Render.state == RENDER_QUEUED, Render.batch_key == head.batch_key)
+        # FOR UPDATE SKIP LOCKED on PostgreSQL: a second daemon claiming at the same moment
+        # skips these rows instead of waiting for them (SQLite has one writer and ignores it).
         candidate_ids = list(session.scalars(
             select(Render.id).where(*same_key, Render.priority == head.priority)
-            .order_by(Render.id).limit(size)))
+            .order_by(Render.id).limit(size).with_for_update(skip_locked=True)))
         if len(candidate_ids) < size:
             candidate_ids += session.scalars(
                 select(Render.id).where(*same_key, Render.priority < head.priority)
                 .order_by(Render.priority.desc(), Render.id)
-                .limit(size - len(candidate_ids))).all()
+                .limit(size - len(candidate_ids)).with_for_update(skip_locked=True)).all()
         now = utcnow()
         claimed_ids = session.scalars(
             update(Render)
@@ -139,7 +168,8 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
                                           Job.state == JOB_QUEUED).values(state=JOB_RUNNING))
         batch = [ClaimedRender(render_id=row.id, job_id=row.job_id, job_name=row.name,
                                index=row.index, attempt=row.attempts, batch_key=row.batch_key,
-                               batch_id=opened.id, spec=RenderSpec.from_json(row.spec_json))
+                               batch_id=opened.id, spec=RenderSpec.from_json(row.spec_json),
+                               worker=worker)
                  for row in rows]
         data = json.dumps({"batch": opened.id, "size": len(rows), "worker": worker})
         session.execute(insert(Event), [

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -59,11 +60,15 @@ RENDER_QUEUED, RENDER_RUNNING, RENDER_DONE, RENDER_FAILED, RENDER_CANCELLED = (
 ENDED_RENDER_STATES = (RENDER_DONE, RENDER_FAILED, RENDER_CANCELLED)
 
 
+# Inventory rows (checkpoints, LoRAs) belong to the daemon that indexed them: several hosts
+# sharing one database each have their own files. A lone daemon is simply the only host.
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("host", "name", name="uq_checkpoints_host_name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(255), unique=True)
+    host: Mapped[str] = mapped_column(String(128), default="local", index=True)
+    name: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(32))  # "folder" | "single_file"
     family: Mapped[str | None] = mapped_column(String(64))
@@ -87,10 +92,12 @@ class Lora(Base):
     States: ok, quarantined (never loaded; `reason` says why), missing (file gone)."""
 
     __tablename__ = "loras"
+    __table_args__ = (UniqueConstraint("host", "path", name="uq_loras_host_path"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    host: Mapped[str] = mapped_column(String(128), default="local", index=True)
     name: Mapped[str] = mapped_column(String(255), index=True)  # file stem
-    path: Mapped[str] = mapped_column(Text, unique=True)
+    path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     autov2: Mapped[str | None] = mapped_column(String(16))  # sha256(file)[:10]
     autov3: Mapped[str | None] = mapped_column(String(16))  # sha256(tensor data)[:12]
@@ -196,6 +203,22 @@ class Batch(Base):
     outcome: Mapped[str] = mapped_column(String(32), default="done")
     started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class Host(Base):
+    """A daemon sharing the queue: who it is, what it holds, when it last said so."""
+
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    devices_json: Mapped[str] = mapped_column(Text, default="[]")
+    loaded_json: Mapped[str] = mapped_column(Text, default="{}")  # worker -> checkpoints
+    current_batch: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(32), default="running")  # running | stopped
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
 class Setting(Base):

@@ -282,7 +282,7 @@ class Worker:
     def _fail(self, batch: list[ClaimedRender], reason: str) -> None:
         log.error("%s: batch of %d failed: %s", self.name, len(batch), reason)
         for claimed in batch:
-            job = mark_failed(self.store, claimed.render_id, reason)
+            job = mark_failed(self.store, claimed.render_id, reason, worker=claimed.worker)
             if job is not None:
                 self.writer.on_job_finished(job)
 
