@@ -316,6 +316,10 @@ class Store:
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as connection:
+            if not self.is_sqlite:
+                # Several daemons of a farm start together: one migrates, the others wait
+                # for its transaction and then find the schema current.
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727001)")
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
 

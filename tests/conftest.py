@@ -201,3 +201,33 @@ def started_daemon(tmp_path_factory: pytest.TempPathFactory, assets: Assets,
     daemon.start()
     yield daemon
     daemon.close()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+POSTGRES_ADMIN_URL = os.environ.get("LORAFARM_TEST_POSTGRES_URL",
+                                    "postgresql://postgres@127.0.0.1/postgres")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards. `.ci/run` makes sure the
+    local server is up and sets LORAFARM_REQUIRE_POSTGRES=1, so there a missing server fails
+    the suite instead of skipping these tests."""
+    import uuid
+
+    import psycopg
+
+    name = f"lorafarm_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("LORAFARM_REQUIRE_POSTGRES") == "1":
+            raise
+        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
@@ -14,14 +15,28 @@ from daemon.spec import RenderSpec
 from daemon.store import Base, Job, Render, Store
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request, tmp_path: Path) -> Store:  # type: ignore[no-untyped-def]
+    """The same store tests on SQLite and on the local PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state' / 'lorafarm.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url").replace(
+            "postgresql://", "postgresql+psycopg://")
+    store = Store.for_url(url)
+    store.migrate()
+    yield store
+    store.dispose()
+
+
 def _store(tmp_path: Path) -> Store:
     store = Store.for_path(tmp_path / "state" / "lorafarm.sqlite")
     store.migrate()
     return store
 
 
-def test_migrations_create_exactly_the_orm_schema(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_migrations_create_exactly_the_orm_schema(any_store: Store) -> None:
+    store = any_store
     with store.engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == [], f"models and migrations disagree; add a migration: {diff}"
@@ -43,8 +58,8 @@ def _spec(seed: int, width: int = 64) -> RenderSpec:
                       width=width, height=64)
 
 
-def test_claim_takes_priority_then_age_and_only_one_batch_key(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_claim_takes_priority_then_age_and_only_one_batch_key(any_store: Store) -> None:
+    store = any_store
     with store.session() as session:
         low = Job(name="low", file_name="low.toml", content_hash="a", state="queued", priority=0)
         high = Job(name="high", file_name="high.toml", content_hash="b", state="queued",
