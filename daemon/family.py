@@ -9,12 +9,15 @@ family that recognised it.
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.config import OFFLOAD_MODES
+from daemon.gguf_header import GgufHeader
 from daemon.lora_probe import LoraFacts
 from daemon.safetensors_header import SafetensorsHeader
 
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from daemon.spec import LoraUse, RenderSpec
+
+log = logging.getLogger(__name__)
 
 
 class RenderError(RuntimeError):
@@ -91,9 +96,15 @@ class CheckpointSource:
 
     name: str
     path: Path
-    kind: str  # "folder" (diffusers, model_index.json) | "single_file" (.safetensors)
+    # "folder" (diffusers, model_index.json) | "single_file" (.safetensors) | "gguf" (.gguf)
+    kind: str
     header: SafetensorsHeader | None = None  # single files
     model_index: dict[str, Any] | None = None  # folders
+    gguf: GgufHeader | None = None  # GGUF files: only families that load GGUF look at it
+    # From the sidecar / config.toml, for probes that need the base folder (e.g. which Wan
+    # release a GGUF expert belongs to) and the second expert of a GGUF pair.
+    config_path: Path | None = None
+    transformer_2: Path | None = None
 
     @classmethod
     def for_folder(cls, name: str, path: Path) -> CheckpointSource:
@@ -102,7 +113,17 @@ class CheckpointSource:
 
     @property
     def metadata(self) -> dict[str, str]:
+        if self.gguf is not None:
+            return self.gguf.metadata
         return self.header.metadata if self.header else {}
+
+    def tensor_table(self) -> SafetensorsHeader | None:
+        """The file's tensor names, shapes and dtypes, for a safetensors file or a GGUF file
+        alike (GGUF dtypes are GGML type names such as "Q8_0"); None for folders. A family
+        that cannot load GGUF must not claim a GGUF file: it checks `kind` first."""
+        if self.gguf is not None:
+            return self.gguf.as_safetensors_header()
+        return self.header
 
 
 @dataclass(frozen=True)
@@ -136,10 +157,12 @@ class LoadedCheckpoint:
 
     name: str
     path: Path
-    kind: str
+    kind: str  # "folder" | "single_file" | "gguf"
     config_path: Path | None  # local diffusers config folder for single files
     lineage: str | None = None
     variant: str | None = None
+    quantization: str | None = None  # "GGUF Q8_0", "FP8 e4m3fn"; None: stored as released
+    transformer_2: Path | None = None  # a GGUF pair's second (low-noise) expert file
 
 
 @dataclass
@@ -165,6 +188,8 @@ class Family(ABC):
     supports_true_cfg: bool = False
     produces: str = "image"  # "image" or "video"
     takes_image: bool = False  # accepts the job key `image` (image-to-video)
+    # Loads quantized `.gguf` transformers (probe_checkpoint may claim kind "gguf" sources).
+    reads_gguf: bool = False
 
     def defaults_for(self, variant: str | None) -> FamilyDefaults:
         """Defaults for one variant of the family's checkpoints (e.g. Klein distilled vs base);
@@ -234,30 +259,92 @@ class Family(ABC):
     def batch_cost(self, spec: RenderSpec) -> int:
         """Estimated accelerator memory (bytes) one render of `spec` adds to a batch; the
         scheduler divides the configured memory budget by it. The default scales with the
-        latent size (and frames), calibrated on SDXL at fp16: ~0.9 GB per 1024x1024 image."""
+        latent size (and frames), calibrated on SDXL at fp16: ~0.9 GB per 1024x1024 image.
+
+        A quantized checkpoint (spec.extra["quantization"]) costs the same here: GGUF and FP8
+        weights are dequantized one layer at a time into the compute dtype, so activations
+        are those of the unquantized model. What quantization changes is the weights' own
+        memory: see `weights_cost`."""
         frames = int(spec.extra.get("frames", 1))
         return int(0.9 * 2**30 * (spec.width * spec.height / 1024**2) * max(1, frames // 4 + 1))
+
+    def weights_cost(self, checkpoint: LoadedCheckpoint, dtype: torch.dtype,
+                     offload: str = "none") -> int:
+        """Accelerator bytes the loaded checkpoint's weights hold while it renders: what is
+        left of a device's memory for batches is the device's memory minus this. From file
+        headers alone (no weights read): a GGUF or FP8 denoiser counts at its stored size,
+        since it stays quantized in memory, everything else at `dtype`. With offload, only
+        the part on the accelerator at a time counts (model: the largest component; group /
+        sequential: about one block, taken as 0)."""
+        from daemon.quantization import resident_weight_bytes
+
+        return resident_weight_bytes(checkpoint, dtype, offload)
+
+    def apply_offload(self, pipe: Any, mode: str, device: torch.device) -> list[str]:
+        """Put the loaded pipeline into the configured memory tier (worker.offload) and return
+        what was turned on. Called once per load, on a pipeline `load_pipeline` built on the
+        CPU (the worker loads there when a mode other than "none" is set), so the full model
+        never has to fit on the device.
+
+        * none: everything stays on the device (nothing to do);
+        * model: diffusers' model CPU offload, one component on the device at a time;
+        * group: diffusers' group offload, one transformer block (group) at a time, streamed
+          ahead of its use on a side CUDA stream; the VAE stays on the device;
+        * sequential: diffusers' sequential CPU offload, one layer at a time (slowest).
+
+        Only CUDA has these; on the CPU they mean nothing and the call only logs.
+        """
+        if mode not in OFFLOAD_MODES:
+            raise RenderError(f"worker.offload = {mode!r}; use one of {', '.join(OFFLOAD_MODES)}")
+        if mode == "none":
+            return []
+        if device.type != "cuda":
+            log.info("worker.offload = %s has no effect on %s: the pipeline stays in main memory",
+                     mode, device)
+            return []
+        import torch
+
+        if mode == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif mode == "group":
+            pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                      offload_type="block_level", num_blocks_per_group=1,
+                                      use_stream=True, exclude_modules=["vae"])
+        else:
+            pipe.enable_sequential_cpu_offload(device=device)
+        pipe.lorafarm_offload = mode
+        return [f"{mode}_offload"]
 
     def enable_memory_savers(self, pipe: Any, device: torch.device) -> list[str]:
         """Turn on what trades speed for memory (after an out-of-memory error at batch 1);
         returns what was turned on. Default: VAE tiling and slicing, and CPU offload of idle
-        components on CUDA."""
+        components on CUDA unless an offload mode is on already (`apply_offload`)."""
         turned_on = []
         vae = getattr(pipe, "vae", None)
         for name in ("enable_tiling", "enable_slicing"):
             if vae is not None and hasattr(vae, name):
                 getattr(vae, name)()
                 turned_on.append(f"vae.{name}")
-        if device.type == "cuda" and hasattr(pipe, "enable_model_cpu_offload"):
+        offloaded = getattr(pipe, "lorafarm_offload", "none") != "none"
+        if device.type == "cuda" and hasattr(pipe, "enable_model_cpu_offload") and not offloaded:
             pipe.enable_model_cpu_offload(device=device)
+            pipe.lorafarm_offload = "model"
             turned_on.append("model_cpu_offload")
         return turned_on
 
     def infotext_fields(self, spec: RenderSpec) -> list[tuple[str, object]]:
-        """Extra A1111 infotext fields this family writes (e.g. Forge's Distilled CFG Scale)."""
-        return []
+        """Extra A1111 infotext fields this family writes (e.g. Forge's Distilled CFG Scale).
+        The default records the checkpoint's quantization ("Quantization: GGUF Q8_0"), so a
+        picture tells which form of the model drew it; families that add fields keep it."""
+        return quantization_fields(spec)
 
     @abstractmethod
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
         """Write this family's tiny random-weight checkpoints the way users have them, and
         return the config overrides and sample jobs that render them."""
+
+
+def quantization_fields(spec: RenderSpec) -> list[tuple[str, object]]:
+    """The infotext field naming a quantized checkpoint's form; none for unquantized ones."""
+    quantization = spec.extra.get("quantization")
+    return [("Quantization", quantization)] if quantization else []

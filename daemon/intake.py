@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -31,7 +32,14 @@ from watchdog.observers import Observer
 
 from daemon.config import Config
 from daemon.family import Family, FamilyDefaults
-from daemon.jobfile import JobFileError, JobSpec, check_job, decode_job_bytes, line_of_key
+from daemon.jobfile import (
+    LORA_AXIS,
+    JobFileError,
+    JobSpec,
+    check_job,
+    decode_job_bytes,
+    line_of_key,
+)
 from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError
 from daemon.plugins import Plugins
 from daemon.prompt_tags import PromptTagError, extract_lora_tags
@@ -268,7 +276,15 @@ class Intake:
         if problem:
             raise JobFileError(problem, key="checkpoint", line=line,
                                fix="set it in config.toml, then drop the job file again")
-        return self._expand(spec, family, text, info)
+        if not spec.sweep:
+            return self._expand(spec, family, text, info)
+        renders: list[RenderSpec] = []
+        warnings: list[str] = []
+        for variant, labels in sweep_variants(spec, text):
+            variant_renders, notes = self._expand(variant, family, text, info)
+            renders += [replace(r, extra={**r.extra, "sweep": labels}) for r in variant_renders]
+            warnings += [n for n in notes if n not in warnings]
+        return renders, warnings
 
     def _expand(self, spec: JobSpec, family: Family, text: str,
                 checkpoint: CheckpointInfo) -> tuple[list[RenderSpec], list[str]]:
@@ -335,6 +351,10 @@ class Intake:
             extra["guidance"] = spec.guidance if spec.guidance is not None else d.guidance
         if spec.true_cfg is not None:
             extra["true_cfg"] = spec.true_cfg
+        if checkpoint.quantization:
+            # The checkpoint's form ("GGUF Q4_0") changes the pixels: it goes into the history,
+            # the batch key and (via Family.infotext_fields) every output's infotext.
+            extra["quantization"] = checkpoint.quantization
         extra.update(self._video_settings(spec, family, d, checkpoint.variant, text))
         renders = [
             RenderSpec(
@@ -615,6 +635,38 @@ class _WakeupHandler(FileSystemEventHandler):
         if event.event_type == "closed":
             self.intake.note_closed(Path(str(event.src_path)))
         self.intake.wakeup.set()
+
+
+def sweep_variants(spec: JobSpec, text: str) -> list[tuple[JobSpec, dict[str, object]]]:
+    """The job once per combination of its sweep axes, with the axis labels of each."""
+    axes = [axis for axis, _ in spec.sweep]
+    variants = []
+    base_seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+    for combo in itertools.product(*(values for _, values in spec.sweep)):
+        labels = dict(zip(axes, combo, strict=True))
+        variant = replace(spec, seed=base_seed)
+        for axis, value in labels.items():
+            if axis == "prompt_sr":
+                search = spec.sweep[axes.index(axis)][1][0]
+                if search not in spec.prompt:
+                    raise JobFileError(f"sweep.prompt_sr searches for {search!r}, which is not "
+                                       "in the prompt", key="sweep.prompt_sr",
+                                       line=line_of_key(text, "prompt_sr"),
+                                       fix="make the first value a word of the prompt")
+                variant = replace(variant, prompt=variant.prompt.replace(search, str(value)))
+            elif axis.startswith(LORA_AXIS):
+                name = axis[len(LORA_AXIS):]
+                if name not in [lora.name for lora in spec.loras]:
+                    raise JobFileError(f"sweep axis `{axis}` names a LoRA the job does not list "
+                                       "in [[loras]]", key=f"sweep.{axis}",
+                                       fix=f'add [[loras]] name = "{name}"')
+                variant = replace(variant, loras=tuple(
+                    replace(lora, strength=float(value)) if lora.name == name else lora
+                    for lora in variant.loras))
+            else:
+                variant = replace(variant, **{axis: float(value) if axis == "cfg" else value})
+        variants.append((variant, labels))
+    return variants
 
 
 def unique_destination(folder: Path, file_name: str, job_id: int) -> Path:

@@ -73,12 +73,14 @@ class JobSpec:
     priority: int
     conventions: bool
     loras: tuple[JobLora, ...] = ()
+    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # axis -> values (X/Y/Z plot)
     trigger_words: bool = False  # append each LoRA's trigger words to the prompt
     allow_cross_lineage: bool = False  # e.g. a Pony LoRA on an Illustrious checkpoint
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
         data["loras"] = [dict(lora.__dict__) for lora in self.loras]
+        data["sweep"] = {axis: list(values) for axis, values in self.sweep}
         return json.dumps(data, sort_keys=True)
 
 
@@ -113,6 +115,7 @@ KEYS: dict[str, _Key] = {
     "guidance_2": _Key((int, float), low=0.0, high=30.0, example="guidance_2 = 3.0"),
     "flow_shift": _Key((int, float), low=0.0, high=100.0, example="flow_shift = 5.0"),
     "loras": _Key(list, example='[[loras]]\nname = "my-style"\nstrength = 0.8'),
+    "sweep": _Key(dict, example='[sweep]\ncfg = [4.0, 6.0]\nprompt_sr = ["red", "blue"]'),
     "trigger_words": _Key(bool, example="trigger_words = true"),
     "allow_cross_lineage": _Key(bool, example="allow_cross_lineage = true"),
 }
@@ -200,6 +203,7 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         priority=values["priority"] if values["priority"] is not None else 0,
         conventions=values["conventions"] if values["conventions"] is not None else True,
         loras=_check_loras(values["loras"] or [], text),
+        sweep=_check_sweep(values["sweep"] or {}, text, limits),
         trigger_words=bool(values["trigger_words"]),
         allow_cross_lineage=bool(values["allow_cross_lineage"]),
     )
@@ -248,6 +252,52 @@ def _check_loras(entries: list[Any], text: str) -> tuple[JobLora, ...]:
                               text_encoder_strength=strengths["text_encoder_strength"],
                               expert=expert))
     return tuple(result)
+
+
+SWEEP_AXES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "seed": (int, "seed = [1, 2, 3]"),
+    "cfg": ((int, float), "cfg = [4.0, 6.0, 8.0]"),
+    "steps": (int, "steps = [20, 30]"),
+    "sampler": (str, 'sampler = ["Euler a", "DPM++ 2M Karras"]'),
+    "prompt_sr": (str, 'prompt_sr = ["red", "blue", "green"]  # A1111 Prompt S/R'),
+}
+LORA_AXIS = "lora:"  # "lora:NAME" = [0.0, 0.5, 1.0]: that LoRA's strength
+
+
+def _check_sweep(table: dict[str, Any], text: str, limits: Limits) -> tuple[
+        tuple[str, tuple[Any, ...]], ...]:
+    """A1111's X/Y/Z plot as a `[sweep]` table: each axis a list of values; the job renders
+    the cartesian product. Prompt S/R replaces its first value in the prompt with each."""
+    line = _line_of_pattern(text, r"^\s*\[sweep\]")
+    axes = []
+    total = 1
+    for axis, values in table.items():
+        where = f"sweep.{axis}"
+        if axis.startswith(LORA_AXIS) and axis[len(LORA_AXIS):]:
+            kinds: type | tuple[type, ...] = (int, float)
+            example = f'"{axis}" = [0.0, 0.5, 1.0]'
+        elif axis in SWEEP_AXES:
+            kinds, example = SWEEP_AXES[axis]
+        else:
+            close = difflib.get_close_matches(axis, list(SWEEP_AXES), n=1)
+            hint = f"did you mean `{close[0]}`?" if close else (
+                f"axes: {', '.join(SWEEP_AXES)}, or \"lora:NAME\" for a LoRA's strength")
+            raise JobFileError(f"unknown sweep axis `{axis}`", key=where, line=line, fix=hint)
+        if (not isinstance(values, list) or not values or any(
+                isinstance(v, bool) or not isinstance(v, kinds) for v in values)):
+            raise JobFileError(f"`{where}` must be a non-empty list of "
+                               f"{_type_word(kinds if isinstance(kinds, type) else kinds[-1])}s",
+                               key=where, line=line, fix=example)
+        if axis == "prompt_sr" and len(values) < 2:
+            raise JobFileError("`sweep.prompt_sr` needs the word to search for and at least one "
+                               "replacement", key=where, line=line, fix=example)
+        axes.append((axis, tuple(values)))
+        total *= len(values)
+    if total > limits.max_count:
+        raise JobFileError(f"the sweep makes {total} combinations; at most {limits.max_count} "
+                           "(limits.max_count in config.toml)", key="sweep", line=line,
+                           fix="use fewer values per axis")
+    return tuple(axes)
 
 
 def _line_of_pattern(text: str, pattern: str) -> int | None:

@@ -1,9 +1,11 @@
 """The model registry: what checkpoints exist under models/, which family each belongs to,
 and their A1111 model hashes.
 
-A checkpoint is a diffusers folder (holding model_index.json) or a single `.safetensors`
-file. Its family comes from asking every family plugin about the header (no weights are
-loaded); config.toml `[checkpoints.NAME] family = ...` overrides the answer. Hashing a 7 GB
+A checkpoint is a diffusers folder (holding model_index.json), a single `.safetensors`
+file, or a quantized `.gguf` transformer (with a base folder for the rest, and for Wan 2.2
+A14B a second GGUF file for the low-noise expert: `transformer_2` in its sidecar). Its family
+comes from asking every family plugin about the header (no weights are loaded); config.toml
+`[checkpoints.NAME] family = ...` overrides the answer. Hashing a 7 GB
 file takes tens of seconds, so hashes are computed on a background thread and cached in the
 database by (path, size, mtime); the render loop never waits for one except, at worst, when
 writing the first output of a checkpoint whose hash is still being computed.
@@ -24,7 +26,9 @@ from sqlalchemy import select
 
 from daemon.config import CheckpointOverride, Config
 from daemon.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
+from daemon.gguf_header import TEXT_ARCHITECTURES, GgufError, read_gguf_header
 from daemon.plugins import Plugins
+from daemon.quantization import checkpoint_quantization
 from daemon.safetensors_header import SafetensorsError, read_header, sha256_file
 from daemon.store import Checkpoint, FileHash, Host, Store, add_event, utcnow
 
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # In a diffusers folder, the file whose hash stands for the model (A1111 hashes one file).
 DENOISER_WEIGHTS = ("unet", "transformer")
+SIDECAR_KEYS = ("family", "lineage", "config", "variant", "transformer_2")
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,14 @@ class CheckpointInfo:
     reason: str | None
     config_path: Path | None
     model_hash: str | None
+    quantization: str | None = None  # "GGUF Q8_0", "FP8 e4m3fn"; None: stored as released
+    transformer_2: Path | None = None  # a GGUF pair's low-noise expert (sidecar transformer_2)
 
     def loaded(self) -> LoadedCheckpoint:
         return LoadedCheckpoint(name=self.name, path=self.path, kind=self.kind,
                                 config_path=self.config_path, lineage=self.lineage,
-                                variant=self.variant)
+                                variant=self.variant, quantization=self.quantization,
+                                transformer_2=self.transformer_2)
 
 
 class Registry:
@@ -79,8 +87,14 @@ class Registry:
                     found.setdefault(entry.name, (entry, "folder"))
                 elif entry.is_file() and entry.suffix == ".safetensors":
                     found.setdefault(entry.stem, (entry, "single_file"))
+                elif entry.is_file() and entry.suffix.lower() == ".gguf":
+                    found.setdefault(entry.stem, (entry, "gguf"))
                 elif entry.is_file() and entry.suffix.lower() in PICKLE_SUFFIXES:
                     found.setdefault(entry.stem, (entry, "pickle"))
+        # The second expert of a GGUF pair is part of the checkpoint that names it, not a
+        # checkpoint of its own (a job naming it alone would render with one expert).
+        for partner in _second_experts(found):
+            found.pop(partner, None)
         with self.store.session() as session:
             rows = {row.name: row for row in session.scalars(
                 select(Checkpoint).where(Checkpoint.host == self.host))}
@@ -130,31 +144,23 @@ class Registry:
         recognised_by: str | None
         config_path: Path | None
 
-    def _override(self, name: str, path: Path) -> CheckpointOverride | None:
+    def _override(self, name: str, path: Path) -> tuple[CheckpointOverride | None, Path | None]:
         """A sidecar NAME.toml beside the checkpoint, with config.toml's
-        [checkpoints.NAME] on top (the central file wins)."""
-        sidecar = path.parent / f"{name}.toml"
-        values: dict[str, object] = {}
-        if sidecar.is_file():
-            try:
-                data = tomllib.loads(sidecar.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-                raise ValueError(f"sidecar {sidecar.name} is not valid TOML: {exc}") from exc
-            unknown = sorted(set(data) - {"family", "lineage", "config", "variant"})
-            if unknown:
-                raise ValueError(f"sidecar {sidecar.name}: unknown key(s) {', '.join(unknown)}; "
-                                 "allowed: family, lineage, config, variant")
-            values.update(data)
-            if "config" in values:
-                values["config"] = (sidecar.parent / str(values["config"])).resolve()
+        [checkpoints.NAME] on top (the central file wins); and the second expert file of a
+        GGUF pair (`transformer_2`), which the sidecar names."""
+        values = read_sidecar(name, path)
+        transformer_2 = values.pop("transformer_2", None)
         central = self.config.checkpoints.get(name)
         if central is not None:
             values.update({k: v for k, v in central.__dict__.items() if v is not None})
-        return CheckpointOverride(**values) if values else None  # type: ignore[arg-type]
+            # config.toml may carry it too once CheckpointOverride knows the key.
+            transformer_2 = values.pop("transformer_2", None) or transformer_2
+        override = CheckpointOverride(**values) if values else None  # type: ignore[arg-type]
+        return override, Path(str(transformer_2)) if transformer_2 else None
 
     def _recognise(self, name: str, path: Path, kind: str) -> Registry._Recognition:
         try:
-            override = self._override(name, path)
+            override, transformer_2 = self._override(name, path)
         except ValueError as exc:
             return self._Recognition(None, None, None, "unrecognised", str(exc), None, None)
         config_path = override.config if override else None
@@ -164,10 +170,18 @@ class Registry:
                                      "(they can run code); convert it to .safetensors",
                                      None, None)
         try:
-            source = (CheckpointSource.for_folder(name, path) if kind == "folder" else
-                      CheckpointSource(name=name, path=path, kind=kind,
-                                       header=read_header(path)))
-        except (SafetensorsError, OSError, ValueError) as exc:
+            if kind == "folder":
+                source = CheckpointSource.for_folder(name, path)
+            elif kind == "gguf":
+                source = CheckpointSource(name=name, path=path, kind=kind,
+                                          gguf=read_gguf_header(path), config_path=config_path,
+                                          transformer_2=transformer_2)
+                if transformer_2 is not None:
+                    _check_second_expert(path, transformer_2)
+            else:
+                source = CheckpointSource(name=name, path=path, kind=kind,
+                                          header=read_header(path), config_path=config_path)
+        except (SafetensorsError, GgufError, OSError, ValueError) as exc:
             return self._Recognition(None, None, None, "unrecognised", str(exc), None, None)
         probes: list[CheckpointProbe] = []
         for family in self.plugins.families.values():
@@ -191,6 +205,10 @@ class Registry:
             variant = override.variant or (matching[0].variant if matching else None)
             return self._Recognition(override.family, lineage, variant, "ok",
                                      "family set in config.toml", "config", config_path)
+        if not probes and source.gguf is not None:
+            readers = [f.display_name for f in self.plugins.families.values() if f.reads_gguf]
+            return self._Recognition(None, None, None, "unrecognised",
+                                     _unknown_gguf_reason(source, readers), None, config_path)
         if not probes:
             return self._Recognition(
                 None, None, None, "unrecognised",
@@ -206,7 +224,12 @@ class Registry:
                 f'[checkpoints.{name}] family = "..." in config.toml', None, config_path)
         lineage = override.lineage if override and override.lineage else best.lineage
         variant = override.variant if override and override.variant else best.variant
-        return self._Recognition(best.family, lineage, variant, "ok", best.reason,
+        reason = best.reason
+        quantization = checkpoint_quantization(path, kind)
+        if quantization is not None:
+            # Shown by `lorafarm models`: the label the renders record, and the type mix.
+            reason += f"; {quantization.label} ({quantization.detail})"
+        return self._Recognition(best.family, lineage, variant, "ok", reason,
                                  "header", config_path)
 
     # -- queries ---------------------------------------------------------------------------
@@ -313,8 +336,94 @@ def live_hosts(session: Any, config: Config) -> list[str]:
 
 
 def _info(row: Checkpoint) -> CheckpointInfo:
-    return CheckpointInfo(name=row.name, path=Path(row.path), kind=row.kind, family=row.family,
+    path = Path(row.path)
+    quantization = transformer_2 = None
+    if row.state == "ok" and row.kind in ("gguf", "single_file"):
+        # From the file's header (cached per file version); a checkpoint of another host of
+        # the farm is not here to read and records none.
+        found = checkpoint_quantization(path, row.kind)
+        quantization = found.label if found else None
+    if row.state == "ok" and row.kind == "gguf":
+        try:
+            second = read_sidecar(row.name, path).get("transformer_2")
+        except ValueError:
+            second = None
+        transformer_2 = Path(str(second)) if second else None
+    return CheckpointInfo(name=row.name, path=path, kind=row.kind, family=row.family,
                           lineage=row.lineage, variant=row.variant, state=row.state,
                           reason=row.reason,
                           config_path=Path(row.config_path) if row.config_path else None,
-                          model_hash=row.model_hash)
+                          model_hash=row.model_hash, quantization=quantization,
+                          transformer_2=transformer_2)
+
+
+def read_sidecar(name: str, path: Path) -> dict[str, object]:
+    """The sidecar NAME.toml beside a checkpoint, its paths (`config`, `transformer_2`)
+    resolved against the sidecar's folder; {} when there is none. Raises ValueError.
+
+    A Wan 2.2 A14B pair of GGUF files is declared in the high-noise file's sidecar:
+
+        # wan2.2_t2v_high_noise_14B_Q8_0.toml
+        config = "Wan2.2-T2V-A14B-Diffusers"            # UMT5, VAE, tokenizer, configs
+        transformer_2 = "wan2.2_t2v_low_noise_14B_Q8_0.gguf"
+    """
+    sidecar = path.parent / f"{name}.toml"
+    if not sidecar.is_file():
+        return {}
+    try:
+        data = tomllib.loads(sidecar.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ValueError(f"sidecar {sidecar.name} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(data) - set(SIDECAR_KEYS))
+    if unknown:
+        raise ValueError(f"sidecar {sidecar.name}: unknown key(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(SIDECAR_KEYS)}")
+    values: dict[str, object] = dict(data)
+    for key in ("config", "transformer_2"):
+        if key in values:
+            values[key] = (sidecar.parent / str(values[key])).resolve()
+    return values
+
+
+def _second_experts(found: dict[str, tuple[Path, str]]) -> set[str]:
+    """Names of GGUF files that another GGUF's sidecar names as its `transformer_2`."""
+    partners: set[str] = set()
+    for name, (path, kind) in found.items():
+        if kind != "gguf":
+            continue
+        try:
+            second = read_sidecar(name, path).get("transformer_2")
+        except ValueError:
+            continue  # the checkpoint itself reports the broken sidecar
+        if second is not None:
+            partner = Path(str(second))
+            if partner.parent == path.parent and partner.stem != name:
+                partners.add(partner.stem)
+    return partners
+
+
+def _check_second_expert(path: Path, second: Path) -> None:
+    """The `transformer_2` a sidecar names must be a readable GGUF file; raises ValueError
+    (GgufError) with the reason."""
+    if not second.is_file():
+        raise ValueError(f"sidecar {path.stem}.toml names transformer_2 = {second.name!r}, which "
+                         f"does not exist in {second.parent}; put the low-noise expert's file "
+                         "there or fix the name")
+    if second.suffix.lower() != ".gguf":
+        raise ValueError(f"sidecar {path.stem}.toml: transformer_2 = {second.name!r} must be a "
+                         ".gguf file like the checkpoint itself")
+    read_gguf_header(second)
+
+
+def _unknown_gguf_reason(source: CheckpointSource, readers: list[str]) -> str:
+    assert source.gguf is not None
+    architecture = source.gguf.architecture
+    tensors = len(source.gguf.tensors)
+    if architecture in TEXT_ARCHITECTURES:
+        return (f"GGUF general.architecture = {architecture!r}: a language-model file (a text "
+                "encoder or chat model), not a diffusion transformer; lorafarm takes text "
+                "encoders from the checkpoint's base folder (config)")
+    stated = f"general.architecture = {architecture!r}" if architecture else \
+        "no general.architecture"
+    return (f"no installed family recognises this GGUF file's {tensors} tensors ({stated}); "
+            f"GGUF transformers load for {', '.join(readers) or 'no installed family'}")

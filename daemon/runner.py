@@ -22,6 +22,7 @@ from typing import IO
 from sqlalchemy import select
 
 from daemon.config import Config
+from daemon.grid import write_sweep_grid
 from daemon.hosts import forget_dead_inventories, heartbeat, register_host, stop_host
 from daemon.intake import Intake
 from daemon.lifecycle import recover_interrupted, stale_outputs
@@ -243,6 +244,10 @@ class Daemon:
             return setting is not None and setting.value == "1"
 
     def _job_finished(self, job_id: int) -> None:
+        try:
+            write_sweep_grid(self.store, self.config.paths.outputs, job_id)
+        except Exception:  # a grid is a convenience; the renders themselves are done
+            log.exception("could not write the sweep grid of job %d", job_id)
         self.intake.file_finished_job(job_id)
         self.plugins.notify("job_finished", str(job_id), {"job_id": job_id})
 
