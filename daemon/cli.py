@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-run", action="store_true", help="only write the files")
     demo.set_defaults(handler=cmd_demo)
 
+    from daemon.cli_control import add_control_commands
+
+    add_control_commands(sub)
+
     backup = sub.add_parser("backup", help="copy the history database (safe while running)")
     _config_arg(backup)
     backup.add_argument("dest", type=Path, help="a file, or a folder for a dated copy")
@@ -172,13 +176,18 @@ def cmd_status(args: argparse.Namespace) -> int:
                                            .group_by(Render.state)).all())
             jobs = dict(session.execute(select(Job.state, func.count())
                                         .group_by(Job.state)).all())
+    from daemon.web import status_url
+
     pid = daemon_pid(config)
-    status = {"daemon": {"running": pid is not None, "pid": pid},
+    page = status_url(config) if config.web.enabled else None
+    status = {"daemon": {"running": pid is not None, "pid": pid}, "page": page,
               "config": str(config.source), "jobs": jobs, "renders": renders}
     if args.json:
         print(json.dumps(status, indent=2))
     else:
         print(f"daemon: {'running (pid ' + str(pid) + ')' if pid else 'not running'}")
+        if page:
+            print(f"page:    {page}")
         print(f"jobs:    {_counts(jobs)}")
         print(f"renders: {_counts(renders)}")
     return 0

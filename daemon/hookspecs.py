@@ -31,11 +31,13 @@ def register_families(register: Callable[[Family], None]) -> None:
 
 
 @hookspec
-def register_job_parsers(register: Callable[[str, Callable[[str], dict[str, Any]]], None]) -> None:
-    """Called once at start-up; call `register(suffix, parse)` for each job-file format.
+def register_job_parsers(register: Callable[..., None]) -> None:
+    """Called once at start-up; call `register(suffix, parse)` for each job-file format, or
+    `register(suffix, parse, binary=True)` for one read as bytes (images, videos).
 
-    `suffix` is the file ending with its dot (".toml"); `parse(text)` returns the job as a
-    plain dict or raises `daemon.jobfile.JobFileError` (with a line number where known)."""
+    `suffix` is the file ending with its dot (".toml"); `parse(text)` (or `parse(raw)`)
+    returns the job as a plain dict or raises `daemon.jobfile.JobFileError` (with a line
+    number where known)."""
 
 
 @hookspec

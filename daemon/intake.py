@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 MAX_JOB_FILE_BYTES = 1024 * 1024  # a job file is a few hundred bytes; 1 MB is not a job
+MAX_MEDIA_JOB_BYTES = 512 * 1024 * 1024  # a PNG or MP4 dropped to be rendered again
 SUBFOLDERS = ("processing", "done", "failed", "rejected")
 CLAIM_FOLDER_PREFIX = ".taking-"  # jobs/.taking-<daemon>/: files a daemon is taking in
 
@@ -165,10 +166,12 @@ class Intake:
                 "job files may not be symbolic links",
                 fix="copy the job file into jobs/ instead of linking it"), result)
             return
-        if stat.st_size > MAX_JOB_FILE_BYTES:
+        limit = (MAX_MEDIA_JOB_BYTES if path.suffix.lower() in self.plugins.binary_parsers
+                 else MAX_JOB_FILE_BYTES)
+        if stat.st_size > limit:
             self._reject(path, b"", JobFileError(
                 f"the file is {stat.st_size} bytes; a job file is at most "
-                f"{MAX_JOB_FILE_BYTES} bytes", fix="is this really a job file? job files are "
+                f"{limit} bytes", fix="is this really a job file? job files are "
                 "short TOML or JSON text"), result)
             return
         raw = path.read_bytes()
@@ -245,13 +248,22 @@ class Intake:
             known = ", ".join(sorted(self.plugins.job_parsers)) or "none"
             raise JobFileError(f"`{suffix or file_name}` is not a job file type lorafarm reads",
                                fix=f"save the job as one of: {known}")
-        text = decode_job_bytes(raw)
-        data = parser(text)
+        if suffix in self.plugins.binary_parsers:
+            data = parser(raw)
+            text = ""  # no lines to point at: errors name the key
+        else:
+            text = decode_job_bytes(raw)
+            data = parser(text)
         spec = check_job(data, text, self.config.limits)
         return (spec, *self.resolve(spec, text))
 
     def resolve(self, spec: JobSpec, text: str) -> tuple[list[RenderSpec], list[str]]:
         """Check the job against the registry and its family; expand it into renders."""
+        if spec.checkpoint_hash:
+            # A re-render names the model by hash first: the file may have another name here.
+            by_hash = self.registry.find_by_hash(spec.checkpoint_hash)
+            if by_hash is not None:
+                spec = replace(spec, checkpoint=by_hash.name)
         info = self.registry.find(spec.checkpoint)
         line = line_of_key(text, "checkpoint")
         if info is None or info.state == "missing":
@@ -477,7 +489,8 @@ class Intake:
             key = "loras" if where == "loras" else "prompt"
             line = line_of_key(text, key) or line_of_key(text, "name")
             try:
-                infos = self.library.resolve_all(name)
+                by_hash = self.library.find_by_hash(spec.lora_hashes.get(name, ""))
+                infos = [by_hash] if by_hash else self.library.resolve_all(name)
             except LoraLookupError as exc:
                 raise JobFileError(str(exc), key=key, line=line,
                                    fix="put the .safetensors file under "

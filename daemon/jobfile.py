@@ -11,7 +11,7 @@ import difflib
 import json
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import Limits
@@ -74,6 +74,8 @@ class JobSpec:
     conventions: bool
     loras: tuple[JobLora, ...] = ()
     sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # axis -> values (X/Y/Z plot)
+    checkpoint_hash: str | None = None
+    lora_hashes: dict[str, str] = field(default_factory=dict)
     trigger_words: bool = False  # append each LoRA's trigger words to the prompt
     allow_cross_lineage: bool = False  # e.g. a Pony LoRA on an Illustrious checkpoint
 
@@ -116,6 +118,9 @@ KEYS: dict[str, _Key] = {
     "flow_shift": _Key((int, float), low=0.0, high=100.0, example="flow_shift = 5.0"),
     "loras": _Key(list, example='[[loras]]\nname = "my-style"\nstrength = 0.8'),
     "sweep": _Key(dict, example='[sweep]\ncfg = [4.0, 6.0]\nprompt_sr = ["red", "blue"]'),
+    # Re-renders: the model and LoRAs by hash first (A1111 / Civitai AutoV2 or AutoV3).
+    "checkpoint_hash": _Key(str, example='checkpoint_hash = "67ab2fd8ec"'),
+    "lora_hashes": _Key(dict, example='lora_hashes = { ink = "0a1b2c3d4e5f" }'),
     "trigger_words": _Key(bool, example="trigger_words = true"),
     "allow_cross_lineage": _Key(bool, example="allow_cross_lineage = true"),
 }
@@ -204,6 +209,8 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         conventions=values["conventions"] if values["conventions"] is not None else True,
         loras=_check_loras(values["loras"] or [], text),
         sweep=_check_sweep(values["sweep"] or {}, text, limits),
+        checkpoint_hash=values["checkpoint_hash"],
+        lora_hashes={str(k): str(v) for k, v in (values["lora_hashes"] or {}).items()},
         trigger_words=bool(values["trigger_words"]),
         allow_cross_lineage=bool(values["allow_cross_lineage"]),
     )

@@ -17,6 +17,7 @@ from daemon.store import (
     JOB_FAILED,
     JOB_QUEUED,
     JOB_RUNNING,
+    RENDER_CANCELLED,
     RENDER_DONE,
     RENDER_FAILED,
     RENDER_QUEUED,
@@ -84,6 +85,8 @@ def put_back(store: Store, render_ids: list[int], reason: str, *,
                 if _settle_job(session, render.job_id) is not None:
                     ended.append(render.job_id)
                 continue
+            if _job_ended(session, render):
+                continue
             render.state = RENDER_QUEUED
             render.worker = None
             if not count_attempt:
@@ -124,6 +127,8 @@ def recover_interrupted(store: Store, max_attempts: int, *, holder_prefix: str |
                           render_id=render.id)
                 if _settle_job(session, render.job_id) is not None:
                     ended_jobs.append(render.job_id)
+            elif _job_ended(session, render):
+                continue
             else:
                 render.state, render.worker = RENDER_QUEUED, None
                 requeued.append(render.id)
@@ -154,6 +159,18 @@ def stale_outputs(store: Store, outputs: Path) -> list[Path]:
             if path.exists():
                 stale.append(path)
     return stale
+
+
+def _job_ended(session, render: Render) -> bool:  # type: ignore[no-untyped-def]
+    """A render whose job has already ended (cancelled by the user while it ran) is not put
+    back in the queue: it ends cancelled."""
+    job = session.get(Job, render.job_id)
+    if job is None or job.state in (JOB_QUEUED, JOB_RUNNING):
+        return False
+    render.state, render.worker, render.finished_at = RENDER_CANCELLED, None, utcnow()
+    add_event(session, "render_cancelled", f"its job is {job.state}", job_id=render.job_id,
+              render_id=render.id)
+    return True
 
 
 def _settle_job(session, job_id: int) -> int | None:  # type: ignore[no-untyped-def]

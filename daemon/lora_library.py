@@ -326,6 +326,16 @@ class LoraLibrary:
                 return [pair["high"], pair["low"]]
         return [self.resolve(name)]
 
+    def find_by_hash(self, key: str) -> LoraInfo | None:
+        """A usable LoRA whose AutoV3 (12 hex) or AutoV2 (10 hex) is `key`."""
+        key = key.lower().strip()
+        if len(key) < 10:
+            return None
+        for info in self.all(anywhere=True):
+            if info.state == OK and key in (info.autov3, info.autov2):
+                return info
+        return None
+
     def resolve(self, name: str) -> LoraInfo:
         """The usable LoRA a job names, or LoraLookupError saying why not."""
         known = [info for info in self.all(anywhere=True)

@@ -41,7 +41,8 @@ class Plugins:
                 self.manager.register(module, name=name)
         self.families: dict[str, Family] = {}
         self.manager.hook.register_families(register=self._register_family)
-        self.job_parsers: dict[str, Callable[[str], dict[str, Any]]] = {}
+        self.job_parsers: dict[str, Callable[[Any], dict[str, Any]]] = {}
+        self.binary_parsers: set[str] = set()  # suffixes whose parser takes bytes
         self.manager.hook.register_job_parsers(register=self._register_parser)
 
     def _register_family(self, family: Family) -> None:
@@ -49,8 +50,11 @@ class Plugins:
             raise PluginError(f"two plugins register a family named {family.name!r}")
         self.families[family.name] = family
 
-    def _register_parser(self, suffix: str, parse: Callable[[str], dict[str, Any]]) -> None:
+    def _register_parser(self, suffix: str, parse: Callable[[Any], dict[str, Any]],
+                         binary: bool = False) -> None:
         self.job_parsers[suffix.lower()] = parse
+        if binary:
+            self.binary_parsers.add(suffix.lower())
 
     def family(self, name: str) -> Family:
         return self.families[name]

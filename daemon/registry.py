@@ -206,7 +206,8 @@ class Registry:
             return self._Recognition(override.family, lineage, variant, "ok",
                                      "family set in config.toml", "config", config_path)
         if not probes and source.gguf is not None:
-            readers = [f.display_name for f in self.plugins.families.values() if f.reads_gguf]
+            readers = sorted(f.display_name for f in self.plugins.families.values()
+                             if f.reads_gguf)
             return self._Recognition(None, None, None, "unrecognised",
                                      _unknown_gguf_reason(source, readers), None, config_path)
         if not probes:
@@ -259,6 +260,20 @@ class Registry:
                                          Checkpoint.host.in_(live_hosts(session,
                                                                         self.config)))).first()
             return _info(row) if row else own
+
+    def find_by_hash(self, model_hash: str) -> CheckpointInfo | None:
+        """A usable checkpoint (here, else on a live host) whose A1111 hash (10 hex) or
+        sha256 starts with `model_hash`."""
+        model_hash = model_hash.lower().strip()
+        if len(model_hash) < 8:
+            return None
+        with self.store.session() as session:
+            hosts = [self.host, *live_hosts(session, self.config)]
+            rows = session.scalars(select(Checkpoint).where(
+                Checkpoint.state == "ok", Checkpoint.host.in_(hosts),
+                Checkpoint.sha256.startswith(model_hash[:10]))).all()
+            rows = sorted(rows, key=lambda row: row.host != self.host)
+            return _info(rows[0]) if rows else None
 
     def known_names(self) -> list[str]:
         """Usable checkpoint names on any live host (for did-you-mean)."""

@@ -22,6 +22,7 @@ from typing import IO
 from sqlalchemy import select
 
 from daemon.config import Config
+from daemon.control import is_paused
 from daemon.grid import write_sweep_grid
 from daemon.hosts import forget_dead_inventories, heartbeat, register_host, stop_host
 from daemon.intake import Intake
@@ -31,9 +32,11 @@ from daemon.output_writer import OutputWriter
 from daemon.outputs import remove_leftover_temporaries
 from daemon.plugins import Plugins
 from daemon.registry import Registry
+from daemon.report import DrainWatch
 from daemon.scheduler import Inventory, claim_next_batch, peek_next_checkpoint
 from daemon.spec import RenderSpec
-from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Setting, Store, add_event
+from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Store, add_event
+from daemon.web import WebHandle, WebStartError, create_app, serve_in_thread
 from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ class Daemon:
         self._lock_file: IO[str] | None = None
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self.web: WebHandle | None = None
+        self.drain_watch = DrainWatch(config, self.store)
 
     @property
     def worker(self) -> Worker:
@@ -91,6 +96,13 @@ class Daemon:
     def start(self) -> None:
         self._acquire_lock()
         self.store.migrate()
+        if self.config.web.enabled:
+            try:
+                self.web = serve_in_thread(self.config, create_app(
+                    self.config, lambda: Store.for_url(self.config.database_url)))
+                log.info("status page: %s", self.web.url)
+            except WebStartError as exc:
+                log.error("%s; rendering goes on without the page", exc)
         if self.farm:
             # Others may be rendering: take back only our own earlier renders and those
             # whose lease expired.
@@ -143,6 +155,9 @@ class Daemon:
         for worker in self.workers:
             worker.close()
         self.registry.close()
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         stop_host(self.store, self.name)
         with self.store.session() as session:
             add_event(session, "daemon_stopped", f"pid {os.getpid()}")
@@ -167,6 +182,7 @@ class Daemon:
             thread.start()
         try:
             while not self._stop.is_set():
+                self.drain_watch.check()
                 if until_idle and self._idle():
                     break
                 self._stop.wait(timeout=0.25)
@@ -239,9 +255,7 @@ class Daemon:
         return max(1, int(budget // max(1, family.batch_cost(spec))))
 
     def _paused(self) -> bool:
-        with self.store.session() as session:
-            setting = session.get(Setting, "paused")
-            return setting is not None and setting.value == "1"
+        return is_paused(self.store)
 
     def _job_finished(self, job_id: int) -> None:
         try:
