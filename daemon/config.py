@@ -28,6 +28,25 @@ class Paths:
     outputs: Path
     state: Path
     extra_inputs: tuple[Path, ...] = ()  # more folders a job's `image` may come from
+    # Existing UI installs whose models and LoRAs are indexed in place, never modified.
+    comfyui: tuple[Path, ...] = ()
+    a1111: tuple[Path, ...] = ()
+
+    @property
+    def checkpoint_folders(self) -> tuple[Path, ...]:
+        """models/, then ComfyUI's checkpoints, diffusion_models and unet folders, then
+        A1111/Forge's Stable-diffusion folder."""
+        folders = [self.models]
+        for root in self.comfyui:
+            folders += [root / "models" / name for name in
+                        ("checkpoints", "diffusion_models", "unet")]
+        folders += [root / "models" / "Stable-diffusion" for root in self.a1111]
+        return tuple(folders)
+
+    @property
+    def lora_folders(self) -> tuple[Path, ...]:
+        return (self.loras, *(root / "models" / "loras" for root in self.comfyui),
+                *(root / "models" / "Lora" for root in self.a1111))
 
     @property
     def input_roots(self) -> tuple[Path, ...]:
@@ -173,13 +192,22 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     where = str(source) if source else "config"
     _reject_unknown(data, TOP_KEYS, where, "")
     raw_paths = data.get("paths", {})
-    _reject_unknown(raw_paths, (*PATH_KEYS, "extra_inputs"), where, "paths.")
+    _reject_unknown(raw_paths, (*PATH_KEYS, "extra_inputs", "comfyui", "a1111"), where,
+                    "paths.")
     resolved = {key: (base / str(raw_paths.get(key, key))).resolve() for key in PATH_KEYS}
     extra = raw_paths.get("extra_inputs", [])
     if not isinstance(extra, list) or not all(isinstance(p, str) for p in extra):
         raise ConfigError(f'{where}: paths.extra_inputs must be a list of folders, e.g. '
                           '["/data/start-frames"]')
-    paths = Paths(**resolved, extra_inputs=tuple((base / p).resolve() for p in extra))
+    trees: dict[str, tuple[Path, ...]] = {}
+    for key in ("comfyui", "a1111"):
+        roots = raw_paths.get(key, [])
+        if not isinstance(roots, list) or not all(isinstance(p, str) for p in roots):
+            example = "ComfyUI" if key == "comfyui" else "stable-diffusion-webui"
+            raise ConfigError(f'{where}: paths.{key} must be a list of install folders, e.g. '
+                              f'["/home/me/{example}"]')
+        trees[key] = tuple((base / p).resolve() for p in roots)
+    paths = Paths(**resolved, extra_inputs=tuple((base / p).resolve() for p in extra), **trees)
 
     limits = _section(Limits, data.get("limits", {}), where, "limits")
     intake = _section(IntakeSettings, data.get("intake", {}), where, "intake")

@@ -161,15 +161,21 @@ class LoraLibrary:
         return self.all()
 
     def _candidate_files(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
         settle = self.config.intake.settle_seconds
         now = time.time()
         files = []
-        for path in sorted(self.root.rglob("*")):
+        # loras/ plus the LoRA folders of configured ComfyUI / A1111 trees (read in place).
+        for root in self.config.paths.lora_folders:
+            if root.is_dir():
+                files += self._candidates_under(root, settle, now)
+        return files
+
+    def _candidates_under(self, root: Path, settle: float, now: float) -> list[Path]:
+        files = []
+        for path in sorted(root.rglob("*")):
             name = path.name
             if (not path.is_file() or name.startswith(".") or name.endswith(TEMP_SUFFIXES)
-                    or any(part.startswith(".") for part in path.relative_to(self.root).parts)):
+                    or any(part.startswith(".") for part in path.relative_to(root).parts)):
                 continue
             suffix = path.suffix.lower()
             if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:

@@ -78,8 +78,10 @@ class Registry:
     def scan(self) -> list[CheckpointInfo]:
         """Index models/: recognise new or changed checkpoints, mark vanished ones missing."""
         found: dict[str, tuple[Path, str]] = {}
-        models = self.config.paths.models
-        if models.is_dir():
+        # models/ first (its names win), then existing ComfyUI / A1111 trees, read in place.
+        for models in self.config.paths.checkpoint_folders:
+            if not models.is_dir():
+                continue
             for entry in sorted(models.iterdir()):
                 if entry.name.startswith("."):
                     continue
