@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         query.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "history":
             query.add_argument("--limit", type=int, default=50, help="newest N jobs (50)")
+            query.add_argument("--tag", action="append", default=[], metavar="TAG",
+                               help="only renders a post-processing tagger tagged TAG "
+                                    "(repeat: all of them)")
+            query.add_argument("--min-score", type=_min_score, default=None,
+                               metavar="[NAME=]X",
+                               help="only renders with a post-processing score >= X "
+                                    "(any score, or the one called NAME)")
         query.set_defaults(handler=handler)
     return parser
 
@@ -194,21 +201,55 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    _print_history(load_config(args.config), as_json=args.json, limit=args.limit)
+    _print_history(load_config(args.config), as_json=args.json, limit=args.limit,
+                   tags=tuple(args.tag), min_score=args.min_score)
     return 0
 
 
-def history_records(config: Config, limit: int = 50) -> list[dict[str, Any]]:
+def _min_score(text: str) -> tuple[str | None, float]:
+    name, _, number = text.rpartition("=")
+    try:
+        return (name or None), float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a score: use a number (0.5) or NAME=number (aesthetic=0.5)"
+        ) from None
+
+
+def history_records(config: Config, limit: int = 50, *, tags: tuple[str, ...] = (),
+                    min_score: tuple[str | None, float] | None = None) -> list[dict[str, Any]]:
+    """The newest `limit` jobs with their renders; with `tags` / `min_score`, only renders
+    whose post-processing results match (and only jobs that have such a render)."""
     from sqlalchemy import select
 
-    from daemon.store import Job
+    from daemon.store import Job, Render, RenderScore
 
     store = _reader(config)
     if store is None:
         return []
     records = []
     with store.session() as session:
-        for job in session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)):
+        matching = None
+        keep: set[int] = set()
+        if tags or min_score is not None:
+            matching = select(Render.id)
+            for tag in tags:
+                matching = matching.where(Render.id.in_(select(RenderScore.render_id).where(
+                    RenderScore.kind == "tag", RenderScore.name == tag)))
+            if min_score is not None:
+                name, least = min_score
+                scored = select(RenderScore.render_id).where(RenderScore.kind == "score",
+                                                             RenderScore.value >= least)
+                if name is not None:
+                    scored = scored.where(RenderScore.name == name)
+                matching = matching.where(Render.id.in_(scored))
+        jobs = select(Job).order_by(Job.id.desc()).limit(limit)
+        if matching is not None:
+            jobs = jobs.where(Job.id.in_(select(Render.job_id).where(Render.id.in_(matching))))
+            keep = set(session.scalars(matching))
+        for job in session.scalars(jobs):
+            renders = [r for r in job.renders if matching is None or r.id in keep]
+            results = _render_results(session, [r.id for r in renders])
             records.append({
                 "id": job.id, "name": job.name, "file": job.file_name,
                 "file_path": job.file_path, "state": job.state, "priority": job.priority,
@@ -217,24 +258,48 @@ def history_records(config: Config, limit: int = 50) -> list[dict[str, Any]]:
                 "finished_at": (job.finished_at.isoformat(timespec="seconds") + "Z"
                                 if job.finished_at else None),
                 "job": json.loads(job.spec_json) if job.spec_json else None,
-                "renders": [_render_record(r) for r in job.renders],
+                "renders": [_render_record(r, results.get(r.id, [])) for r in renders],
             })
     store.dispose()
     return records
 
 
-def _render_record(render: Any) -> dict[str, Any]:
+def _render_results(session: Any, render_ids: list[int]) -> dict[int, list[Any]]:
+    from sqlalchemy import select
+
+    from daemon.store import RenderScore
+
+    rows: dict[int, list[Any]] = {}
+    if render_ids:
+        for row in session.scalars(select(RenderScore).where(
+                RenderScore.render_id.in_(render_ids)).order_by(RenderScore.id)):
+            rows.setdefault(row.render_id, []).append(row)
+    return rows
+
+
+def _render_record(render: Any, results: list[Any]) -> dict[str, Any]:
     spec = json.loads(render.spec_json)
+    by_kind: dict[str, dict[str, float]] = {"score": {}, "tag": {}, "gate": {}}
+    for row in results:
+        by_kind.setdefault(row.kind, {})[row.name] = row.value
+    gate = by_kind["gate"]
     return {"index": render.index, "seed": render.seed, "state": render.state,
             "attempts": render.attempts, "output": render.output_path, "error": render.error,
             "prompt": spec["prompt"], "loras": spec.get("loras", []),
             "lora_patches": json.loads(render.lora_report_json)
             if render.lora_report_json else None,
-            "frames": render.frames, "fps": render.fps}
+            "frames": render.frames, "fps": render.fps,
+            # Post-processing ([[postprocess]]): scorer numbers, tagger tags with their
+            # confidence, and the quality gate's verdict.
+            "scores": by_kind["score"], "tags": by_kind["tag"],
+            "flagged": "flagged" in gate or "reseeded" in gate,
+            "reseeded": "reseeded" in gate,
+            "reseed_of": int(gate["reseed_of"]) if "reseed_of" in gate else None}
 
 
-def _print_history(config: Config, *, as_json: bool, limit: int) -> None:
-    records = history_records(config, limit)
+def _print_history(config: Config, *, as_json: bool, limit: int, tags: tuple[str, ...] = (),
+                   min_score: tuple[str | None, float] | None = None) -> None:
+    records = history_records(config, limit, tags=tags, min_score=min_score)
     if as_json:
         print(json.dumps(records, indent=2))
         return
@@ -247,6 +312,11 @@ def _print_history(config: Config, *, as_json: bool, limit: int) -> None:
         for r in job["renders"]:
             where = r["output"] or r["error"] or ""
             print(f"   #{r['index']:<3} seed {r['seed']:<11} {r['state']:<8} {where}")
+            if r["scores"] or r["tags"] or r["flagged"]:
+                found = [f"{k} {v:.3f}" for k, v in r["scores"].items()] + list(r["tags"])
+                mark = "  [reseeded]" if r["reseeded"] else "  [flagged]" if r["flagged"] \
+                    else ""
+                print(f"        {', '.join(found)}{mark}")
 
 
 def cmd_models(args: argparse.Namespace) -> int:

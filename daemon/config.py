@@ -132,6 +132,23 @@ class LoraOverride:
 
 
 @dataclass(frozen=True)
+class PostprocessStep:
+    """One link of config.toml's `[[postprocess]]` chain, run on every image in order.
+
+    kind: "upscale" (image in, image out: the output replaces the PNG, metadata kept),
+    "scores" (every label's number is recorded; the quality gate reads one of them) or
+    "tags" (labels whose number reaches `threshold` are recorded as tags)."""
+
+    model: Path
+    kind: str
+    labels: tuple[str, ...] = ()  # empty: the model's `labels` metadata, else score0, ...
+    threshold: float = 0.35  # tags: the least confidence that counts as a tag
+    min_score: float | None = None  # scores: the quality gate; None = no gate
+    gate: str = "flag"  # below min_score: "flag" (record it) or "reseed" (render again, once)
+    gate_on: str | None = None  # the label the gate reads (default: the first)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None
     paths: Paths
@@ -147,6 +164,7 @@ class Config:
     # A running render's lease: a daemon that has not heartbeat for this long has lost its
     # renders to the queue (several daemons on one database).
     lease_seconds: float = 120.0
+    postprocess: tuple[PostprocessStep, ...] = ()  # config.toml `[[postprocess]]`, in order
 
     @property
     def database_url(self) -> str:
@@ -169,9 +187,12 @@ class Config:
 
 
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
+POSTPROCESS_KINDS = ("upscale", "scores", "tags")
+POSTPROCESS_GATES = ("flag", "reseed")
+POSTPROCESS_KEYS = ("model", "kind", "labels", "threshold", "min_score", "gate", "gate_on")
 PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
 TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
-            "plugins", "database_url", "lease_seconds")
+            "plugins", "database_url", "lease_seconds", "postprocess")
 
 
 def load_config(path: Path) -> Config:
@@ -255,10 +276,58 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     plugins = data.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f'{where}: plugins must be a list of module names, e.g. ["my_plugin"]')
+    postprocess = _postprocess_chain(data.get("postprocess", []), base, where)
     return Config(source=source, paths=paths, limits=limits, intake=intake, worker=worker,
                   web=web, report=report,
                   checkpoints=checkpoints, loras=loras, plugins=tuple(plugins),
-                  database_url_setting=database_url, lease_seconds=float(lease))
+                  database_url_setting=database_url, lease_seconds=float(lease),
+                  postprocess=postprocess)
+
+
+def _postprocess_chain(raw: Any, base: Path, where: str) -> tuple[PostprocessStep, ...]:
+    """`[[postprocess]]` tables, in file order. The model files are not opened here: the
+    history commands read this config too and must work while a model is being replaced."""
+    example = '[[postprocess]]\nmodel = "models/onnx/upscale.onnx"\nkind = "upscale"'
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(f"{where}: postprocess must be a list of tables, e.g. {example}")
+    steps = []
+    for number, table in enumerate(raw, start=1):
+        name = f"postprocess[{number}]"
+        _reject_unknown(table, POSTPROCESS_KEYS, where, f"{name}.")
+        model, kind = table.get("model"), table.get("kind")
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{where}: {name}.model must name a model file, e.g. {example}")
+        if kind not in POSTPROCESS_KINDS:
+            raise ConfigError(f"{where}: {name}.kind = {kind!r}; use one of "
+                              f"{', '.join(POSTPROCESS_KINDS)}")
+        labels = table.get("labels", [])
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ConfigError(f'{where}: {name}.labels must be a list of names, e.g. '
+                              '["aesthetic"]')
+        numbers: dict[str, float | None] = {}
+        for key, default in (("threshold", 0.35), ("min_score", None)):
+            value = table.get(key, default)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | float)):
+                raise ConfigError(f"{where}: {name}.{key} must be a number, got {value!r}")
+            numbers[key] = None if value is None else float(value)
+        gate = table.get("gate", "flag")
+        if gate not in POSTPROCESS_GATES:
+            raise ConfigError(f"{where}: {name}.gate = {gate!r}; use one of "
+                              f"{', '.join(POSTPROCESS_GATES)}")
+        gate_on = table.get("gate_on")
+        if gate_on is not None and (not isinstance(gate_on, str) or
+                                    (labels and gate_on not in labels)):
+            raise ConfigError(f"{where}: {name}.gate_on = {gate_on!r} must be one of its "
+                              f"labels ({', '.join(labels) or 'none given'})")
+        if kind != "scores" and ("min_score" in table or "gate" in table):
+            raise ConfigError(f'{where}: {name}: min_score and gate apply to kind = "scores" '
+                              f"steps only, this one is kind = {kind!r}")
+        steps.append(PostprocessStep(
+            model=(base / model).resolve(), kind=kind, labels=tuple(labels),
+            threshold=float(numbers["threshold"] or 0.0), min_score=numbers["min_score"],
+            gate=gate, gate_on=gate_on))
+    return tuple(steps)
 
 
 def _section(cls: type, table: Any, where: str, name: str) -> Any:

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from PIL.Image import Image
+
+    from daemon.config import PostprocessStep
     from daemon.family import Family
+    from daemon.postprocess import PostProcessResult
     from daemon.spec import RenderSpec
 
 hookspec = pluggy.HookspecMarker("lorafarm")
@@ -44,6 +50,16 @@ def register_job_parsers(register: Callable[..., None]) -> None:
 def output_metadata(spec: RenderSpec, family: Family) -> dict[str, str] | None:
     """Called for every output file before it is written; return text entries to embed
     (a PNG text chunk per key, e.g. {"parameters": "<A1111 infotext>"}), or None."""
+
+
+@hookspec
+def post_process(spec: RenderSpec, image: Image, path: Path,
+                 steps: tuple[PostprocessStep, ...]) -> PostProcessResult | None:
+    """Called for every finished image (not video) before its file is written, on the output
+    writer's thread, with config.toml's `[[postprocess]]` chain (empty when none is set).
+    Handle the steps the plugin understands, in order; return a `PostProcessResult` (a
+    replacement image, scores, tags, a quality-gate verdict) or None. An exception is logged
+    and the original image is written: post-processing never costs a render."""
 
 
 @hookspec

@@ -16,14 +16,17 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from daemon.config import PostprocessStep
 from daemon.family import Family, RenderedVideo
 from daemon.lifecycle import mark_done, mark_failed, put_back
 from daemon.outputs import output_path, write_mp4, write_png
 from daemon.plugins import Plugins
+from daemon.postprocess import PostProcessResult, record_result
 from daemon.scheduler import ClaimedRender
-from daemon.store import Store
+from daemon.store import Store, add_event
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,10 @@ class OutputWriter:
     (on the writer thread) when a render's completion ends its job."""
 
     def __init__(self, outputs: Any, store: Store, plugins: Plugins,
-                 on_job_finished: Callable[[int], None], max_attempts: int) -> None:
+                 on_job_finished: Callable[[int], None], max_attempts: int,
+                 postprocess: tuple[PostprocessStep, ...] = ()) -> None:
         self.outputs = outputs
+        self.postprocess = postprocess  # config.toml [[postprocess]], for the post_process hook
         self.max_attempts = max_attempts
         self.store = store
         self.plugins = plugins
@@ -85,6 +90,7 @@ class OutputWriter:
         video = isinstance(item.result, RenderedVideo)
         path = output_path(self.outputs, claimed.job_id, claimed.job_name, claimed.index,
                            spec.seed, ".mp4" if video else ".png")
+        processed = PostProcessResult()
         try:
             text = self.plugins.output_metadata(spec, item.family)
             if isinstance(item.result, RenderedVideo):
@@ -92,7 +98,9 @@ class OutputWriter:
                 write_png(item.result.frames[0], path.with_suffix(".png"), spec, text)
                 write_mp4(item.result.frames, item.result.fps, path, spec, text)
             else:
-                write_png(item.result, path, spec, text)
+                processed = self._post_process(claimed, spec, item.result, path)
+                image = item.result if processed.image is None else processed.image
+                write_png(image, path, spec, text)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("disk full writing %s; the render goes back to the queue", path)
@@ -105,8 +113,24 @@ class OutputWriter:
                               f"could not write {path}: {exc.strerror or exc}",
                               worker=claimed.worker)
         else:
+            if processed.scores or processed.tags or processed.gate:
+                # Before mark_done: a reseed's new render keeps the job open.
+                record_result(self.store, claimed.render_id, processed)
             frames = (len(item.result.frames), item.result.fps) if video else None
             job = mark_done(self.store, claimed.render_id, str(path), item.seconds,
                             lora_report=item.lora_report, video=frames, worker=claimed.worker)
         if job is not None:
             self.on_job_finished(job)
+
+    def _post_process(self, claimed: ClaimedRender, spec: Any, image: Any,
+                      path: Path) -> PostProcessResult:
+        # Runs on this thread, not the worker's: an upscaler or tagger never holds up the
+        # next pipeline call. A broken post-processor costs its extras, never the render.
+        try:
+            return self.plugins.post_process(spec, image, path, self.postprocess)
+        except Exception as exc:
+            log.exception("post-processing %s failed; writing the image as rendered", path.name)
+            with self.store.session() as session:
+                add_event(session, "postprocess_failed", f"{path.name}: {exc}",
+                          job_id=claimed.job_id, render_id=claimed.render_id)
+            return PostProcessResult()

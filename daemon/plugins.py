@@ -12,6 +12,7 @@ import pluggy
 
 from daemon import hookimpl, hookspecs  # noqa: F401  (hookimpl re-exported for plugins)
 from daemon.family import Family
+from daemon.postprocess import PostProcessResult, merge_results
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,12 @@ class Plugins:
             if entries:
                 merged.update(entries)
         return merged
+
+    def post_process(self, spec: Any, image: Any, path: Any,
+                     steps: tuple[Any, ...]) -> PostProcessResult:
+        """Every plugin's `post_process` result for one image, merged (see merge_results)."""
+        return merge_results(self.manager.hook.post_process(spec=spec, image=image, path=path,
+                                                            steps=steps))
 
     def notify(self, kind: str, message: str, data: dict[str, Any]) -> None:
         try:

@@ -71,7 +71,8 @@ class Daemon:
         self.intake = Intake(config, self.store, self.registry, self.library, self.plugins,
                              owner=self.name)
         self.writer = OutputWriter(config.paths.outputs, self.store, self.plugins,
-                                   self._job_finished, config.worker.max_attempts)
+                                   self._job_finished, config.worker.max_attempts,
+                                   postprocess=config.postprocess)
         self.workers = [
             Worker(config, self.store, self.registry, self.library, self.plugins, self.writer,
                    name=f"{self.name}/w{i}", device=device)

@@ -360,3 +360,20 @@ def _configure_sqlite(engine: Engine, *, writer: bool) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+
+class RenderScore(Base):
+    """What post-processing said about a render's image: a number per scorer label
+    (kind "score"), the tags a tagger found (kind "tag", value = confidence) and quality-gate
+    verdicts (kind "gate": "flagged" / "reseeded" / "reseed_of", value = score or render id).
+    Indexed for `lorafarm history --tag` and `--min-score`."""
+
+    __tablename__ = "render_scores"
+    __table_args__ = (Index("ix_render_scores_lookup", "kind", "name", "value"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    render_id: Mapped[int] = mapped_column(ForeignKey("renders.id", ondelete="CASCADE"),
+                                           index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(255))
+    value: Mapped[float] = mapped_column()

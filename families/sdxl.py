@@ -27,6 +27,7 @@ from daemon.family import (
     RenderError,
 )
 from daemon.lora_probe import LoraFacts
+from daemon.prompt_weights import ParsedPrompt, parse_prompt, to_compel_conjunction
 from daemon.safetensors_header import SafetensorsHeader
 from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
@@ -143,17 +144,56 @@ class SDXLFamily(Family):
         # Loaded on the CPU already; `.to("cpu")` would only warn about fp32 modules.
         return pipe if device.type == "cpu" else pipe.to(device)
 
+    def apply_conventions(self, prompt: str, negative_prompt: str | None,
+                          enabled: bool) -> tuple[str, str, list[str]]:
+        """The family's default negative, plus what A1111 syntax in either prompt cannot do
+        here (unbalanced brackets, prompt editing); the weights themselves are applied at
+        render time through compel, on the text as written."""
+        prompt, negative, notes = super().apply_conventions(prompt, negative_prompt, enabled)
+        for which, text in (("prompt", prompt), ("negative_prompt", negative)):
+            notes.extend(f"{which}: {warning}" for warning in parse_prompt(text).warnings)
+        return prompt, negative, notes
+
     def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
                      progress: Progress | None = None) -> list[Image.Image]:
+        # A render whose prompts carry A1111 weights (or BREAK) is encoded through compel; one
+        # without keeps diffusers' own text encoding. A mixed batch is rendered as two
+        # pipeline calls, so that no image depends on which batch it shared.
+        parsed = [(parse_prompt(spec.prompt), parse_prompt(spec.negative_prompt))
+                  for spec in specs]
+        weighted = [p.has_weights or n.has_weights for p, n in parsed]
+        images: dict[int, Image.Image] = {}
+        for use_compel in (False, True):
+            indices = [i for i, w in enumerate(weighted) if w == use_compel]
+            if not indices:
+                continue
+            group = [specs[i] for i in indices]
+            if use_compel:
+                conditioning: dict[str, Any] = encode_weighted_sdxl(
+                    pipe, [parsed[i][0] for i in indices], [parsed[i][1] for i in indices])
+            else:
+                # Escapes resolved (`\\(` is a literal bracket to A1111); a prompt without
+                # any A1111 syntax is passed exactly as written, as before.
+                conditioning = {
+                    "prompt": [_plain(parsed[i][0]) for i in indices],
+                    "negative_prompt": [_plain(parsed[i][1]) for i in indices],
+                }
+            for i, image in zip(indices, self._call_pipeline(pipe, group, conditioning,
+                                                             progress), strict=True):
+                images[i] = image
+        return [images[i] for i in range(len(specs))]
+
+    def _call_pipeline(self, pipe: Any, specs: list[RenderSpec], conditioning: dict[str, Any],
+                       progress: Progress | None) -> list[Image.Image]:
         first = specs[0]
+        # A fresh sampler per call: multistep samplers keep state between steps.
         pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
                                         first.schedule, kind=self.sampler_kind)
         # CPU generators: the same seed gives the same noise on any device, and one generator
         # per render keeps each image independent of its batch.
         generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         result = pipe(
-            prompt=[spec.prompt for spec in specs],
-            negative_prompt=[spec.negative_prompt for spec in specs],
+            **conditioning,
             num_inference_steps=first.steps,
             guidance_scale=first.cfg,
             width=first.width,
@@ -195,6 +235,69 @@ class SDXLFamily(Family):
             jobs={"sdxl-folder.toml": job.format(name="tiny-sdxl", seed=1000),
                   "sdxl-single-file.toml": job.format(name="tiny-sdxl-single", seed=2000)},
         )
+
+
+def _plain(parsed: ParsedPrompt) -> str:
+    return "".join(parsed.plain_chunks)
+
+
+def _pad_tokens(embeds: torch.Tensor, empty_chunk: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad (1, tokens, width) to `length` tokens with whole encoded empty chunks, as compel
+    and A1111 pad; lengths are always multiples of the 77-token chunk."""
+    repeats = (length - embeds.shape[1]) // empty_chunk.shape[1]
+    return torch.cat([embeds, *[empty_chunk] * repeats], dim=1) if repeats else embeds
+
+
+def encode_weighted_sdxl(pipe: Any, prompts: list[ParsedPrompt],
+                         negatives: list[ParsedPrompt]) -> dict[str, torch.Tensor]:
+    """SDXL conditioning for weighted prompts through compel: the pipeline keywords
+    `prompt_embeds`, `pooled_prompt_embeds` and their `negative_*`, one row per prompt.
+
+    Both text encoders take the weights (penultimate layer, not normalised, as diffusers'
+    SDXL encoding and `CompelForSDXL`); each BREAK chunk is encoded on its own and the chunks
+    are concatenated, and rows are padded with encoded empty chunks to the batch's longest,
+    since the UNet takes one sequence length per batch. The pooled embedding comes from the
+    first chunk's plain text: A1111 does not weight it either, and compel would otherwise
+    pool over its own syntax characters.
+    """
+    from compel import Compel, ReturnedEmbeddingsType
+
+    device = pipe._execution_device
+    # Built per batch, not cached: the text encoders change when a LoRA set with text-encoder
+    # weights is applied, and compel caches its encoding of the empty chunk.
+    encoders = [
+        Compel(tokenizer=tokenizer, text_encoder=text_encoder, truncate_long_prompts=False,
+               returned_embeddings_type=ReturnedEmbeddingsType
+               .PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED, device=str(device))
+        for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder),
+                                        (pipe.tokenizer_2, pipe.text_encoder_2))
+    ]
+    empties = [c.conditioning_provider.empty_z.to(device) for c in encoders]
+    pooler = encoders[1].conditioning_provider
+
+    def encode(parsed: ParsedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+        conjunction = to_compel_conjunction(parsed)
+        halves = [c.build_conditioning_tensor_for_conjunction(conjunction)[0].to(device)
+                  for c in encoders]
+        # The two tokenizers share one vocabulary, so chunk counts agree; pad in case not.
+        longest = max(half.shape[1] for half in halves)
+        halves = [_pad_tokens(half, e, longest) for half, e in zip(halves, empties, strict=True)]
+        pooled = pooler.get_pooled_embeddings([parsed.plain_chunks[0]], device=str(device))
+        return torch.cat(halves, dim=-1), pooled.to(device)
+
+    with torch.no_grad():
+        positive = [encode(p) for p in prompts]
+        negative = [encode(n) for n in negatives]
+    rows = [embeds for embeds, _ in positive + negative]
+    longest = max(row.shape[1] for row in rows)
+    padded = [_pad_tokens(row, torch.cat(empties, dim=-1), longest) for row in rows]
+    count = len(prompts)
+    return {
+        "prompt_embeds": torch.cat(padded[:count]),
+        "pooled_prompt_embeds": torch.cat([pooled for _, pooled in positive]),
+        "negative_prompt_embeds": torch.cat(padded[count:]),
+        "negative_pooled_prompt_embeds": torch.cat([pooled for _, pooled in negative]),
+    }
 
 
 @hookimpl
