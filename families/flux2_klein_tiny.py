@@ -34,7 +34,6 @@ low-rank update, so every layout must give the same image.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +45,10 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
 )
-from safetensors.torch import save_file
 from torch import Tensor
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from families.tiny_files import save_safetensors_atomically as _save_atomically
 
 __all__ = [
     "TEXT_HIDDEN",
@@ -605,20 +605,3 @@ def write_real_size_klein_lora(path: Path, size: str = "klein-4b", layout: str =
 
 
 # --- shared helpers --------------------------------------------------------------------------
-
-
-def _save_atomically(tensors: Mapping[str, Tensor], path: Path, header: Mapping[str, str]) -> None:
-    # A half-written file in a watched folder would be indexed as broken: write a temporary
-    # file beside the target and rename it into place.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as handle:
-        temp = Path(handle.name)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp),
-                  metadata={str(k): str(v) for k, v in header.items()})
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

@@ -33,7 +33,6 @@ same low-rank update, so every layout must give the same video.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +65,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
 )
+
+from families.tiny_files import save_safetensors_atomically as _save_atomically
 
 __all__ = [
     "DOUBLE_BLOCKS",
@@ -601,19 +602,3 @@ def write_real_size_lora_header(path: Path, kind: str) -> Path:
             tensors[module + ".alpha"] = torch.tensor(1.0, dtype=torch.float16)
     _save_atomically(tensors, Path(path), {"format": "pt"})
     return Path(path)
-
-
-def _save_atomically(tensors: Mapping[str, Tensor], path: Path, header: Mapping[str, str]) -> None:
-    # A half-written file in a watched folder would be indexed as broken: write a temporary
-    # file beside the target and rename it into place.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as handle:
-        temp = Path(handle.name)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp),
-                  metadata={str(k): str(v) for k, v in header.items()})
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

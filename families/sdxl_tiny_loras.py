@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +41,11 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from families.sdxl_tiny import build_tiny_sdxl_pipeline, diffusers_unet_key_to_original
+from families.tiny_files import save_safetensors_atomically as _save_atomically
 
 __all__ = [
     "LORA_COMPONENTS",
@@ -620,19 +620,3 @@ def _string_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 def _number(value: float) -> str:
     """sd-scripts writes ss_network_alpha as Python's str(float): "2.0", "0.5"."""
     return str(float(value))
-
-
-def _save_atomically(tensors: Mapping[str, Tensor], path: Path, header: Mapping[str, str]) -> None:
-    # A half-written LoRA in a watched folder would be indexed as a broken file; write a
-    # temporary file beside the target and rename it into place.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as handle:
-        temp = Path(handle.name)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata=dict(header))
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
