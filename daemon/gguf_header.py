@@ -13,6 +13,7 @@ its safetensors file. GGUF stores shapes innermost-first; they are reversed here
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,22 @@ class GgufHeader:
 
 
 def read_gguf_header(path: Path) -> GgufHeader:
-    """Parse the GGUF header and tensor table; raises GgufError with the reason."""
-    import gguf  # imported here: the core imports this module on every scan
-
+    """Parse the GGUF header and tensor table; raises GgufError with the reason. The registry
+    rescans models/ every few seconds: an unchanged file (size, mtime) is parsed once."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        stat = path.stat()
+    except OSError as exc:
+        raise GgufError(f"{path.name}: cannot read: {exc.strerror}") from exc
+    return _read_gguf_header(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_gguf_header(path: Path, size: int, mtime_ns: int) -> GgufHeader:
+    import gguf  # imported here: only GGUF files need it
+
+    del mtime_ns  # part of the cache key only
+    try:
         with path.open("rb") as handle:
             magic = handle.read(4)
     except OSError as exc:

@@ -14,6 +14,12 @@ everything else (CLIP-L, T5-XXL, VAE, tokenizers, scheduler and the transformer'
 named in config.toml: `[checkpoints.NAME] config = "path/to/FLUX.1-dev"`. The file's own
 weights decide dev vs schnell (`guidance_in` keys), whichever base it is paired with.
 
+The transformer file may be quantized, in the same BFL layout: a GGUF file
+(`flux1-dev-Q8_0.gguf`, city96's), which stays quantized in memory and is dequantized layer by
+layer, or an FP8 safetensors file (`flux1-dev-fp8.safetensors`, weights in float8_e4m3fn),
+computed in bfloat16 on a GPU and float32 on the CPU (see families/quantized.py). Both need
+the same base folder; LoRAs load on top of either, unfused.
+
 Prompts are natural language, encoded by CLIP-L (pooled) and T5 (up to 512 tokens on dev, 256
 on schnell, as BFL ships them). There is no negative prompt and no CFG scale: guidance is the
 job key `guidance` (Forge's "Distilled CFG Scale"); a negative prompt needs `true_cfg`, which
@@ -43,6 +49,7 @@ from daemon.family import (
     LoraProbe,
     Progress,
     RenderError,
+    quantization_fields,
 )
 from daemon.lora_probe import LoraFacts
 from daemon.safetensors_header import SafetensorsHeader
@@ -53,6 +60,12 @@ from families.flux_bfl import (
     bfl_to_diffusers,
     is_transformer_key,
     strip_bfl_prefix,
+)
+from families.quantized import (
+    float8_dtype_of,
+    load_fp8_model,
+    load_gguf_model,
+    load_gguf_state_dict,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +113,7 @@ class FluxFamily(Family):
     sampler_kind = "flow"
     supports_negative_prompt = False  # unless the job sets true_cfg
     supports_true_cfg = True  # FluxPipeline's true_cfg_scale
+    reads_gguf = True  # city96's GGUF transformers, BFL layout
     variant: str  # "dev" | "schnell"
     guidance_embeds: bool  # the transformer takes a guidance input (dev)
     max_sequence_length: int  # T5 tokens, as BFL's reference code uses per variant
@@ -120,18 +134,20 @@ class FluxFamily(Family):
                 family=self.name, score=0.9,
                 reason=f"model_index.json: {pipeline_class}, transformer guidance_embeds: "
                        f"{str(self.guidance_embeds).lower()}")
-        if source.header is None:
+        table = source.tensor_table()  # a .safetensors or .gguf file's tensors
+        if table is None:
             return None
-        facts = bfl_transformer_facts(source.header)
+        facts = bfl_transformer_facts(table)
         if facts is None or facts.guidance != self.guidance_embeds:
             return None
         if facts.in_channels != TEXT_TO_IMAGE_IN_CHANNELS:
             return None  # Fill / Canny / Depth: not a text-to-image transformer
         guidance = ("guidance_in keys: dev" if facts.guidance else
                     "no guidance_in keys: schnell")
+        container = "GGUF file" if source.kind == "gguf" else "BFL layout"
         return CheckpointProbe(
             family=self.name, score=0.9,
-            reason=f"Flux.1 transformer in the BFL layout ({facts.double_blocks} double / "
+            reason=f"Flux.1 transformer in the {container} ({facts.double_blocks} double / "
                    f"{facts.single_blocks} single blocks, width {facts.width}); {guidance}")
 
     def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
@@ -179,8 +195,12 @@ class FluxFamily(Family):
         return renamed
 
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
-        if checkpoint.kind != "single_file":
+        if checkpoint.kind == "folder":
             return None
+        if checkpoint.quantization and checkpoint.quantization.endswith("(scaled)"):
+            return (f"{checkpoint.name!r} is a ComfyUI scaled-FP8 file (per-tensor weight scales "
+                    "beside the fp8 weights), which lorafarm does not load: use a plain FP8 "
+                    "(e4m3fn) file, a GGUF file or the bf16 original")
         where = f"[checkpoints.{checkpoint.name}] config"
         base = checkpoint.config_path
         if base is None:
@@ -240,7 +260,8 @@ class FluxFamily(Family):
             scheduler_config = dict(pipe.scheduler.config)
         else:
             assert checkpoint.config_path is not None  # checked by missing_requirements
-            transformer = load_bfl_transformer(checkpoint.path, checkpoint.config_path, dtype)
+            transformer = load_bfl_transformer(checkpoint.path, checkpoint.config_path, dtype,
+                                               gguf=checkpoint.kind == "gguf")
             if bool(transformer.config.guidance_embeds) != self.guidance_embeds:
                 raise RenderError(
                     f"{checkpoint.path.name} is a FLUX.1 "
@@ -301,8 +322,8 @@ class FluxFamily(Family):
         # Forge writes "Distilled CFG Scale" beside "CFG scale: 1" for models with a guidance
         # input only; for schnell it writes nothing, since the value would do nothing.
         if not self.guidance_embeds:
-            return []
-        return [("Distilled CFG Scale", self.guidance(spec))]
+            return quantization_fields(spec)
+        return [("Distilled CFG Scale", self.guidance(spec)), *quantization_fields(spec)]
 
 
 class FluxDevFamily(FluxFamily):
@@ -320,20 +341,34 @@ class FluxDevFamily(FluxFamily):
             build_tiny_flux_pipeline,
             build_tiny_flux_transformer,
             save_tiny_flux_folder,
+            save_tiny_flux_transformer_fp8,
+            save_tiny_flux_transformer_gguf,
             save_tiny_flux_transformer_single_file,
         )
 
-        save_tiny_flux_folder(build_tiny_flux_pipeline("dev", seed=0), models_dir / DEMO_DEV)
+        pipe = build_tiny_flux_pipeline("dev", seed=0)
+        save_tiny_flux_folder(pipe, models_dir / DEMO_DEV)
         # A different transformer from the folder's, so that a render shows which was used.
         save_tiny_flux_transformer_single_file(
             build_tiny_flux_transformer("dev", seed=1), models_dir / f"{DEMO_DEV_BFL}.safetensors",
             metadata={"modelspec.architecture": "flux-1-dev", "modelspec.title": DEMO_DEV_BFL})
+        # The folder's own transformer, quantized: renders comparable with the folder's.
+        for quantization, name in DEMO_DEV_GGUF.items():
+            save_tiny_flux_transformer_gguf(pipe.transformer, models_dir / f"{name}.gguf",
+                                            quantization)
+        save_tiny_flux_transformer_fp8(pipe.transformer, models_dir / f"{DEMO_DEV_FP8}.safetensors")
+        quantized = [*DEMO_DEV_GGUF.values(), DEMO_DEV_FP8]
+        jobs = {"flux-dev.toml": DEMO_JOB.format(name=DEMO_DEV, seed=5000, steps=3,
+                                                 extra="guidance = 3.5\n"),
+                "flux-dev-single-file.toml": DEMO_JOB.format(name=DEMO_DEV_BFL, seed=6000,
+                                                             steps=3, extra="")}
+        jobs.update({f"{name}.toml": DEMO_JOB.format(name=name, seed=5000, steps=3,
+                                                     extra="guidance = 3.5\n")
+                     for name in quantized})
         return DemoAssets(
-            checkpoint_overrides={DEMO_DEV_BFL: {"config": f"models/{DEMO_DEV}"}},
-            jobs={"flux-dev.toml": DEMO_JOB.format(name=DEMO_DEV, seed=5000, steps=3,
-                                                   extra="guidance = 3.5\n"),
-                  "flux-dev-single-file.toml": DEMO_JOB.format(name=DEMO_DEV_BFL, seed=6000,
-                                                               steps=3, extra="")})
+            checkpoint_overrides={name: {"config": f"models/{DEMO_DEV}"}
+                                  for name in (DEMO_DEV_BFL, *quantized)},
+            jobs=jobs)
 
 
 class FluxSchnellFamily(FluxFamily):
@@ -358,6 +393,9 @@ class FluxSchnellFamily(FluxFamily):
 
 DEMO_DEV = "tiny-flux-dev"
 DEMO_DEV_BFL = "tiny-flux-dev-bfl"
+# tiny-flux-dev's transformer, quantized; the same job on each shows what quantization does.
+DEMO_DEV_GGUF = {"Q8_0": "tiny-flux-dev-Q8_0", "Q4_0": "tiny-flux-dev-Q4_0"}
+DEMO_DEV_FP8 = "tiny-flux-dev-fp8"
 DEMO_SCHNELL = "tiny-flux-schnell"
 DEMO_JOB = ('checkpoint = "{name}"\n'
             'prompt = "a lighthouse keeper reading by lamplight, rain on the window"\n'
@@ -398,24 +436,37 @@ def bfl_transformer_facts(header: SafetensorsHeader) -> BflTransformerFacts | No
     )
 
 
-def load_bfl_transformer(path: Path, base: Path, dtype: torch.dtype) -> Any:
+def load_bfl_transformer(path: Path, base: Path, dtype: torch.dtype, *, gguf: bool = False) -> Any:
     """A BFL-layout Flux.1 transformer file as a diffusers FluxTransformer2DModel, its config
     from the base folder's transformer/config.json, depth and guidance from the file itself.
 
     The keys are converted here (see families.flux_bfl for why not by diffusers) and the
     converted state dict goes through diffusers' single-file loader (meta-device init, dtype).
+    A GGUF file (`gguf`) stays quantized (GGUFLinear layers computing in `dtype`); an FP8
+    file keeps its float8 weights (Float8Linear layers computing in `dtype`).
     """
     from diffusers import FluxTransformer2DModel
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        # Only the transformer's tensors: an all-in-one file also carries VAE and encoders.
-        state = {key: handle.get_tensor(key) for key in handle.keys()
-                 if is_transformer_key(key)}
+    if gguf:
+        state = load_gguf_state_dict(path)
+    else:
+        with safe_open(str(path), framework="pt") as handle:
+            # Only the transformer's tensors: an all-in-one file also carries VAE and encoders.
+            state = {key: handle.get_tensor(key) for key in handle.keys()
+                     if is_transformer_key(key)}
     try:
         converted = bfl_to_diffusers(state)
     except BflLayoutError as exc:
         raise RenderError(f"{path.name}: {exc}") from exc
+    shape = {"guidance_embeds": converted.guidance, "num_layers": converted.double_blocks,
+             "num_single_layers": converted.single_blocks}
+    if gguf:
+        return load_gguf_model(FluxTransformer2DModel, converted.state_dict, base, "transformer",
+                               dtype, path, **shape)
+    if float8_dtype_of(converted.state_dict) is not None:
+        return load_fp8_model(FluxTransformer2DModel, converted.state_dict, base, "transformer",
+                              dtype, path, **shape)
     transformer = FluxTransformer2DModel.from_single_file(
         converted.state_dict, config=str(base), subfolder="transformer", dtype=dtype,
         local_files_only=True, guidance_embeds=converted.guidance,

@@ -12,6 +12,10 @@ never runs CFG whatever guidance scale it is given. The transformer weights have
 shapes in both, so a single file's variant is a guess from its name (BFL names the base
 `flux-2-klein-base-*.safetensors`).
 
+The transformer-only file may also be a quantized GGUF file (`flux-2-klein-4b-Q8_0.gguf`, BFL
+key layout), loaded through diffusers' GGUF support with the same base folder, or an FP8
+safetensors file (float8_e4m3fn weights, kept so in memory; see families/quantized.py).
+
 Model size (Klein 4B, hidden width 3072, or 9B, width 4096) is reported as the *lineage* of
 checkpoints and LoRAs: a LoRA only loads into the size it was trained on, and the core's
 lineage check then refuses a 9B LoRA on a 4B checkpoint at intake. Tiny test models have no
@@ -130,6 +134,7 @@ class Flux2KleinFamily(Family):
     display_name = "FLUX.2 [klein]"
     sampler_kind = "flow"
     supports_negative_prompt = False
+    reads_gguf = True  # BFL-layout GGUF transformers, with a diffusers folder as the base
     defaults = VARIANT_DEFAULTS[DISTILLED]  # the release most people run
 
     def defaults_for(self, variant: str | None) -> FamilyDefaults:
@@ -152,9 +157,10 @@ class Flux2KleinFamily(Family):
                        f"{str(distilled).lower()})",
                 lineage=SIZES_BY_WIDTH.get(width) if width else None,
                 variant=DISTILLED if distilled else BASE)
-        if source.header is None:
+        table = source.tensor_table()  # a .safetensors or .gguf file's tensors
+        if table is None:
             return None
-        keys = _transformer_keys(source.header.tensors)
+        keys = _transformer_keys(table.tensors)
         if not any(tell in keys for tell in _SINGLE_FILE_TELLS):
             return None
         if any(k.startswith(_GUIDANCE_PREFIXES) for k in keys):
@@ -241,7 +247,7 @@ class Flux2KleinFamily(Family):
         return {"transformer": lora.strength}
 
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
-        if checkpoint.kind != "single_file":
+        if checkpoint.kind not in ("single_file", "gguf"):
             return None
         where = f"[checkpoints.{checkpoint.name}] config"
         if checkpoint.config_path is None:
@@ -548,11 +554,31 @@ def _kohya_with_dropped_modules(tensors: dict[str, torch.Tensor]) -> dict[str, t
 
 def _load_single_file_transformer(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> Any:
     from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import (
+        convert_flux2_transformer_checkpoint_to_diffusers,
+    )
     from safetensors.torch import load_file
 
+    from families.quantized import (
+        float8_dtype_of,
+        load_fp8_model,
+        load_gguf_model,
+        load_gguf_state_dict,
+    )
+
+    assert checkpoint.config_path is not None  # checked by missing_requirements
+    if checkpoint.kind == "gguf":
+        # diffusers' Flux 2 converter only renames and splits along rows, which quantized
+        # (row-blocked) tensors allow: the GGUF tensors go through it as they are.
+        return load_gguf_model(Flux2Transformer2DModel, load_gguf_state_dict(checkpoint.path),
+                               checkpoint.config_path, "transformer", dtype, checkpoint.path)
     # Loaded here rather than by path so that a ComfyUI prefix can be stripped first;
     # diffusers' converter knows BFL's and its own names only.
     state = _transformer_keys(load_file(str(checkpoint.path)))
+    if float8_dtype_of(state) is not None:
+        converted = convert_flux2_transformer_checkpoint_to_diffusers(dict(state))
+        return load_fp8_model(Flux2Transformer2DModel, converted, checkpoint.config_path,
+                              "transformer", dtype, checkpoint.path)
     transformer = Flux2Transformer2DModel.from_single_file(
         state, config=str(checkpoint.config_path), subfolder="transformer", dtype=dtype,
         local_files_only=True)

@@ -257,7 +257,10 @@ def bfl_to_diffusers(state_dict: Mapping[str, Tensor]) -> ConvertedTransformer:
     try:
         for group in module_groups(num_double, num_single, guidance):
             weight = source[f"{group.bfl}.weight"]
-            sizes = split_sizes(group, weight.shape)
+            # A GGUF-quantized weight (diffusers' GGUFParameter) holds rows of packed blocks;
+            # its `quant_shape` is the matrix it decodes to. Blocks never cross a row, so
+            # splitting the packed rows splits the matrix exactly.
+            sizes = split_sizes(group, getattr(weight, "quant_shape", weight.shape))
             for param in ("weight", "bias"):
                 key = f"{group.bfl}.{param}"
                 tensor = source[key]

@@ -11,7 +11,11 @@ On-disk forms, all loaded back through the real loading paths:
   "base" (text encoders, VAE, tokenizers, scheduler and the transformer's config);
 * the transformer alone as one `.safetensors` file in Black Forest Labs' original layout
   (`double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, ...), written by
-  `families.flux_bfl.diffusers_to_bfl`.
+  `families.flux_bfl.diffusers_to_bfl`;
+* the same transformer quantized: a GGUF file (Q8_0 or Q4_0, as city96's converter writes
+  them) or an FP8 safetensors file (float8_e4m3fn weights). The tiny width (32) and MLP
+  (128) are multiples of GGUF's 32-wide blocks, so every block linear is quantized; the
+  embeddings the converter keeps precise stay F32 either way.
 
 Tiny LoRA files in the layouts users bring for Flux.1 are written here too (see
 `make_tiny_flux_lora` and `write_lora`).
@@ -45,6 +49,7 @@ from transformers import (
 
 from families.flux import SCHEDULER_SETTINGS
 from families.flux_bfl import ModuleGroup, diffusers_to_bfl, module_groups, split_sizes
+from families.quantized_tiny import write_fp8_safetensors, write_gguf
 
 __all__ = [
     "CLIP_HIDDEN",
@@ -60,6 +65,8 @@ __all__ = [
     "build_tiny_flux_transformer",
     "make_tiny_flux_lora",
     "save_tiny_flux_folder",
+    "save_tiny_flux_transformer_fp8",
+    "save_tiny_flux_transformer_gguf",
     "save_tiny_flux_transformer_single_file",
     "write_lora",
 ]
@@ -283,6 +290,32 @@ def save_tiny_flux_transformer_single_file(
                            bool(config.guidance_embeds))
     save_file({prefix + key: value for key, value in bfl.items()}, str(path),
               metadata=dict(metadata or {}))
+
+
+# Tensors city96's Flux converter keeps in F32 whatever the quantization: the input and
+# output projections and the time / guidance / pooled-text embedders.
+GGUF_KEEP_PRECISE = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
+                     "final_layer.")
+
+
+def _bfl_state(transformer: FluxTransformer2DModel) -> dict[str, Tensor]:
+    config = transformer.config
+    return diffusers_to_bfl(transformer.state_dict(), config.num_layers, config.num_single_layers,
+                            bool(config.guidance_embeds))
+
+
+def save_tiny_flux_transformer_gguf(transformer: FluxTransformer2DModel, path: Path,
+                                    quantization: str = "Q8_0") -> Path:
+    """Write the transformer as a GGUF file in BFL's layout, as `flux1-dev-Q8_0.gguf`."""
+    return write_gguf(_bfl_state(transformer), path, architecture="flux",
+                      quantization=quantization, keep_precise=GGUF_KEEP_PRECISE)
+
+
+def save_tiny_flux_transformer_fp8(transformer: FluxTransformer2DModel, path: Path) -> Path:
+    """Write the transformer in BFL's layout with float8_e4m3fn weights (norm scales in
+    bfloat16), as the fp8 Flux files ComfyUI users share."""
+    return write_fp8_safetensors(_bfl_state(transformer), path,
+                                 metadata={"modelspec.architecture": "flux-1-dev"})
 
 
 # --- LoRA files -----------------------------------------------------------------------------

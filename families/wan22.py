@@ -16,6 +16,19 @@ Three releases, told apart by model_index.json and the component configs (no wei
 Each expert has its own guidance scale: the job's `cfg` drives the high-noise expert and
 `guidance_2` the low-noise one. `flow_shift` reshapes the flow UniPC sigmas.
 
+Quantized GGUF transformers (city96's / QuantStack's `wan2.2_t2v_high_noise_14B_Q8_0.gguf`,
+original key layout) load too, with a diffusers folder of the same release as their base for
+UMT5, VAE, tokenizer, scheduler and configs. An A14B release is two GGUF files, one per expert;
+the pair is declared in the HIGH-noise file's sidecar (NAME.toml beside it), which names the
+LOW-noise file; that file is then part of this checkpoint, not one of its own:
+
+    # wan2.2_t2v_high_noise_14B_Q8_0.toml
+    config = "Wan2.2-T2V-A14B-Diffusers"
+    transformer_2 = "wan2.2_t2v_low_noise_14B_Q8_0.gguf"
+
+TI2V-5B is one GGUF file with `config` alone. The release (and its defaults) comes from the
+file's shapes, or for sizes no release has (tiny test models) from the base folder.
+
 LoRAs: Wan 2.2 A14B LoRAs come per expert, often as a HIGH and a LOW file. A LoRA's `expert`
 (job `[[loras]] expert`, sidecar, or guessed from the file name) decides where it loads:
 `high` into `transformer`, `low` into `transformer_2` (diffusers' `load_into_transformer_2`),
@@ -49,7 +62,9 @@ from daemon.family import (
     LoraProbe,
     RenderedVideo,
     RenderError,
+    quantization_fields,
 )
+from daemon.gguf_header import GgufError, read_gguf_header
 from daemon.lora_probe import LoraFacts
 from daemon.safetensors_header import SafetensorsHeader
 from daemon.samplers import make_scheduler
@@ -174,6 +189,7 @@ class Wan22Family(Family):
     sampler_kind = "flow"
     produces = "video"
     takes_image = True
+    reads_gguf = True  # original-layout GGUF experts, with a diffusers folder as the base
     defaults = VARIANT_SETTINGS[T2V_A14B].defaults
 
     def defaults_for(self, variant: str | None) -> FamilyDefaults:
@@ -204,9 +220,33 @@ class Wan22Family(Family):
     def probe_checkpoint(self, source: CheckpointSource) -> CheckpointProbe | None:
         if source.kind == "folder":
             return self._probe_folder(source)
-        if source.header is None:
+        table = source.tensor_table()  # a .safetensors or .gguf file's tensors
+        if table is None:
             return None
-        return self._probe_single_file(source.header)
+        probe = self._probe_single_file(table)
+        if probe is None or source.kind != "gguf":
+            return probe
+        return self._probe_gguf(source, probe)
+
+    def _probe_gguf(self, source: CheckpointSource, probe: CheckpointProbe) -> CheckpointProbe:
+        """A GGUF expert: the release from its shapes, else from the base folder's
+        model_index.json (tiny test sizes match no release)."""
+        variant, notes = probe.variant, [probe.reason.replace("original-layout single file",
+                                                              "GGUF file")]
+        if variant is None and source.config_path is not None:
+            try:
+                base = self._probe_folder(CheckpointSource.for_folder("base",
+                                                                      source.config_path))
+            except (OSError, ValueError):
+                base = None
+            if base is not None:
+                variant = base.variant
+                notes.append(f"release from the base folder {source.config_path.name}: "
+                             f"{VARIANT_SETTINGS[str(variant)].title}")
+        if source.transformer_2 is not None:
+            notes.append(f"low-noise expert {source.transformer_2.name}")
+        return CheckpointProbe(family=self.name, score=probe.score, variant=variant,
+                               reason="; ".join(notes))
 
     def _probe_folder(self, source: CheckpointSource) -> CheckpointProbe | None:
         index = source.model_index or {}
@@ -259,11 +299,14 @@ class Wan22Family(Family):
                                       f"{in_channels} input channels)")
 
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
+        if checkpoint.kind == "gguf":
+            return _gguf_requirements(checkpoint)
         if checkpoint.kind != "folder":
             return (f"{checkpoint.name!r} is a single Wan transformer file; lorafarm loads Wan "
-                    "2.2 from diffusers folders only (an A14B release is two expert files plus "
-                    "the UMT5 encoder and VAE): use the diffusers folder of this release "
-                    "(e.g. Wan2.2-T2V-A14B-Diffusers)")
+                    "2.2 from diffusers folders (an A14B release is two expert files plus the "
+                    "UMT5 encoder and VAE), or from GGUF experts with such a folder as their "
+                    "base: use the diffusers folder of this release (e.g. "
+                    "Wan2.2-T2V-A14B-Diffusers)")
         return None
 
     def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
@@ -342,13 +385,16 @@ class Wan22Family(Family):
         problem = self.missing_requirements(checkpoint)
         if problem:
             raise RenderError(problem)
-        index = _read_config(checkpoint.path / "model_index.json")
+        folder = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
+        assert folder is not None  # checked by missing_requirements
+        index = _read_config(folder / "model_index.json")
         pipeline_class = (WanImageToVideoPipeline
                           if index.get("_class_name") == "WanImageToVideoPipeline"
                           else WanPipeline)
         with _LOADING:
-            pipe = pipeline_class.from_pretrained(checkpoint.path, dtype=component_dtypes(dtype),
-                                                  local_files_only=True)
+            experts = _load_gguf_experts(checkpoint, dtype) if checkpoint.kind == "gguf" else {}
+            pipe = pipeline_class.from_pretrained(folder, dtype=component_dtypes(dtype),
+                                                  local_files_only=True, **experts)
         pipe.set_progress_bar_config(disable=True)
         # Samplers and flow shift are set per batch, each built from the checkpoint's own
         # scheduler settings, kept here untouched.
@@ -430,6 +476,7 @@ class Wan22Family(Family):
             fields.append(("Low-noise CFG scale", extra["guidance_2"]))
         if extra.get("image_sha256"):
             fields.append(("Init image hash", str(extra["image_sha256"])[:10]))
+        fields += quantization_fields(spec)
         return [(key, value) for key, value in fields if value is not None]
 
     # -- demo ------------------------------------------------------------------------------
@@ -438,33 +485,58 @@ class Wan22Family(Family):
         from families.wan22_tiny import (
             build_tiny_wan_pipeline,
             save_tiny_wan_folder,
+            save_tiny_wan_transformer_gguf,
             write_tiny_input_image,
         )
 
         for variant, seed in ((T2V_A14B, 0), (I2V_A14B, 1), (TI2V_5B, 2)):
             save_tiny_wan_folder(build_tiny_wan_pipeline(variant, seed=seed),
                                  models_dir / DEMO_CHECKPOINTS[variant])
+        # Quantized experts need widths that are multiples of GGUF's 32-wide blocks: a T2V-A14B
+        # of its own (32 wide), whose folder is both their base and the unquantized original.
+        wide = build_tiny_wan_pipeline(T2V_A14B, seed=4, head_dim=16)
+        save_tiny_wan_folder(wide, models_dir / DEMO_GGUF_BASE)
+        for quantization, (high, low) in DEMO_GGUF_PAIRS.items():
+            save_tiny_wan_transformer_gguf(wide.transformer, models_dir / f"{high}.gguf",
+                                           quantization)
+            save_tiny_wan_transformer_gguf(wide.transformer_2, models_dir / f"{low}.gguf",
+                                           quantization)
+            (models_dir / f"{high}.toml").write_text(
+                f"# The high-noise expert; its low-noise partner and the base folder (UMT5, VAE,\n"
+                f"# tokenizer, configs) of the same release.\nconfig = \"{DEMO_GGUF_BASE}\"\n"
+                f"transformer_2 = \"{low}.gguf\"\n", encoding="utf-8")
         # The demo's inputs folder (paths.inputs = "inputs" beside models/).
         write_tiny_input_image(models_dir.parent / "inputs" / DEMO_IMAGE, size=(64, 48), seed=0)
+        high_q8 = DEMO_GGUF_PAIRS["Q8_0"][0]
         return DemoAssets(jobs={
             "wan22-t2v.toml": demo_job(T2V_A14B, "a red boat on a lake at night", seed=3000),
             "wan22-i2v.toml": demo_job(I2V_A14B, "slow camera pan over the lake", seed=3100,
                                        image=DEMO_IMAGE),
             "wan22-ti2v.toml": demo_job(TI2V_5B, "a lantern over the sea", seed=3200),
+            "wan22-t2v-gguf.toml": demo_job(T2V_A14B, "a red boat on a lake at night",
+                                            seed=3000, checkpoint=high_q8),
         })
 
 
 DEMO_CHECKPOINTS = {T2V_A14B: "tiny-wan22-t2v-a14b", I2V_A14B: "tiny-wan22-i2v-a14b",
                     TI2V_5B: "tiny-wan22-ti2v-5b"}
 DEMO_IMAGE = "wan22-first-frame.png"
+# A 32-wide tiny T2V-A14B (a folder), and its two experts as GGUF pairs, named as the
+# community's files are (the checkpoint is the high-noise file; its sidecar names the low one).
+DEMO_GGUF_BASE = "tiny-wan22-t2v-a14b-32"
+DEMO_GGUF_PAIRS = {q: (f"tiny-wan22-t2v-a14b-high_noise-{q}", f"tiny-wan22-t2v-a14b-low_noise-{q}")
+                   for q in ("Q8_0", "Q4_0")}
 
 
 def demo_job(variant: str, prompt: str, seed: int, *, image: str | None = None,
-             count: int = 2, frames: int = 5, steps: int = 4, extra: str = "") -> str:
-    """A small job for a tiny Wan 2.2 checkpoint: 64x64 (the smallest size a job may ask
-    for), 5 frames at 8 fps, 4 steps (with the official shifts the last of 4 steps is below
-    the A14B boundary, so both experts run)."""
-    lines = [f'checkpoint = "{DEMO_CHECKPOINTS[variant]}"', f'prompt = "{prompt}"',
+             count: int = 2, frames: int = 5, steps: int = 4, extra: str = "",
+             checkpoint: str | None = None) -> str:
+    """A small job for a tiny Wan 2.2 checkpoint (the variant's demo folder unless
+    `checkpoint` names another): 64x64 (the smallest size a job may ask for), 5 frames at
+    8 fps, 4 steps (with the official shifts the last of 4 steps is below the A14B boundary,
+    so both experts run)."""
+    name = checkpoint or DEMO_CHECKPOINTS[variant]
+    lines = [f'checkpoint = "{name}"', f'prompt = "{prompt}"',
              f"seed = {seed}", f"count = {count}", f"steps = {steps}", "width = 64",
              "height = 64", f"frames = {frames}", "fps = 8"]
     if image is not None:
@@ -671,6 +743,91 @@ def _musubi_to_original(key: str) -> str:
         return key  # not a block linear: diffusers' converter names what it cannot place
     block, group, layer, suffix = match.groups()
     return f"diffusion_model.blocks.{block}.{group}.{layer}{suffix}"
+
+
+# --- GGUF experts ---------------------------------------------------------------------------
+
+
+def _gguf_requirements(checkpoint: LoadedCheckpoint) -> str | None:
+    """What a Wan GGUF checkpoint still needs (a base folder of the same release, the second
+    expert of an A14B pair), or None when it can load. Reads headers and configs only."""
+    sidecar = f"{checkpoint.name}.toml"
+    base = checkpoint.config_path
+    if base is None:
+        return (f"{checkpoint.name!r} is a Wan 2.2 GGUF transformer alone; the UMT5 encoder, VAE, "
+                "tokenizer and configs come from a local diffusers folder of the same release "
+                "(lorafarm never downloads one): write a sidecar " + sidecar + " beside it with "
+                'config = "path/to/Wan2.2-T2V-A14B-Diffusers" and, for an A14B release, '
+                'transformer_2 = "<the low-noise expert>.gguf"')
+    index = _read_config(base / "model_index.json")
+    if index.get("_class_name") not in WAN_PIPELINES:
+        return (f"the base folder {base} of {checkpoint.name!r} is not a diffusers Wan folder "
+                f"(model_index.json: {index.get('_class_name') or 'missing'}); point config in "
+                f"{sidecar} at e.g. Wan2.2-T2V-A14B-Diffusers")
+    for component in ("text_encoder", "vae"):
+        if not any((base / component).glob("*.safetensors")):
+            return (f"the base folder {base} has no {component} weights "
+                    f"({component}/*.safetensors); {checkpoint.name!r} takes them from there")
+    for component in ("tokenizer", "scheduler"):
+        if not (base / component).is_dir():
+            return f"the base folder {base} has no {component}/ folder"
+    second = index.get("transformer_2")
+    two_experts = isinstance(second, list) and bool(second) and second[0] is not None
+    files = {"transformer": checkpoint.path}
+    if two_experts:
+        if checkpoint.transformer_2 is None:
+            return (f"{base.name} is a two-expert release (A14B) and {checkpoint.name!r} is one "
+                    f"expert: name the low-noise expert's GGUF file in {sidecar} with "
+                    'transformer_2 = "<file>.gguf" (this file being the high-noise one)')
+        files["transformer_2"] = checkpoint.transformer_2
+        if (expert_of(checkpoint.path.name, {})[0] == "low"
+                or expert_of(checkpoint.transformer_2.name, {})[0] == "high"):
+            return (f"the file names say the experts are swapped: {checkpoint.path.name} is the "
+                    f"checkpoint and {checkpoint.transformer_2.name} its transformer_2, but the "
+                    "checkpoint must be the HIGH-noise expert and transformer_2 the LOW-noise "
+                    "one (the high-noise expert draws the first steps); put the sidecar beside "
+                    "the high-noise file")
+    elif checkpoint.transformer_2 is not None:
+        return (f"{base.name} is a one-transformer release (TI2V-5B): transformer_2 in "
+                f"{sidecar} has no place; remove it")
+    for component, path in files.items():
+        config = _read_config(base / component / "config.json")
+        if not config:
+            return f"the base folder {base} has no {component}/config.json"
+        try:
+            header = read_gguf_header(path)
+        except GgufError as exc:
+            return str(exc)
+        shapes = {key.removeprefix("model.diffusion_model.").removeprefix("diffusion_model."):
+                  info.shape for key, info in header.tensors.items()}
+        q, patch = shapes.get("blocks.0.self_attn.q.weight"), shapes.get("patch_embedding.weight")
+        width = int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
+        if q is None or patch is None or (q[0], patch[1]) != (width, config.get("in_channels")):
+            found = f"width {q[0]}, {patch[1]} input channels" if q and patch else "no Wan keys"
+            return (f"{path.name} ({found}) does not fit the {component} of the base folder "
+                    f"{base.name} (width {width}, {config.get('in_channels')} input channels): "
+                    "use the base folder of the same release and size")
+    return None
+
+
+def _load_gguf_experts(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> dict[str, Any]:
+    """The GGUF expert(s) as diffusers WanTransformer3DModels (GGUFLinear layers), for
+    `from_pretrained(base, transformer=..., transformer_2=...)`. diffusers' single-file
+    converter renames the original keys (a pure renaming, so quantized tensors pass as they
+    are). They compute in the dtype the transformers would have (bfloat16 for float16)."""
+    from diffusers import WanTransformer3DModel
+
+    from families.quantized import load_gguf_model, load_gguf_state_dict
+
+    assert checkpoint.config_path is not None
+    compute = component_dtypes(dtype)
+    compute_dtype = compute if isinstance(compute, torch.dtype) else compute["default"]
+    files = {"transformer": checkpoint.path}
+    if checkpoint.transformer_2 is not None:
+        files["transformer_2"] = checkpoint.transformer_2
+    return {component: load_gguf_model(WanTransformer3DModel, load_gguf_state_dict(path),
+                                       checkpoint.config_path, component, compute_dtype, path)
+            for component, path in files.items()}
 
 
 @hookimpl

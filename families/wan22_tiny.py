@@ -14,6 +14,10 @@ the real *layout* of each Wan 2.2 release and shrink only widths and depths:
   which is how it conditions on a first frame) and the Wan 2.2 VAE (48 latent channels,
   residual blocks, 2x2 pixel patches: 16x spatial compression).
 
+A T2V-A14B built with `head_dim=16` (32 wide) is what the quantized demo checkpoints are made
+of: its experts written as GGUF files (Q8_0, Q4_0) in the original key layout, as city96's and
+QuantStack's Wan 2.2 GGUF files are.
+
 All three share a tiny UMT5 encoder with a hand-built Unigram tokenizer (`T5Tokenizer`, the
 class the real checkpoints name), and Wan's flow UniPC scheduler. The A14B experts and the
 5B transformer have different tiny widths, so a tiny 14B LoRA can no more load into the tiny
@@ -45,6 +49,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
+from families.quantized_tiny import write_gguf
 from families.wan22 import I2V_A14B, T2V_A14B, TI2V_5B, VARIANT_SETTINGS
 
 __all__ = [
@@ -55,7 +60,9 @@ __all__ = [
     "build_tiny_wan_pipeline",
     "make_tiny_wan_lora",
     "save_tiny_wan_folder",
+    "save_tiny_wan_transformer_gguf",
     "tiny_umt5_tokenizer",
+    "wan_transformer_to_original",
     "write_real_size_wan_lora",
     "write_tiny_input_image",
     "write_wan_lora",
@@ -123,11 +130,11 @@ def _tiny_text_encoder(vocab_size: int) -> UMT5EncoderModel:
     ))
 
 
-def _tiny_transformer(variant: str) -> WanTransformer3DModel:
+def _tiny_transformer(variant: str, head_dim: int = HEAD_DIM) -> WanTransformer3DModel:
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=HEADS[variant],
-        attention_head_dim=HEAD_DIM,
+        attention_head_dim=head_dim,
         in_channels=IN_CHANNELS[variant],
         out_channels=OUT_CHANNELS[variant],
         text_dim=TEXT_WIDTH,
@@ -166,11 +173,16 @@ def _flow_unipc(flow_shift: float) -> UniPCMultistepScheduler:
                                    num_train_timesteps=1000, flow_shift=flow_shift)
 
 
-def build_tiny_wan_pipeline(variant: str, seed: int = 0) -> WanPipeline | WanImageToVideoPipeline:
+def build_tiny_wan_pipeline(variant: str, seed: int = 0, *, head_dim: int = HEAD_DIM,
+                            ) -> WanPipeline | WanImageToVideoPipeline:
     """Build a tiny Wan 2.2 pipeline of `variant` (t2v-a14b, i2v-a14b, ti2v-5b); the same seed
     gives bit-identical weights, and the caller's global torch RNG state is left untouched.
     Each component is initialised from its own seed offset, so resizing one never changes the
-    others' weights."""
+    others' weights.
+
+    `head_dim` 16 (instead of 12) makes the A14B experts 32 wide: every block linear then
+    takes a multiple of 32 inputs, the block size of GGUF's Q8_0 / Q4_0 quantization, which
+    the quantized demo checkpoints need."""
     if variant not in VARIANT_SETTINGS:
         raise ValueError(f"unknown Wan 2.2 variant {variant!r}; known: "
                          f"{', '.join(VARIANT_SETTINGS)}")
@@ -179,10 +191,10 @@ def build_tiny_wan_pipeline(variant: str, seed: int = 0) -> WanPipeline | WanIma
     builders = {
         "text_encoder": lambda: _tiny_text_encoder(len(tokenizer)),
         "vae": _tiny_vae_22 if variant == TI2V_5B else _tiny_vae_21,
-        "transformer": lambda: _tiny_transformer(variant),
+        "transformer": lambda: _tiny_transformer(variant, head_dim),
     }
     if settings.two_experts:
-        builders["transformer_2"] = lambda: _tiny_transformer(variant)
+        builders["transformer_2"] = lambda: _tiny_transformer(variant, head_dim)
     models: dict[str, torch.nn.Module] = {}
     with torch.random.fork_rng(devices=[]):
         for offset, (name, build) in enumerate(builders.items()):
@@ -208,6 +220,57 @@ def save_tiny_wan_folder(pipe: WanPipeline | WanImageToVideoPipeline, folder: Pa
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# diffusers module names -> the original release's, in the order they are applied (inside
+# blocks; the top-level ones are handled by name). The inverse of diffusers'
+# `convert_wan_transformer_to_diffusers`, which a test checks.
+_TO_ORIGINAL = (
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."),
+    (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."), (".to_out.0.", ".o."),
+    (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
+)
+# Tensors kept in F32 in the GGUF files: the patch embedding (5-D, and GGUF quantizes 2-D
+# weights only), the text / time embedders and the output head, small and precision-critical.
+GGUF_KEEP_PRECISE = ("patch_embedding.", "text_embedding.", "time_embedding.",
+                     "time_projection.", "head.")
+
+
+def wan_transformer_to_original(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers WanTransformer3DModel state dict under the original release's names
+    (`blocks.0.self_attn.q.weight`, `head.head.weight`, ...), as single files have them.
+    diffusers' norm2 (cross-attention norm) is the original norm3, and the reverse."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key == "scale_shift_table":
+            name = "head.modulation"
+        elif key.startswith("proj_out."):
+            name = "head.head." + key.removeprefix("proj_out.")
+        else:
+            name = key
+            parts = name.split(".")
+            if len(parts) == 3 and parts[0] == "blocks" and parts[2] == "scale_shift_table":
+                name = f"blocks.{parts[1]}.modulation"
+            elif len(parts) > 3 and parts[0] == "blocks" and parts[2] in ("norm2", "norm3"):
+                parts[2] = "norm3" if parts[2] == "norm2" else "norm2"
+                name = ".".join(parts)
+            for old, new in _TO_ORIGINAL:
+                name = name.replace(old, new)
+        out[name] = tensor
+    return out
+
+
+def save_tiny_wan_transformer_gguf(transformer: WanTransformer3DModel, path: Path,
+                                   quantization: str = "Q8_0") -> Path:
+    """Write one expert (or the 5B transformer) as a GGUF file in the original layout."""
+    return write_gguf(wan_transformer_to_original(transformer.state_dict()), path,
+                      architecture="wan", quantization=quantization,
+                      keep_precise=GGUF_KEEP_PRECISE)
 
 
 def write_tiny_input_image(path: Path, size: tuple[int, int] = (48, 32), seed: int = 0) -> Path:

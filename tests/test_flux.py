@@ -32,6 +32,8 @@ from daemon.spec import LoraUse, RenderSpec
 from families.flux import (
     DEMO_DEV,
     DEMO_DEV_BFL,
+    DEMO_DEV_FP8,
+    DEMO_DEV_GGUF,
     DEMO_SCHNELL,
     SCHEDULER_SETTINGS,
     FluxDevFamily,
@@ -677,8 +679,16 @@ def test_build_demo_writes_both_variants_a_bfl_file_and_their_jobs(tmp_path: Pat
     assert (tmp_path / DEMO_SCHNELL / "transformer" / "config.json").is_file()
     single = tmp_path / f"{DEMO_DEV_BFL}.safetensors"
     assert single.stat().st_size < 500_000
-    assert dev_assets.checkpoint_overrides == {DEMO_DEV_BFL: {"config": f"models/{DEMO_DEV}"}}
+    # The folder's transformer quantized too (tests/test_quantized.py renders them).
+    quantized = [f"{name}.gguf" for name in DEMO_DEV_GGUF.values()] + [
+        f"{DEMO_DEV_FP8}.safetensors"]
+    assert all((tmp_path / name).stat().st_size < 250_000 for name in quantized)
+    assert dev_assets.checkpoint_overrides == {
+        name: {"config": f"models/{DEMO_DEV}"}
+        for name in (DEMO_DEV_BFL, *DEMO_DEV_GGUF.values(), DEMO_DEV_FP8)}
     jobs = {**dev_assets.jobs, **schnell_assets.jobs}
-    assert sorted(jobs) == ["flux-dev-single-file.toml", "flux-dev.toml", "flux-schnell.toml"]
+    assert sorted(jobs) == ["flux-dev-single-file.toml", "flux-dev.toml", "flux-schnell.toml",
+                            *sorted(f"{name}.toml" for name in (*DEMO_DEV_GGUF.values(),
+                                                                 DEMO_DEV_FP8))]
     assert "guidance = 3.5" in jobs["flux-dev.toml"]
     assert all("width = 64" in text and "count = 2" in text for text in jobs.values())

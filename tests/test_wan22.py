@@ -36,6 +36,7 @@ from daemon.safetensors_header import read_header
 from daemon.spec import LoraUse, RenderSpec
 from families.wan22 import (
     DEMO_CHECKPOINTS,
+    DEMO_GGUF_PAIRS,
     DEMO_IMAGE,
     I2V_A14B,
     T2V_A14B,
@@ -337,8 +338,9 @@ def test_the_demo_jobs_render(farm, assets) -> None:
     for job in sorted(assets.demo_jobs.glob("wan22-*.toml")):
         farm.drop(job.name, job.read_text())
     assert farm.run() == 0
-    assert farm.files_in("done") == ["wan22-i2v.toml", "wan22-t2v.toml", "wan22-ti2v.toml"]
-    assert sum(len(videos) for videos in _videos(farm).values()) == 6
+    assert farm.files_in("done") == ["wan22-i2v.toml", "wan22-t2v-gguf.toml", "wan22-t2v.toml",
+                                     "wan22-ti2v.toml"]
+    assert sum(len(videos) for videos in _videos(farm).values()) == 8
 
 
 def test_image_jobs_that_do_not_fit_the_release_are_rejected_with_the_fix(farm) -> None:
@@ -690,7 +692,13 @@ def test_build_demo_writes_three_small_releases_a_job_each_and_an_input_image(
         probe = FAMILY.probe_checkpoint(CheckpointSource.for_folder(name, folder))
         assert probe is not None and probe.variant == variant
     assert (tmp_path / "inputs" / DEMO_IMAGE).is_file()
-    assert sorted(assets.jobs) == ["wan22-i2v.toml", "wan22-t2v.toml", "wan22-ti2v.toml"]
+    # A 32-wide T2V-A14B and its experts as GGUF pairs (tests/test_quantized.py renders them).
+    for high, low in DEMO_GGUF_PAIRS.values():
+        for name in (high, low):
+            assert (tmp_path / "models" / f"{name}.gguf").stat().st_size < 200_000
+        assert f'transformer_2 = "{low}.gguf"' in (tmp_path / "models" / f"{high}.toml").read_text()
+    assert sorted(assets.jobs) == ["wan22-i2v.toml", "wan22-t2v-gguf.toml", "wan22-t2v.toml",
+                                   "wan22-ti2v.toml"]
     assert f'image = "{DEMO_IMAGE}"' in assets.jobs["wan22-i2v.toml"]
     assert assets.checkpoint_overrides == {}
     with Image.open(tmp_path / "inputs" / DEMO_IMAGE) as image:
