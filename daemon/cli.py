@@ -289,6 +289,7 @@ def _render_record(render: Any, results: list[Any]) -> dict[str, Any]:
             "lora_patches": json.loads(render.lora_report_json)
             if render.lora_report_json else None,
             "frames": render.frames, "fps": render.fps,
+            "quantization": spec.get("extra", {}).get("quantization"),
             # Post-processing ([[postprocess]]): scorer numbers, tagger tags with their
             # confidence, and the quality gate's verdict.
             "scores": by_kind["score"], "tags": by_kind["tag"],
@@ -336,6 +337,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for info in infos:
         model_hash = registry.model_hash(info.name, wait=True) if info.state == "ok" else None
         rows.append({"name": info.name, "family": info.family, "lineage": info.lineage,
+                     "quantization": info.quantization,
                      "kind": info.kind, "file": str(info.path), "hash": model_hash,
                      "state": info.state, "reason": info.reason})
     registry.close()

@@ -25,13 +25,13 @@ from daemon.config import Config
 from daemon.control import is_paused
 from daemon.grid import write_sweep_grid
 from daemon.hosts import forget_dead_inventories, heartbeat, register_host, stop_host
-from daemon.intake import Intake
+from daemon.intake import CLAIM_FOLDER_PREFIX, Intake
 from daemon.lifecycle import recover_interrupted, stale_outputs
 from daemon.lora_library import LoraLibrary
 from daemon.output_writer import OutputWriter
 from daemon.outputs import remove_leftover_temporaries
 from daemon.plugins import Plugins
-from daemon.registry import Registry
+from daemon.registry import Registry, live_hosts
 from daemon.report import DrainWatch
 from daemon.scheduler import Inventory, claim_next_batch, peek_next_checkpoint
 from daemon.spec import RenderSpec
@@ -245,8 +245,21 @@ class Daemon:
                                                lease_seconds=self.config.lease_seconds)
                 for job_id in ended:
                     self._job_finished(job_id)
+                if self.farm:
+                    self._return_claims_of_lost_hosts()
             except Exception:
                 log.exception("heartbeat failed; will retry")
+
+    def _return_claims_of_lost_hosts(self) -> None:
+        """A host that died between taking a job file into its claim folder and recording
+        it leaves the file there; put it back in jobs/ for the living to take."""
+        with self.store.session() as session:
+            alive = {name.replace("/", "_") for name in live_hosts(session, self.config)}
+        owners = {folder.name[len(CLAIM_FOLDER_PREFIX):]
+                  for folder in self.config.paths.jobs.glob(f"{CLAIM_FOLDER_PREFIX}*")}
+        lost = {owner for owner in owners if owner != self.intake.owner and owner not in alive}
+        if lost and self.intake.return_claims(lost):
+            self.intake.wakeup.set()
 
     def _batch_limit(self, spec: RenderSpec) -> int:
         budget = self.config.worker.memory_budget_gb * 2**30

@@ -152,12 +152,22 @@ class Worker:
             return list(self._pipelines)
 
     def _identity(self, info: CheckpointInfo) -> tuple[str, int]:
-        return (str(info.path), info.path.stat().st_mtime_ns)
+        """What the loaded pipeline was built from: replacing any of its files reloads it."""
+        mtime = info.path.stat().st_mtime_ns
+        if info.transformer_2 is not None and info.transformer_2.exists():
+            mtime ^= info.transformer_2.stat().st_mtime_ns  # a GGUF pair's low-noise expert
+        return (str(info.path), mtime)
 
     def _load(self, info: CheckpointInfo, family: Family) -> _Loaded:
         started = time.perf_counter()
+        offload = self.config.worker.offload
+        # With an offload mode the pipeline is built in CPU RAM and the offload hooks move
+        # each part to the GPU when it runs.
+        where = (torch.device("cpu") if offload != "none" and self.device.type == "cuda"
+                 else self.device)
         with LOAD_GATE.loading():
-            pipe = family.load_pipeline(info.loaded(), self.device, self.dtype)
+            pipe = family.load_pipeline(info.loaded(), where, self.dtype)
+            family.apply_offload(pipe, offload, self.device)
         log.info("%s: loaded %s (%s) in %.2fs", self.name, info.name, family.name,
                  time.perf_counter() - started)
         return _Loaded(pipe=pipe, identity=self._identity(info))
