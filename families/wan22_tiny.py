@@ -45,11 +45,11 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from PIL import Image
-from safetensors.torch import save_file
 from torch import Tensor
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from families.quantized_tiny import write_gguf
+from families.tiny_files import save_safetensors_atomically as _save_atomically
 from families.wan22 import I2V_A14B, T2V_A14B, TI2V_5B, VARIANT_SETTINGS
 
 __all__ = [
@@ -458,19 +458,3 @@ def write_real_size_wan_lora(path: Path, size: str = "14b", layout: str = "musub
             raise ValueError(f"layout must be musubi, original or diffusers, got {layout!r}")
     _save_atomically(tensors, Path(path), dict(metadata or {}))
     return Path(path)
-
-
-def _save_atomically(tensors: Mapping[str, Tensor], path: Path, header: Mapping[str, str]) -> None:
-    # A half-written file in a watched folder would be indexed as broken: write a temporary
-    # file beside the target and rename it into place.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as handle:
-        temp = Path(handle.name)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp),
-                  metadata={str(k): str(v) for k, v in header.items()})
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
