@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 
 from daemon.spec import RenderSpec
-from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, RenderScore, Store, add_event
+from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Job, Render, RenderScore, Store, add_event
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,12 @@ def _is_reseed(session: Any, render_id: int) -> bool:
 
 def _queue_next_seed(session: Any, render: Render) -> int:
     """The job's next unused seed (count seeds run seed, seed+1, ...; the next one is past
-    them all), at the end of the job, same settings otherwise, so it batches like the rest."""
+    them all), at the end of the job, same settings otherwise, so it batches like the rest.
+
+    The job row is locked first: on PostgreSQL two hosts may reseed renders of one job at
+    the same moment, and without the lock both would read the same last index and seed
+    (SQLite's single writer already serialises them; it ignores FOR UPDATE)."""
+    session.execute(select(Job.id).where(Job.id == render.job_id).with_for_update())
     last_index, last_seed = session.execute(
         select(func.max(Render.index), func.max(Render.seed))
         .where(Render.job_id == render.job_id)).one()
