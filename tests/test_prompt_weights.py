@@ -260,11 +260,14 @@ def test_a_prompt_without_weights_renders_bit_identically_to_before(tiny_pipe: A
     now = family.render_batch(tiny_pipe, specs, torch.device("cpu"))
     for a, b in zip(before, now, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    # In a batch shared with a weighted prompt, the plain render is still the same image.
+    # In a batch shared with a weighted prompt, the plain render is still the same image as
+    # that render alone (its own pipeline call; a batch of 2 against a batch of 1 may differ
+    # in the last bit on some CPUs, which the batch tests bound separately).
+    alone = family.render_batch(tiny_pipe, [specs[0]], torch.device("cpu"))[0]
     mixed = family.render_batch(tiny_pipe, [_spec("a (red:1.5) lighthouse", 3), specs[0]],
                                 torch.device("cpu"))
-    assert np.array_equal(np.asarray(mixed[1]), np.asarray(before[0]))
-    assert not np.array_equal(np.asarray(mixed[0]), np.asarray(before[0]))
+    assert np.array_equal(np.asarray(mixed[1]), np.asarray(alone))
+    assert not np.array_equal(np.asarray(mixed[0]), np.asarray(alone))
 
 
 def test_a_weighted_job_renders_differently_and_records_the_prompt_as_written(farm) -> None:
