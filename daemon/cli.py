@@ -338,6 +338,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         model_hash = registry.model_hash(info.name, wait=True) if info.state == "ok" else None
         rows.append({"name": info.name, "family": info.family, "lineage": info.lineage,
                      "quantization": info.quantization,
+                     "transformer_2": str(info.transformer_2) if info.transformer_2 else None,
                      "kind": info.kind, "file": str(info.path), "hash": model_hash,
                      "state": info.state, "reason": info.reason})
     registry.close()
@@ -347,7 +348,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     else:
         for row in rows:
             print(f"{row['name']:<32} {row['family'] or '?':<12} {row['hash'] or '-':<11} "
-                  f"{row['state']:<13} {row['file']}")
+                  f"{row['state']:<13} {row['quantization'] or '-':<11} {row['file']}")
+            if row["transformer_2"]:
+                print(f"{'':<32} transformer_2: {row['transformer_2']}")
             if row["state"] != "ok":
                 print(f"{'':<32} {row['reason']}")
     return 0

@@ -44,6 +44,19 @@ class Paths:
         return tuple(folders)
 
     @property
+    def component_folders(self) -> dict[str, tuple[Path, ...]]:
+        """Where the UI trees keep pipeline parts as separate files, by kind
+        ("text_encoders", "vae"): ComfyUI's models/text_encoders (and its older name
+        models/clip) and models/vae, Forge's models/text_encoder and models/VAE."""
+        return {
+            "text_encoders": (*(root / "models" / name for root in self.comfyui
+                                for name in ("text_encoders", "clip")),
+                              *(root / "models" / "text_encoder" for root in self.a1111)),
+            "vae": (*(root / "models" / "vae" for root in self.comfyui),
+                    *(root / "models" / "VAE" for root in self.a1111)),
+        }
+
+    @property
     def lora_folders(self) -> tuple[Path, ...]:
         return (self.loras, *(root / "models" / "loras" for root in self.comfyui),
                 *(root / "models" / "Lora" for root in self.a1111))
@@ -121,6 +134,35 @@ class CheckpointOverride:
     lineage: str | None = None
     config: Path | None = None  # a diffusers config folder for single-file loading
     variant: str | None = None  # what the file cannot tell, e.g. Klein "base" / "distilled"
+    # A GGUF pair's second (low-noise) expert file (Wan 2.2 A14B), as in a sidecar. A bare
+    # file name stays relative: the registry looks for it beside the checkpoint; a path is
+    # resolved against config.toml's folder.
+    transformer_2: Path | None = None
+    # Pipeline parts kept as files of their own, as ComfyUI users have them (clip_l,
+    # t5xxl_fp16, ae.safetensors); each replaces that component's weights from `config`.
+    # A bare file name (no folder) stays relative here: the registry looks it up in the
+    # UI trees' component folders (Paths.component_folders); a path is resolved.
+    text_encoder: Path | None = None
+    text_encoder_2: Path | None = None
+    vae: Path | None = None
+
+
+# Checkpoint keys naming component files, and the kind of UI folder each is looked up in.
+COMPONENT_KEYS = {"text_encoder": "text_encoders", "text_encoder_2": "text_encoders",
+                  "vae": "vae"}
+
+
+def component_path(value: object, base: Path, where: str, key: str) -> Path:
+    """A component key's value: a bare file name kept as is (looked up in the UI trees'
+    folders later), anything else resolved against `base`. Raises ConfigError."""
+    if not isinstance(value, str) or not value.strip():
+        short = key.rsplit(".", 1)[-1]
+        example = {"text_encoder_2": "t5xxl_fp16.safetensors",
+                   "vae": "ae.safetensors"}.get(short, "clip_l.safetensors")
+        raise ConfigError(f'{where}: {key} must be a file name or path, e.g. '
+                          f'{short} = "{example}"')
+    path = Path(value)
+    return path if path.name == value else (base / path).resolve()
 
 
 @dataclass(frozen=True)
@@ -209,6 +251,22 @@ def load_config(path: Path) -> Config:
     return config_from_dict(data, base=path.parent, source=path)
 
 
+def _second_expert_path(value: object, base: Path, where: str, name: str) -> Path | None:
+    """`[checkpoints.NAME] transformer_2`: a .gguf file name (kept relative, found beside the
+    checkpoint by the registry) or path (resolved against `base`). Whether the file exists is
+    the registry's to check: a missing file makes that checkpoint unusable, not the config.
+    Raises ConfigError."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip().lower().endswith(".gguf"):
+        raise ConfigError(f"{where}: checkpoints.{name}.transformer_2 = {value!r}: it must name "
+                          "the low-noise expert's .gguf file, e.g. transformer_2 = "
+                          '"wan2.2_t2v_low_noise_14B_Q8_0.gguf" (beside the checkpoint) or a '
+                          "path relative to this file")
+    path = Path(value.strip())
+    return path if path.name == value.strip() else (base / path).resolve()
+
+
 def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     where = str(source) if source else "config"
     _reject_unknown(data, TOP_KEYS, where, "")
@@ -250,14 +308,17 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [checkpoints.{name}] must be a table, e.g. "
                               f'[checkpoints.{name}]\\nfamily = "sdxl"')
-        _reject_unknown(table, ("family", "lineage", "config", "variant"), where,
-                        f"checkpoints.{name}.")
+        _reject_unknown(table, ("family", "lineage", "config", "variant", "transformer_2",
+                                *COMPONENT_KEYS), where, f"checkpoints.{name}.")
         config_dir = table.get("config")
         checkpoints[name] = CheckpointOverride(
             family=table.get("family"),
             lineage=table.get("lineage"),
             config=(base / config_dir).resolve() if config_dir else None,
             variant=table.get("variant"),
+            transformer_2=_second_expert_path(table.get("transformer_2"), base, where, name),
+            **{key: component_path(table[key], base, where, f"checkpoints.{name}.{key}")
+               for key in COMPONENT_KEYS if key in table},
         )
     loras: dict[str, LoraOverride] = {}
     for name, table in data.get("loras", {}).items():

@@ -163,6 +163,13 @@ class LoadedCheckpoint:
     variant: str | None = None
     quantization: str | None = None  # "GGUF Q8_0", "FP8 e4m3fn"; None: stored as released
     transformer_2: Path | None = None  # a GGUF pair's second (low-noise) expert file
+    # Component files named for this checkpoint (config.toml / sidecar `text_encoder`,
+    # `text_encoder_2`, `vae`), already found on disk; they replace the config folder's
+    # weights for those components (see families/components.py).
+    components: dict[str, Path] = field(default_factory=dict)
+    # The UI trees' folders of such files, by kind ("text_encoders", "vae"): where a family
+    # may pair a component the config folder lacks weights for (Paths.component_folders).
+    component_folders: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
 
 @dataclass

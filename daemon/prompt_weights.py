@@ -12,7 +12,10 @@ Three uses:
 * `to_compel_conjunction` / `to_compel_syntax`: the same in compel's terms (SDXL lineage,
   Flux.1); the conjunction is built directly, because compel's text parser rewrites user
   text (`word+`, `word-`, quotes, `.swap(`), so a text round trip is not lossless;
-* `strip_weights`: plain text for encoders nothing can weight (Flux 2, Wan, HunyuanVideo).
+* `strip_weights` / `unweighted_notes`: plain text for encoders nothing can weight (Flux 2,
+  Wan, HunyuanVideo), and the warning that says so. Those families keep the prompt as
+  written in the render spec (history, infotext, rerenders) and strip it only where it is
+  handed to the pipeline.
 """
 
 from __future__ import annotations
@@ -60,8 +63,21 @@ class ParsedPrompt:
             run.weight != 1.0 for chunk in self.chunks for run in chunk)
 
     @property
+    def weighted(self) -> bool:
+        """True when some run has a weight other than 1 (a BREAK alone does not count)."""
+        return any(run.weight != 1.0 for chunk in self.chunks for run in chunk)
+
+    @property
     def plain_chunks(self) -> list[str]:
         return ["".join(run.text for run in chunk) for chunk in self.chunks]
+
+    @property
+    def stripped(self) -> str:
+        """The text with weights, brackets and escapes resolved and BREAK read as a space; a
+        prompt without weights or BREAK exactly as written (escapes resolved)."""
+        if not self.has_weights:
+            return "".join(self.plain_chunks)
+        return " ".join(chunk.strip() for chunk in self.plain_chunks)
 
     @property
     def plain_text(self) -> str:
@@ -160,10 +176,37 @@ def strip_weights(prompt: str) -> tuple[str, bool]:
     """(the prompt as plain text, whether it had weighting or BREAK to lose), for encoders
     that nothing can weight. Brackets that do not weight anything stay as written."""
     parsed = parse_prompt(prompt)
-    if not parsed.has_weights:
-        # Keep the user's text exactly unless escapes need resolving: `\(` means `(`.
-        return "".join(parsed.plain_chunks), False
-    return " ".join(chunk.strip() for chunk in parsed.plain_chunks), True
+    # The user's text exactly unless escapes need resolving (`\(` means `(`) or weights go.
+    return parsed.stripped, parsed.has_weights
+
+
+def _shown_weights(parsed: ParsedPrompt, limit: int = 3) -> str:
+    """The weighted runs in A1111's own notation, `(red:1.3)`, the first `limit` of them."""
+    runs = [f"({run.text.strip()}:{run.weight:.3g})" for chunk in parsed.chunks
+            for run in chunk if run.weight != 1.0 and run.text.strip()]
+    return ", ".join(runs[:limit]) + (", ..." if len(runs) > limit else "")
+
+
+def unweighted_notes(display_name: str, prompt: str, negative_prompt: str) -> list[str]:
+    """Warnings for a family whose text encoder nothing can weight: for each prompt with
+    A1111 weights or BREAK, that they are dropped (the text goes to the encoder as
+    `strip_weights` gives it), and that prompt editing is read as text. Unbalanced brackets
+    are not reported: such an encoder reads them as the characters the user typed."""
+    notes = []
+    for which, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        parsed = parse_prompt(text)
+        if not parsed.has_weights:
+            continue
+        dropped = [f"{shown} read as plain text"] if (shown := _shown_weights(parsed)) else []
+        if len(parsed.chunks) > 1:
+            dropped.append("BREAK read as a space")
+        if not dropped:
+            continue  # only weights on blank text: `( :1.2)`
+        notes.append(f"{which}: {display_name} has no prompt weighting: {'; '.join(dropped)}")
+        if _PROMPT_EDITING.search(text):
+            notes.append(f"{which}: A1111 prompt editing ([a:b:0.5], [a|b]) is not supported: "
+                         "it is read as text")
+    return notes
 
 
 def to_compel_conjunction(parsed: ParsedPrompt, keep_breaks: bool = True) -> Conjunction:

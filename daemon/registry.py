@@ -3,7 +3,9 @@ and their A1111 model hashes.
 
 A checkpoint is a diffusers folder (holding model_index.json), a single `.safetensors`
 file, or a quantized `.gguf` transformer (with a base folder for the rest, and for Wan 2.2
-A14B a second GGUF file for the low-noise expert: `transformer_2` in its sidecar). Its family
+A14B a second GGUF file for the low-noise expert: `transformer_2` in its sidecar or in
+config.toml's [checkpoints.NAME]; text encoders and VAE may be files of their own too:
+`text_encoder`, `text_encoder_2`, `vae`, see families/components.py). Its family
 comes from asking every family plugin about the header (no weights are loaded); config.toml
 `[checkpoints.NAME] family = ...` overrides the answer. Hashing a 7 GB
 file takes tens of seconds, so hashes are computed on a background thread and cached in the
@@ -18,13 +20,13 @@ import logging
 import threading
 import tomllib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from daemon.config import CheckpointOverride, Config
+from daemon.config import COMPONENT_KEYS, CheckpointOverride, Config, component_path
 from daemon.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
 from daemon.gguf_header import TEXT_ARCHITECTURES, GgufError, read_gguf_header
 from daemon.plugins import Plugins
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # In a diffusers folder, the file whose hash stands for the model (A1111 hashes one file).
 DENOISER_WEIGHTS = ("unet", "transformer")
-SIDECAR_KEYS = ("family", "lineage", "config", "variant", "transformer_2")
+SIDECAR_KEYS = ("family", "lineage", "config", "variant", "transformer_2", *COMPONENT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -54,12 +56,18 @@ class CheckpointInfo:
     model_hash: str | None
     quantization: str | None = None  # "GGUF Q8_0", "FP8 e4m3fn"; None: stored as released
     transformer_2: Path | None = None  # a GGUF pair's low-noise expert (sidecar transformer_2)
+    # Component files its overrides name (text_encoder, text_encoder_2, vae), found on disk,
+    # and the UI trees' folders a family may pair the others from (see LoadedCheckpoint).
+    components: dict[str, Path] = field(default_factory=dict)
+    component_folders: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
     def loaded(self) -> LoadedCheckpoint:
         return LoadedCheckpoint(name=self.name, path=self.path, kind=self.kind,
                                 config_path=self.config_path, lineage=self.lineage,
                                 variant=self.variant, quantization=self.quantization,
-                                transformer_2=self.transformer_2)
+                                transformer_2=self.transformer_2,
+                                components=dict(self.components),
+                                component_folders=dict(self.component_folders))
 
 
 class Registry:
@@ -95,7 +103,7 @@ class Registry:
                     found.setdefault(entry.stem, (entry, "pickle"))
         # The second expert of a GGUF pair is part of the checkpoint that names it, not a
         # checkpoint of its own (a job naming it alone would render with one expert).
-        for partner in _second_experts(found):
+        for partner in _second_experts(found, self.config):
             found.pop(partner, None)
         with self.store.session() as session:
             rows = {row.name: row for row in session.scalars(
@@ -113,15 +121,19 @@ class Registry:
                 if row is None:
                     row = Checkpoint(name=name, host=self.host)
                     session.add(row)
-                before = (row.family, row.lineage, row.state, row.reason, row.config_path)
+                before = (row.family, row.lineage, row.state, row.reason, row.config_path,
+                          row.quantization, row.transformer_2)
                 row.path, row.kind, row.size_bytes, row.mtime_ns = str(path), kind, size, mtime
                 row.family, row.lineage, row.variant = info.family, info.lineage, info.variant
                 row.state, row.reason = info.state, info.reason
                 row.recognised_by = info.recognised_by
                 row.config_path = str(info.config_path) if info.config_path else None
+                row.quantization = info.quantization
+                row.transformer_2 = str(info.transformer_2) if info.transformer_2 else None
                 if not unchanged:
                     row.sha256 = row.model_hash = None
-                after = (row.family, row.lineage, row.state, row.reason, row.config_path)
+                after = (row.family, row.lineage, row.state, row.reason, row.config_path,
+                         row.quantization, row.transformer_2)
                 if not unchanged or after != before:
                     row.updated_at = utcnow()
                     add_event(session, "checkpoint_indexed", f"{name}: {info.state}",
@@ -145,20 +157,63 @@ class Registry:
         reason: str | None
         recognised_by: str | None
         config_path: Path | None
+        quantization: str | None = None  # the label, e.g. "GGUF Q8_0" (ok checkpoints only)
+        transformer_2: Path | None = None  # a GGUF pair's second expert (ok checkpoints only)
 
     def _override(self, name: str, path: Path) -> tuple[CheckpointOverride | None, Path | None]:
         """A sidecar NAME.toml beside the checkpoint, with config.toml's
         [checkpoints.NAME] on top (the central file wins); and the second expert file of a
-        GGUF pair (`transformer_2`), which the sidecar names."""
+        GGUF pair (`transformer_2`), which the sidecar or config.toml names (config.toml
+        wins; a bare file name there is looked up beside the checkpoint)."""
         values = read_sidecar(name, path)
         transformer_2 = values.pop("transformer_2", None)
         central = self.config.checkpoints.get(name)
         if central is not None:
             values.update({k: v for k, v in central.__dict__.items() if v is not None})
-            # config.toml may carry it too once CheckpointOverride knows the key.
-            transformer_2 = values.pop("transformer_2", None) or transformer_2
+            central_second = values.pop("transformer_2", None)
+            if central_second is not None:
+                transformer_2 = _beside(path, Path(str(central_second)))
+        for key, kind in COMPONENT_KEYS.items():
+            if values.get(key) is not None:
+                values[key] = self._component_file(name, key, Path(str(values[key])), kind)
         override = CheckpointOverride(**values) if values else None  # type: ignore[arg-type]
         return override, Path(str(transformer_2)) if transformer_2 else None
+
+    def _component_file(self, name: str, key: str, value: Path, kind: str) -> Path:
+        """The file a component key names: a path as given, a bare file name from the UI
+        trees' folders of that kind. Raises ValueError saying what, where and how to fix."""
+        where = (f"{key} = {str(value)!r} for {name} ([checkpoints.{name}] in config.toml or "
+                 f"the sidecar {name}.toml)")
+        if value.is_absolute():
+            if value.is_file():
+                return value
+            raise ValueError(f"{where}: {value} is not a file; fix the path (a relative path "
+                             "counts from the file that sets it) or remove the key")
+        folders = self.config.paths.component_folders[kind]
+        for folder in folders:
+            if (folder / value.name).is_file():
+                return folder / value.name
+        if not folders:
+            raise ValueError(f"{where}: a bare file name is looked up in the models/{kind} "
+                             "folder of the ComfyUI trees in paths.comfyui, and none is "
+                             "configured; add the tree to paths.comfyui or give the file's path")
+        raise ValueError(f"{where}: no such file in {', '.join(str(f) for f in folders)}; put "
+                         "it there, or give the file's path")
+
+    def _row_info(self, row: Checkpoint) -> CheckpointInfo:
+        """A row with the component files its overrides name (read now: they are not
+        stored) and the folders its family may pair others from."""
+        info = _info(row)
+        components: dict[str, Path] = {}
+        if info.state == "ok":
+            try:
+                override, _ = self._override(info.name, info.path)
+            except ValueError:
+                override = None  # the scan has marked it unusable, with the reason
+            components = {key: getattr(override, key) for key in COMPONENT_KEYS
+                          if override is not None and getattr(override, key) is not None}
+        return replace(info, components=components,
+                       component_folders=self.config.paths.component_folders)
 
     def _recognise(self, name: str, path: Path, kind: str) -> Registry._Recognition:
         try:
@@ -171,6 +226,12 @@ class Registry:
                                      f"{path.suffix} files are pickles and are never loaded "
                                      "(they can run code); convert it to .safetensors",
                                      None, None)
+        if transformer_2 is not None and kind != "gguf":
+            return self._Recognition(
+                None, None, None, "unrecognised",
+                f"{_second_expert_origin(name, self.config)} sets transformer_2, which pairs "
+                f"two GGUF expert files (Wan 2.2 A14B); {name} is a {kind.replace('_', ' ')}, "
+                "not a .gguf file: remove transformer_2", None, config_path)
         try:
             if kind == "folder":
                 source = CheckpointSource.for_folder(name, path)
@@ -179,7 +240,8 @@ class Registry:
                                           gguf=read_gguf_header(path), config_path=config_path,
                                           transformer_2=transformer_2)
                 if transformer_2 is not None:
-                    _check_second_expert(path, transformer_2)
+                    _check_second_expert(path, transformer_2,
+                                         _second_expert_origin(name, self.config))
             else:
                 source = CheckpointSource(name=name, path=path, kind=kind,
                                           header=read_header(path), config_path=config_path)
@@ -195,6 +257,9 @@ class Registry:
                 del exc
             if probe is not None:
                 probes.append(probe)
+        found = checkpoint_quantization(path, kind)
+        quantization = found.label if found else None
+        second = transformer_2 if kind == "gguf" else None
         if override and override.family:
             if override.family not in self.plugins.families:
                 return self._Recognition(
@@ -206,7 +271,8 @@ class Registry:
             lineage = override.lineage or (matching[0].lineage if matching else None)
             variant = override.variant or (matching[0].variant if matching else None)
             return self._Recognition(override.family, lineage, variant, "ok",
-                                     "family set in config.toml", "config", config_path)
+                                     "family set in config.toml", "config", config_path,
+                                     quantization, second)
         if not probes and source.gguf is not None:
             readers = sorted(f.display_name for f in self.plugins.families.values()
                              if f.reads_gguf)
@@ -228,18 +294,17 @@ class Registry:
         lineage = override.lineage if override and override.lineage else best.lineage
         variant = override.variant if override and override.variant else best.variant
         reason = best.reason
-        quantization = checkpoint_quantization(path, kind)
-        if quantization is not None:
+        if found is not None:
             # Shown by `lorafarm models`: the label the renders record, and the type mix.
-            reason += f"; {quantization.label} ({quantization.detail})"
+            reason += f"; {found.label} ({found.detail})"
         return self._Recognition(best.family, lineage, variant, "ok", reason,
-                                 "header", config_path)
+                                 "header", config_path, quantization, second)
 
     # -- queries ---------------------------------------------------------------------------
 
     def all(self) -> list[CheckpointInfo]:
         with self.store.session() as session:
-            return [_info(row) for row in session.scalars(
+            return [self._row_info(row) for row in session.scalars(
                 select(Checkpoint).where(Checkpoint.host == self.host)
                 .order_by(Checkpoint.name))]
 
@@ -248,7 +313,7 @@ class Registry:
         with self.store.session() as session:
             row = session.scalars(select(Checkpoint).where(Checkpoint.host == self.host,
                                                            Checkpoint.name == name)).first()
-            return _info(row) if row else None
+            return self._row_info(row) if row else None
 
     def find(self, name: str) -> CheckpointInfo | None:
         """For intake: this host's checkpoint, else a usable one of another live host of the
@@ -261,7 +326,7 @@ class Registry:
                 select(Checkpoint).where(Checkpoint.name == name, Checkpoint.state == "ok",
                                          Checkpoint.host.in_(live_hosts(session,
                                                                         self.config)))).first()
-            return _info(row) if row else own
+            return self._row_info(row) if row else own
 
     def find_by_hash(self, model_hash: str) -> CheckpointInfo | None:
         """A usable checkpoint (here, else on a live host) whose A1111 hash (10 hex) or
@@ -275,7 +340,7 @@ class Registry:
                 Checkpoint.state == "ok", Checkpoint.host.in_(hosts),
                 Checkpoint.sha256.startswith(model_hash[:10]))).all()
             rows = sorted(rows, key=lambda row: row.host != self.host)
-            return _info(rows[0]) if rows else None
+            return self._row_info(rows[0]) if rows else None
 
     def known_names(self) -> list[str]:
         """Usable checkpoint names on any live host (for did-you-mean)."""
@@ -354,18 +419,10 @@ def live_hosts(session: Any, config: Config) -> list[str]:
 
 def _info(row: Checkpoint) -> CheckpointInfo:
     path = Path(row.path)
-    quantization = transformer_2 = None
-    if row.state == "ok" and row.kind in ("gguf", "single_file"):
-        # From the file's header (cached per file version); a checkpoint of another host of
-        # the farm is not here to read and records none.
-        found = checkpoint_quantization(path, row.kind)
-        quantization = found.label if found else None
-    if row.state == "ok" and row.kind == "gguf":
-        try:
-            second = read_sidecar(row.name, path).get("transformer_2")
-        except ValueError:
-            second = None
-        transformer_2 = Path(str(second)) if second else None
+    # Both recorded by the scan of the host that has the file, so a checkpoint of another host
+    # of the farm carries them too.
+    quantization = row.quantization
+    transformer_2 = Path(row.transformer_2) if row.transformer_2 else None
     return CheckpointInfo(name=row.name, path=path, kind=row.kind, family=row.family,
                           lineage=row.lineage, variant=row.variant, state=row.state,
                           reason=row.reason,
@@ -383,6 +440,10 @@ def read_sidecar(name: str, path: Path) -> dict[str, object]:
         # wan2.2_t2v_high_noise_14B_Q8_0.toml
         config = "Wan2.2-T2V-A14B-Diffusers"            # UMT5, VAE, tokenizer, configs
         transformer_2 = "wan2.2_t2v_low_noise_14B_Q8_0.gguf"
+
+    Component files (`text_encoder`, `text_encoder_2`, `vae`) replace the config folder's
+    weights; a bare file name stays bare, to be found in the UI trees' folders
+    (Paths.component_folders), anything else resolves against the sidecar's folder.
     """
     sidecar = path.parent / f"{name}.toml"
     if not sidecar.is_file():
@@ -399,36 +460,61 @@ def read_sidecar(name: str, path: Path) -> dict[str, object]:
     for key in ("config", "transformer_2"):
         if key in values:
             values[key] = (sidecar.parent / str(values[key])).resolve()
+    for key in COMPONENT_KEYS:
+        if key in values:  # a bare file name stays bare: the UI trees' folders are searched
+            values[key] = component_path(values[key], sidecar.parent, f"sidecar {sidecar.name}",
+                                         key)
     return values
 
 
-def _second_experts(found: dict[str, tuple[Path, str]]) -> set[str]:
-    """Names of GGUF files that another GGUF's sidecar names as its `transformer_2`."""
-    partners: set[str] = set()
+def _second_experts(found: dict[str, tuple[Path, str]], config: Config) -> set[str]:
+    """Names of GGUF files that another GGUF names as its `transformer_2` (in its sidecar or
+    config.toml's [checkpoints.NAME])."""
+    partners: set[Path] = set()
     for name, (path, kind) in found.items():
         if kind != "gguf":
             continue
-        try:
-            second = read_sidecar(name, path).get("transformer_2")
-        except ValueError:
-            continue  # the checkpoint itself reports the broken sidecar
+        central = config.checkpoints.get(name)
+        second: object = central.transformer_2 if central is not None else None
+        if second is None:
+            try:
+                second = read_sidecar(name, path).get("transformer_2")
+            except ValueError:
+                continue  # the checkpoint itself reports the broken sidecar
         if second is not None:
-            partner = Path(str(second))
-            if partner.parent == path.parent and partner.stem != name:
-                partners.add(partner.stem)
-    return partners
+            partner = _beside(path, Path(str(second))).resolve()
+            if partner != path.resolve():
+                partners.add(partner)
+    return {name for name, (path, _) in found.items() if path.resolve() in partners}
 
 
-def _check_second_expert(path: Path, second: Path) -> None:
-    """The `transformer_2` a sidecar names must be a readable GGUF file; raises ValueError
-    (GgufError) with the reason."""
+def _beside(checkpoint: Path, second: Path) -> Path:
+    """config.toml's `transformer_2`: a bare file name is the checkpoint's neighbour (config.py
+    keeps it relative); a path was resolved against config.toml's folder already."""
+    return second if second.is_absolute() else (checkpoint.parent / second).resolve()
+
+
+def _second_expert_origin(name: str, config: Config) -> str:
+    """Where a checkpoint's `transformer_2` was set, for messages."""
+    central = config.checkpoints.get(name)
+    if central is not None and central.transformer_2 is not None:
+        return f"config.toml [checkpoints.{name}]"
+    return f"sidecar {name}.toml"
+
+
+def _check_second_expert(path: Path, second: Path, origin: str) -> None:
+    """The `transformer_2` a checkpoint names must be a readable GGUF file other than the
+    checkpoint itself; raises ValueError (GgufError) with the reason."""
     if not second.is_file():
-        raise ValueError(f"sidecar {path.stem}.toml names transformer_2 = {second.name!r}, which "
-                         f"does not exist in {second.parent}; put the low-noise expert's file "
-                         "there or fix the name")
+        raise ValueError(f"{origin} names transformer_2 = {second.name!r}, which does not exist "
+                         f"in {second.parent}; put the low-noise expert's file there or fix the "
+                         "name")
     if second.suffix.lower() != ".gguf":
-        raise ValueError(f"sidecar {path.stem}.toml: transformer_2 = {second.name!r} must be a "
-                         ".gguf file like the checkpoint itself")
+        raise ValueError(f"{origin}: transformer_2 = {second.name!r} must be a .gguf file like "
+                         "the checkpoint itself")
+    if second.resolve() == path.resolve():
+        raise ValueError(f"{origin}: transformer_2 = {second.name!r} is the checkpoint itself; "
+                         "name the low-noise expert's file")
     read_gguf_header(second)
 
 

@@ -70,7 +70,7 @@ class Checkpoint(Base):
     host: Mapped[str] = mapped_column(String(128), default="local", index=True)
     name: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(Text)
-    kind: Mapped[str] = mapped_column(String(32))  # "folder" | "single_file"
+    kind: Mapped[str] = mapped_column(String(32))  # "folder" | "single_file" | "gguf"
     family: Mapped[str | None] = mapped_column(String(64))
     lineage: Mapped[str | None] = mapped_column(String(64))
     variant: Mapped[str | None] = mapped_column(String(64))
@@ -82,6 +82,9 @@ class Checkpoint(Base):
     model_hash: Mapped[str | None] = mapped_column(String(16))  # A1111 / Civitai AutoV2
     state: Mapped[str] = mapped_column(String(32))  # ok | unrecognised | missing
     reason: Mapped[str | None] = mapped_column(Text)
+    # "GGUF Q8_0", "FP8 e4m3fn"; null: stored as released (or not recognised)
+    quantization: Mapped[str | None] = mapped_column(String(64))
+    transformer_2: Mapped[str | None] = mapped_column(Text)  # a GGUF pair's low-noise expert
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

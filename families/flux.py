@@ -21,13 +21,16 @@ computed in bfloat16 on a GPU and float32 on the CPU (see families/quantized.py)
 the same base folder; LoRAs load on top of either, unfused.
 
 Prompts are natural language, encoded by CLIP-L (pooled) and T5 (up to 512 tokens on dev, 256
-on schnell, as BFL ships them). There is no negative prompt and no CFG scale: guidance is the
-job key `guidance` (Forge's "Distilled CFG Scale"); a negative prompt needs `true_cfg`, which
-runs real classifier-free guidance at twice the cost per step.
+on schnell, as BFL ships them). A1111 weights, `(word:1.2)`, are applied to T5 through compel
+(see `encode_weighted_flux`); a prompt without them goes to diffusers as before. There is no
+negative prompt and no CFG scale: guidance is the job key `guidance` (Forge's "Distilled CFG
+Scale"); a negative prompt needs `true_cfg`, which runs real classifier-free guidance at twice
+the cost per step.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -52,9 +55,16 @@ from daemon.family import (
     quantization_fields,
 )
 from daemon.lora_probe import LoraFacts
+from daemon.prompt_weights import ParsedPrompt, parse_prompt, to_compel_conjunction
 from daemon.safetensors_header import SafetensorsHeader
 from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
+from families.components import (
+    Component,
+    ComponentError,
+    choose_components,
+    load_components,
+)
 from families.flux_bfl import (
     BflLayoutError,
     bfl_to_diffusers,
@@ -88,6 +98,13 @@ SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
                 "max_image_seq_len": 4096},
 }
 
+# The parts ComfyUI users keep as files of their own (models/text_encoders, models/vae).
+FLUX_COMPONENTS = (
+    Component("text_encoder", "CLIP-L text encoder", "text_encoders"),  # clip_l.safetensors
+    Component("text_encoder_2", "T5-XXL encoder", "text_encoders"),  # t5xxl_fp16.safetensors
+    Component("vae", "Flux VAE", "vae"),  # ae.safetensors
+)
+
 # Single-file tells, after any `model.diffusion_model.` prefix. `vector_in` (the pooled CLIP
 # input) and per-block `img_mod` are Flux.1's: Flux 2 and Chroma have neither, HunyuanVideo
 # spells its fused projection `img_attn_qkv`.
@@ -101,9 +118,6 @@ TEXT_TO_IMAGE_IN_CHANNELS = 64
 # LoRA keys in the original (BFL / ComfyUI) naming, and PEFT's suffixes for them.
 _ORIGINAL_LORA_PREFIXES = ("diffusion_model.", "text_encoders.")
 _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-# A1111 emphasis: "(word:1.2)". Flux.1 reads the text as written.
-_WEIGHTING = re.compile(r"\([^()]*:\s*-?\d+(?:\.\d+)?\s*\)")
 
 
 class FluxFamily(Family):
@@ -196,7 +210,9 @@ class FluxFamily(Family):
 
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
         if checkpoint.kind == "folder":
-            return None
+            # Its own weights, unless a component file is named for it.
+            return _component_problem(checkpoint, checkpoint.path) if checkpoint.components \
+                else None
         if checkpoint.quantization and checkpoint.quantization.endswith("(scaled)"):
             return (f"{checkpoint.name!r} is a ComfyUI scaled-FP8 file (per-tensor weight scales "
                     "beside the fp8 weights), which lorafarm does not load: use a plain FP8 "
@@ -204,12 +220,15 @@ class FluxFamily(Family):
         where = f"[checkpoints.{checkpoint.name}] config"
         base = checkpoint.config_path
         if base is None:
-            return (f"{checkpoint.name!r} is a Flux.1 transformer alone; the text encoders "
-                    "(CLIP-L, T5-XXL), VAE, tokenizers and configs come from a local diffusers "
-                    f"Flux.1 folder (lorafarm never downloads one): set {where} = "
+            return (f"{checkpoint.name!r} is a Flux.1 transformer alone; the tokenizers, "
+                    "scheduler and configs come from a local diffusers Flux.1 folder (lorafarm "
+                    f"never downloads one): set {where} = "
                     f'"path/to/FLUX.1-{self.variant}" in config.toml, or config = "..." in a '
-                    f"sidecar {checkpoint.name}.toml beside the file (the folder's transformer "
-                    "weights are not needed)")
+                    f"sidecar {checkpoint.name}.toml beside the file. The folder's transformer "
+                    "weights are not needed, nor its text encoder and VAE weights where those "
+                    "are files of their own (ComfyUI's clip_l, t5xxl and ae.safetensors: "
+                    "text_encoder, text_encoder_2 and vae in the same table, or found in the "
+                    "ComfyUI trees of paths.comfyui)")
         index = _read_json(base / "model_index.json")
         if index is None:
             return (f"the config folder {base} for {checkpoint.name!r} has no readable "
@@ -221,24 +240,31 @@ class FluxFamily(Family):
         if not (base / "transformer" / "config.json").is_file():
             return (f"the config folder {base} has no transformer/config.json, which "
                     f"{checkpoint.name!r} needs to be built")
-        for component in ("text_encoder", "text_encoder_2", "vae"):
-            if not any((base / component).glob("*.safetensors")):
-                return (f"the config folder {base} has no {component} weights "
-                        f"({component}/*.safetensors); {checkpoint.name!r} takes them from "
-                        "there: use a complete diffusers FLUX.1 download")
+        problem = _component_problem(checkpoint, base)
+        if problem:
+            return problem
         for component in ("tokenizer", "tokenizer_2", "scheduler"):
             if not (base / component).is_dir():
-                return f"the config folder {base} has no {component}/ folder"
+                return (f"the config folder {base} has no {component}/ folder, which "
+                        f"{checkpoint.name!r} needs (a config folder holds model_index.json, "
+                        "the component configs, tokenizers and scheduler; weights only for "
+                        "the parts that are not files of their own)")
         return None
 
     def apply_conventions(self, prompt: str, negative_prompt: str | None,
                           enabled: bool) -> tuple[str, str, list[str]]:
-        warnings = []
-        if _WEIGHTING.search(prompt):
-            warnings.append("Flux.1 reads prompts as plain text: A1111 weighting such as "
-                            "(word:1.2) is not applied, the brackets and numbers are encoded "
-                            "as written")
-        return prompt, negative_prompt or "", warnings
+        """No prompt conventions. A1111 weights are applied at render time, on the text as
+        written (see `prompt_conditioning`); reported here is what A1111 syntax cannot do:
+        unbalanced brackets, prompt editing, and BREAK, which T5 reads as a space."""
+        negative = negative_prompt or ""
+        notes = []
+        for which, text in (("prompt", prompt), ("negative_prompt", negative)):
+            parsed = parse_prompt(text)
+            notes.extend(f"{which}: {warning}" for warning in parsed.warnings)
+            if len(parsed.chunks) > 1:
+                notes.append(f"{which}: BREAK is read as a space: Flux.1's T5 reads the whole "
+                             "prompt as one sequence, with no 75-token chunks to start")
+        return prompt, negative, notes
 
     # -- loading and rendering -------------------------------------------------------------
 
@@ -254,13 +280,17 @@ class FluxFamily(Family):
             # has float32's range and the same memory cost.
             log.info("Flux.1 runs in bfloat16 instead of float16")
             dtype = torch.bfloat16
+        base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
+        assert base is not None  # checked by missing_requirements
+        # Text encoders and VAE kept as files of their own (ComfyUI's clip_l, t5xxl, ae).
+        files = choose_components(checkpoint, base, FLUX_COMPONENTS)
+        parts = load_components(base, files, dtype, checkpoint.name)
         if checkpoint.kind == "folder":
             pipe = FluxPipeline.from_pretrained(checkpoint.path, dtype=dtype,
-                                                local_files_only=True)
+                                                local_files_only=True, **parts)
             scheduler_config = dict(pipe.scheduler.config)
         else:
-            assert checkpoint.config_path is not None  # checked by missing_requirements
-            transformer = load_bfl_transformer(checkpoint.path, checkpoint.config_path, dtype,
+            transformer = load_bfl_transformer(checkpoint.path, base, dtype,
                                                gguf=checkpoint.kind == "gguf")
             if bool(transformer.config.guidance_embeds) != self.guidance_embeds:
                 raise RenderError(
@@ -268,8 +298,8 @@ class FluxFamily(Family):
                     f"{'dev' if transformer.config.guidance_embeds else 'schnell'} transformer "
                     f"but was filed as {self.display_name}; remove the family override in "
                     "config.toml")
-            pipe = FluxPipeline.from_pretrained(checkpoint.config_path, transformer=transformer,
-                                                dtype=dtype, local_files_only=True)
+            pipe = FluxPipeline.from_pretrained(base, transformer=transformer, dtype=dtype,
+                                                local_files_only=True, **parts)
             # The base folder may be the other variant: the transformer decides the sigmas.
             scheduler_config = _with_settings(dict(pipe.scheduler.config),
                                               SCHEDULER_SETTINGS[self.variant])
@@ -277,6 +307,9 @@ class FluxFamily(Family):
         # Samplers are swapped per batch, each built from these training settings (shift,
         # dynamic shifting), kept here untouched.
         pipe.lorafarm_scheduler_config = scheduler_config
+        # Which files the pipeline was assembled from (the model hash stays the transformer
+        # file's); logged by load_components as well.
+        pipe.lorafarm_components = {name: str(path) for name, path in files.items()}
         return pipe if device.type == "cpu" else pipe.to(device)
 
     def guidance(self, spec: RenderSpec) -> float:
@@ -302,10 +335,9 @@ class FluxFamily(Family):
         true_cfg = first.extra.get("true_cfg")
         if true_cfg is not None:
             # FluxPipeline runs real CFG only when a negative prompt is given; "" is one.
-            options = {"true_cfg_scale": float(true_cfg),
-                       "negative_prompt": [spec.negative_prompt for spec in specs]}
+            options = {"true_cfg_scale": float(true_cfg)}
         result = pipe(
-            prompt=[spec.prompt for spec in specs],
+            **self.prompt_conditioning(pipe, specs, negative=true_cfg is not None),
             guidance_scale=self.guidance(first),  # ignored by schnell's transformer
             num_inference_steps=first.steps,
             width=first.width,
@@ -317,6 +349,44 @@ class FluxFamily(Family):
             **options,
         )
         return list(result.images)
+
+    def prompt_conditioning(self, pipe: Any, specs: list[RenderSpec],
+                            negative: bool) -> dict[str, Any]:
+        """The pipeline's prompt keywords for a batch, in render order: `prompt` (and
+        `negative_prompt` with `negative`, i.e. true CFG) as text when no prompt in the batch
+        is weighted, otherwise `prompt_embeds` and `pooled_prompt_embeds` (and their
+        `negative_*`), one row per render.
+
+        Text goes to diffusers as the user wrote it, with A1111 escapes (`\\(`) resolved and
+        BREAK read as a space: a prompt without any A1111 syntax renders exactly as it did
+        before weighting existed. With weights in the batch, every distinct prompt is encoded
+        alone, a weighted one through compel (`encode_weighted_flux`) and an unweighted one
+        through the pipeline's own `encode_prompt`, so that a render's conditioning does not
+        depend on which renders share its batch.
+        """
+        keys = [("prompt", [spec.prompt for spec in specs])]
+        if negative:
+            keys.append(("negative_prompt", [spec.negative_prompt for spec in specs]))
+        parsed = {text: parse_prompt(text) for _, texts in keys for text in texts}
+        if not any(p.weighted for p in parsed.values()):
+            return {key: [parsed[text].stripped for text in texts] for key, texts in keys}
+        weighted = [text for text, p in parsed.items() if p.weighted]
+        embeds, pooled = encode_weighted_flux(pipe, [parsed[t] for t in weighted],
+                                              self.max_sequence_length)
+        rows = {text: (embeds[i:i + 1], pooled[i:i + 1]) for i, text in enumerate(weighted)}
+        with torch.no_grad():
+            for text, p in parsed.items():
+                if text not in rows:
+                    plain, plain_pooled, _ = pipe.encode_prompt(
+                        prompt=[p.stripped], prompt_2=None, device=pipe._execution_device,
+                        max_sequence_length=self.max_sequence_length)
+                    rows[text] = (plain, plain_pooled)
+        conditioning: dict[str, Any] = {}
+        for key, texts in keys:
+            prefix = "negative_" if key == "negative_prompt" else ""
+            conditioning[f"{prefix}prompt_embeds"] = torch.cat([rows[t][0] for t in texts])
+            conditioning[f"{prefix}pooled_prompt_embeds"] = torch.cat([rows[t][1] for t in texts])
+        return conditioning
 
     def infotext_fields(self, spec: RenderSpec) -> list[tuple[str, object]]:
         # Forge writes "Distilled CFG Scale" beside "CFG scale: 1" for models with a guidance
@@ -649,7 +719,64 @@ def recognise_flux1_lora(header: SafetensorsHeader,
     return score, reason
 
 
+# --- prompt weighting -----------------------------------------------------------------------
+
+
+def encode_weighted_flux(pipe: Any, prompts: list[ParsedPrompt],
+                         max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FluxPipeline's `prompt_embeds` and `pooled_prompt_embeds` for A1111-weighted prompts
+    through compel, one row per prompt, each encoded alone.
+
+    T5 takes the weights. compel encodes each prompt's runs as one sequence of
+    `max_sequence_length` tokens, truncated and padded as diffusers' own Flux encoding (for
+    text without weights the result is diffusers' to the bit), and moves each weighted
+    token's embedding away from the empty prompt's by its weight; a weight below 1 blends
+    toward the prompt with that run masked out. compel's prompt structure is built from the
+    parsed runs, never from compel's text syntax, so the user's text is not rewritten. Each run
+    is tokenized on its own (`a (red:1.2), b` tokenizes `, b` alone), as A1111 does.
+
+    BREAK: A1111's BREAK pads the current 75-token CLIP chunk and starts the next; T5 has no
+    chunks, so the runs of all BREAK chunks are joined with a space (`keep_breaks=False`).
+
+    The pooled CLIP-L embedding is that of the plain text, unweighted: a pooled output is one
+    vector for the whole text, which compel does not weight.
+    """
+    from compel import Compel, ReturnedEmbeddingsType
+
+    device = str(pipe._execution_device)
+    tokenizer_2 = pipe.tokenizer_2
+    if tokenizer_2.model_max_length < max_sequence_length:
+        # compel also truncates each run at the tokenizer's own limit before joining them.
+        tokenizer_2 = copy.copy(tokenizer_2)
+        tokenizer_2.model_max_length = max_sequence_length
+    # Built per batch, not cached: a LoRA set may patch CLIP-L, and compel caches the empty
+    # prompt's encoding.
+    t5 = Compel(tokenizer=tokenizer_2, text_encoder=pipe.text_encoder_2,
+                truncate_long_prompts=True, model_max_length=max_sequence_length, device=device)
+    clip = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
+                  returned_embeddings_type=ReturnedEmbeddingsType.POOLED,
+                  truncate_long_prompts=True, device=device)
+    with torch.no_grad():
+        embeds = [t5.build_conditioning_tensor_for_conjunction(
+            to_compel_conjunction(parsed, keep_breaks=False))[0] for parsed in prompts]
+        pooled = [clip.conditioning_provider.get_pooled_embeddings([parsed.stripped],
+                                                                   device=device)
+                  for parsed in prompts]
+    return (torch.cat(embeds).to(pipe._execution_device),
+            torch.cat(pooled).to(pipe._execution_device, dtype=pipe.text_encoder.dtype))
+
+
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _component_problem(checkpoint: LoadedCheckpoint, base: Path) -> str | None:
+    """What keeps the text encoders and VAE from loading (from `base` or files of their
+    own), or None."""
+    try:
+        choose_components(checkpoint, base, FLUX_COMPONENTS)
+    except ComponentError as exc:
+        return str(exc)
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

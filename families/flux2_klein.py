@@ -22,7 +22,8 @@ lineage check then refuses a 9B LoRA on a 4B checkpoint at intake. Tiny test mod
 such size and no lineage.
 
 Prompts are natural language (Qwen3 reads them through its chat template); there is no
-negative prompt and no prompt weighting.
+negative prompt and no prompt weighting: A1111 weights are dropped from the text Qwen3 reads,
+with a warning, and the prompt is recorded as written.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from daemon.family import (
     RenderError,
 )
 from daemon.lora_probe import LoraFacts
+from daemon.prompt_weights import strip_weights, unweighted_notes
 from daemon.safetensors_header import SafetensorsHeader
 from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
@@ -274,6 +276,13 @@ class Flux2KleinFamily(Family):
                         f"({component}/*.safetensors); {checkpoint.name!r} takes them from there")
         return None
 
+    def apply_conventions(self, prompt: str, negative_prompt: str | None,
+                          enabled: bool) -> tuple[str, str, list[str]]:
+        """No prompt conventions; nothing weights a Qwen3 encoder, so A1111 weights are
+        dropped at render time, with a warning here. The prompt is kept as written."""
+        prompt, negative, notes = super().apply_conventions(prompt, negative_prompt, enabled)
+        return prompt, negative, [*notes, *unweighted_notes(self.display_name, prompt, negative)]
+
     # -- loading and rendering -------------------------------------------------------------
 
     def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
@@ -318,7 +327,8 @@ class Flux2KleinFamily(Family):
         # call. The base variant runs real CFG against the empty prompt at spec.cfg.
         guidance = 1.0 if pipe.config.is_distilled else first.cfg
         result = pipe(
-            prompt=[spec.prompt for spec in specs],  # keyword: the first positional is `image`
+            # keyword: the first positional is `image`; A1111 weights read as plain text
+            prompt=[strip_weights(spec.prompt)[0] for spec in specs],
             num_inference_steps=first.steps,
             guidance_scale=guidance,
             width=first.width,

@@ -35,12 +35,22 @@ Sizes: HunyuanVideo's default is its release size, 1280x720 (129 frames at 24 fp
 (`width = 960`, `height = 544`) is the other size it was trained for and needs ~55% of the
 activation memory and under half the time. `batch_cost` gives the scheduler the
 memory per clip. On CUDA with float16, the transformers load in bfloat16 (their released
-precision). Transformer-only single files are recognised but not loadable yet: the family
-asks for the diffusers folder.
+precision).
+
+Transformer-only files load with a diffusers HunyuanVideo folder as their base (Llama 3 and
+CLIP-L text encoders, VAE, tokenizers, scheduler and transformer config; lorafarm never
+downloads one), named by config.toml `[checkpoints.NAME] config = ...` or a sidecar NAME.toml:
+city96's GGUF files (`hunyuan-video-t2v-720p-Q8_0.gguf`, original layout, which stay quantized
+in memory), FP8 files (`hunyuan_video_720_cfgdistill_fp8_e4m3fn.safetensors`) and plain
+bf16 ones, all in the original (Tencent / ComfyUI) key layout. diffusers' converter for that
+layout splits `single_blocks.N.linear1` at the released width (3072) whatever the file's width;
+`original_transformer_to_diffusers` splits it at the file's own width first and leaves the
+rest to diffusers. HunyuanVideo 1.5 loads from folders only.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,16 +71,19 @@ from daemon.family import (
     Progress,
     RenderedVideo,
     RenderError,
+    quantization_fields,
 )
+from daemon.gguf_header import GgufError, read_gguf_header
 from daemon.lora_probe import LoraFacts
-from daemon.safetensors_header import SafetensorsHeader
+from daemon.prompt_weights import strip_weights, unweighted_notes
+from daemon.safetensors_header import SafetensorsError, SafetensorsHeader, read_header
 from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
 
 HUNYUAN_VIDEO_PIPELINE = "HunyuanVideoPipeline"
 HUNYUAN_VIDEO15_PIPELINE = "HunyuanVideo15Pipeline"
 V10, V15 = "1.0", "1.5"
-SINGLE_FILE = "single-file"  # checkpoint variant: a transformer-only file (not loadable yet)
+SINGLE_FILE = "single-file"  # checkpoint variant: a transformer-only file (GGUF, FP8, bf16)
 
 # Tokenizers at least this large are taken to be the released ones (Llama 3: 128,256 tokens;
 # Qwen2.5: 151,643), for which diffusers' crop_start values were computed.
@@ -357,6 +370,195 @@ def _hunyuan_lora_source(path: Path) -> str | dict[str, torch.Tensor]:
     return to_original_layout(load_file(str(path)))
 
 
+# --- transformer-only files (GGUF, FP8, bf16) -----------------------------------------------
+
+# Keys every HunyuanVideo transformer file has in the original layout (after the prefix).
+V10_FILE_TELLS = ("double_blocks.0.img_attn_qkv.weight",
+                  "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight")
+# Prefixes ComfyUI's tools keep in front of a transformer's keys.
+_FILE_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
+_LINEAR1 = re.compile(r"^(single_blocks\.\d+)\.linear1\.(weight|bias)$")
+_BLOCK_INDEX = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TransformerFileFacts:
+    """What a transformer-only file's tensor table says (names and shapes only)."""
+
+    prefix: str
+    width: int
+    in_channels: int | None
+    double_blocks: int
+    single_blocks: int
+
+
+def transformer_file_facts(table: SafetensorsHeader,
+                           tells: tuple[str, ...] = V10_FILE_TELLS) -> TransformerFileFacts | None:
+    """The facts of an original-layout HunyuanVideo transformer file (a GGUF file's table
+    has PyTorch-order shapes, as a safetensors header), or None if it is not one."""
+    prefix = next((p for p in _FILE_PREFIXES
+                   if all(p + tell in table.tensors for tell in tells)), None)
+    if prefix is None:
+        return None
+    shapes = {key[len(prefix):]: info.shape for key, info in table.tensors.items()
+              if key.startswith(prefix)}
+    qkv = shapes["double_blocks.0.img_attn_qkv.weight"]
+    patch = shapes.get("img_in.proj.weight")
+    blocks: dict[str, set[int]] = {"double_blocks": set(), "single_blocks": set()}
+    for key in shapes:
+        if match := _BLOCK_INDEX.match(key):
+            blocks[match.group(1)].add(int(match.group(2)))
+    return TransformerFileFacts(
+        prefix=prefix, width=int(qkv[-1]),
+        in_channels=int(patch[1]) if patch is not None and len(patch) == 5 else None,
+        double_blocks=len(blocks["double_blocks"]), single_blocks=len(blocks["single_blocks"]))
+
+
+def _read_table(path: Path, kind: str) -> SafetensorsHeader:
+    """Raises GgufError / SafetensorsError (ValueErrors) with the reason."""
+    return read_gguf_header(path).as_safetensors_header() if kind == "gguf" else read_header(path)
+
+
+def transformer_file_requirements(checkpoint: LoadedCheckpoint) -> str | None:
+    """What a transformer-only HunyuanVideo checkpoint still needs (a base folder that fits
+    it), or None when it can load. Reads headers and configs only."""
+    name = checkpoint.name
+    if checkpoint.quantization and checkpoint.quantization.endswith("(scaled)"):
+        return (f"{name!r} is a ComfyUI scaled-FP8 file (per-tensor weight scales beside the "
+                "fp8 weights), which lorafarm does not load: use a plain FP8 (e4m3fn) file, a "
+                "GGUF file or the bf16 original")
+    where = f"[checkpoints.{name}] config"
+    base = checkpoint.config_path
+    if base is None:
+        return (f"{name!r} is a HunyuanVideo transformer alone; the text encoders (Llama 3, "
+                "CLIP-L), VAE, tokenizers and configs come from a local diffusers HunyuanVideo "
+                f"folder (lorafarm never downloads one): set {where} = "
+                '"path/to/HunyuanVideo" in config.toml, or config = "..." in a sidecar '
+                f"{name}.toml beside the file (the folder's transformer weights are not "
+                "needed), e.g. hunyuanvideo-community/HunyuanVideo")
+    index = _read_json(base / "model_index.json")
+    if index is None:
+        return (f"the config folder {base} for {name!r} has no readable model_index.json; "
+                f"point {where} at a diffusers HunyuanVideo folder")
+    if index.get("_class_name") != HUNYUAN_VIDEO_PIPELINE:
+        return (f"the config folder {base} for {name!r} is a {index.get('_class_name')}, not "
+                f"a {HUNYUAN_VIDEO_PIPELINE}; point {where} at a diffusers HunyuanVideo folder")
+    config = _read_json(base / "transformer" / "config.json")
+    if config is None:
+        return (f"the config folder {base} has no transformer/config.json, which {name!r} "
+                "needs to be built")
+    for component in ("text_encoder", "text_encoder_2", "vae"):
+        if not any((base / component).glob("*.safetensors")):
+            return (f"the config folder {base} has no {component} weights "
+                    f"({component}/*.safetensors); {name!r} takes them from there: use a "
+                    "complete diffusers HunyuanVideo download")
+    for component in ("tokenizer", "tokenizer_2", "scheduler"):
+        if not (base / component).is_dir():
+            return f"the config folder {base} has no {component}/ folder"
+    try:
+        facts = transformer_file_facts(_read_table(checkpoint.path, checkpoint.kind))
+    except (GgufError, SafetensorsError, OSError) as exc:
+        return f"{checkpoint.path.name}: {exc}"
+    if facts is None:
+        return (f"{checkpoint.path.name} is not a HunyuanVideo transformer in the original "
+                f"layout (no {V10_FILE_TELLS[0]})")
+    width = int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
+    if (facts.width, facts.in_channels) != (width, config.get("in_channels")):
+        return (f"{checkpoint.path.name} (width {facts.width}, {facts.in_channels} input "
+                f"channels) does not fit the transformer of the config folder {base.name} "
+                f"(width {width}, {config.get('in_channels')} input channels): use the base "
+                "folder of the same release and size")
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def original_transformer_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original-layout HunyuanVideo transformer state dict (no prefix) under diffusers'
+    names. Quantized GGUF tensors pass through as they are: every step is a rename or a split
+    / concatenation along rows, which keeps a GGUFParameter's blocks whole.
+
+    diffusers' `convert_hunyuan_video_transformer_to_diffusers` does the work, except for
+    `single_blocks.N.linear1` (q, k, v and the MLP input, fused), which it splits at the
+    released width, 3072, whatever the file's. Here it is split first, at the width the
+    block's `linear2` gives (its output rows), under names the converter then only moves from
+    `single_blocks` to `single_transformer_blocks`."""
+    from diffusers.loaders.single_file_utils import (
+        convert_hunyuan_video_transformer_to_diffusers,
+    )
+
+    prepared = dict(state)
+    for key in [k for k in prepared if _LINEAR1.match(k)]:
+        match = _LINEAR1.match(key)
+        assert match is not None
+        block, suffix = match.groups()
+        linear2 = prepared.get(f"{block}.linear2.weight")
+        if linear2 is None:
+            raise RenderError(f"{block} has linear1 but no linear2.weight: the file is "
+                              "incomplete")
+        tensor = prepared.pop(key)
+        width = int(linear2.shape[0])
+        if tensor.shape[0] <= 3 * width:
+            raise RenderError(f"{key} has {tensor.shape[0]} rows, too few for q, k, v and the "
+                              f"MLP at width {width}")
+        q, k, v, mlp = torch.split(tensor, (width, width, width, tensor.shape[0] - 3 * width),
+                                   dim=0)
+        for part, value in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v),
+                            ("proj_mlp", mlp)):
+            prepared[f"{block}.{part}.{suffix}"] = value
+    return convert_hunyuan_video_transformer_to_diffusers(prepared)
+
+
+def load_hunyuan_transformer(path: Path, base: Path, dtype: torch.dtype, *,
+                             gguf: bool = False) -> Any:
+    """An original-layout transformer file as a HunyuanVideoTransformer3DModel, its config
+    from the base folder's transformer/config.json and its depth from the file. A GGUF file
+    stays quantized (GGUFLinear layers computing in `dtype`); an FP8 file keeps its float8
+    weights (Float8Linear layers computing in `dtype`); a bf16 / fp32 one loads in `dtype`."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    from safetensors import safe_open
+
+    from families.quantized import (
+        check_complete,
+        float8_dtype_of,
+        load_fp8_model,
+        load_gguf_model,
+        load_gguf_state_dict,
+    )
+
+    if gguf:
+        state = load_gguf_state_dict(path)  # ComfyUI's prefix already removed
+    else:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            prefix = next((p for p in _FILE_PREFIXES[1:] if any(k.startswith(p) for k in keys)),
+                          "")
+            state = {key[len(prefix):]: handle.get_tensor(key) for key in keys
+                     if key.startswith(prefix)}
+    blocks: dict[str, set[int]] = {"double_blocks": set(), "single_blocks": set()}
+    for key in state:
+        if match := _BLOCK_INDEX.match(key):
+            blocks[match.group(1)].add(int(match.group(2)))
+    converted = original_transformer_to_diffusers(state)
+    depth = {"num_layers": len(blocks["double_blocks"]),
+             "num_single_layers": len(blocks["single_blocks"])}
+    model_class = HunyuanVideoTransformer3DModel
+    if gguf:
+        return load_gguf_model(model_class, converted, base, "transformer", dtype, path, **depth)
+    if float8_dtype_of(converted) is not None:
+        return load_fp8_model(model_class, converted, base, "transformer", dtype, path, **depth)
+    model = model_class.from_single_file(converted, config=str(base), subfolder="transformer",
+                                         dtype=dtype, local_files_only=True, **depth)
+    check_complete(model, path, base / "transformer")
+    return model.eval().requires_grad_(False)
+
+
 # --- the pipelines --------------------------------------------------------------------------
 
 
@@ -474,19 +676,10 @@ def _scheduler(pipe: Any, spec: RenderSpec, kind: str) -> Any:
     return make_scheduler(config, spec.sampler, spec.schedule, kind=kind)
 
 
-# A1111's explicit prompt weights, `(text:1.2)`; nothing weights prompts for these encoders.
-_WEIGHTED = re.compile(r"(?<!\\)\(([^():]+):\s*-?\d+(?:\.\d+)?\s*\)")
-
-
-def strip_prompt_weights(prompt: str) -> tuple[str, list[str]]:
-    """(prompt with `(text:1.2)` read as plain `text`, the weighted parts found)."""
-    found = [match.group(0) for match in _WEIGHTED.finditer(prompt)]
-    return _WEIGHTED.sub(lambda match: match.group(1).strip(), prompt), found
-
-
 class _HunyuanBase(Family):
-    """What both HunyuanVideo versions share: folders only, video output, flow-matching
-    Euler, transformer-only LoRAs, VAE tiling and slicing."""
+    """What both HunyuanVideo versions share: diffusers folders (HunyuanVideo also loads
+    transformer-only files on a base folder), video output, flow-matching Euler,
+    transformer-only LoRAs, VAE tiling and slicing."""
 
     sampler_kind = "flow"
     produces = "video"
@@ -503,16 +696,21 @@ class _HunyuanBase(Family):
                 return None
             return CheckpointProbe(family=self.name, score=0.9,
                                    reason=f"model_index.json: {pipeline_class}")
-        # A transformer-only file (ComfyUI's hunyuan_video_*.safetensors) is recognised so
-        # that the user is told it cannot be used yet, rather than "unknown model".
-        keys = set(source.header.tensors) if source.header else set()
-        if self.single_file_tells and any(
-                all(prefix + tell in keys for tell in self.single_file_tells)
-                for prefix in ("", "diffusion_model.", "model.diffusion_model.")):
-            return CheckpointProbe(family=self.name, score=0.9, variant=SINGLE_FILE,
-                                   reason="original-layout transformer (img_attn_qkv, token "
-                                          "refiner)")
-        return None
+        # A transformer-only file (ComfyUI's hunyuan_video_*.safetensors, city96's GGUF
+        # files): loadable with a base folder (HunyuanVideoFamily), and otherwise recognised
+        # so that the user is told what it needs, rather than "unknown model".
+        if not self.single_file_tells or (source.kind == "gguf" and not self.reads_gguf):
+            return None
+        table = source.tensor_table()
+        facts = transformer_file_facts(table, self.single_file_tells) if table else None
+        if facts is None:
+            return None
+        container = "GGUF file" if source.kind == "gguf" else "single file"
+        return CheckpointProbe(
+            family=self.name, score=0.9, variant=SINGLE_FILE,
+            reason=f"{self.display_name} transformer in the original layout, {container} "
+                   f"(img_attn_qkv, token refiner; {facts.double_blocks} double / "
+                   f"{facts.single_blocks} single blocks, width {facts.width})")
 
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
         if checkpoint.kind == "folder":
@@ -543,17 +741,11 @@ class _HunyuanBase(Family):
 
     def apply_conventions(self, prompt: str, negative_prompt: str | None,
                           enabled: bool) -> tuple[str, str, list[str]]:
-        """No prompt conventions; A1111 weights are read as plain text, with a warning,
-        because nothing weights prompts for Llama / Qwen2.5 encoders."""
-        notes = []
-        prompt, weighted = strip_prompt_weights(prompt)
-        negative = self.defaults.negative_prompt if negative_prompt is None else negative_prompt
-        negative, weighted_negative = strip_prompt_weights(negative)
-        if weighted or weighted_negative:
-            shown = ", ".join([*weighted, *weighted_negative][:3])
-            notes.append(f"{self.display_name} has no prompt weighting: {shown} read as plain "
-                         "text")
-        return prompt, negative, notes
+        """No prompt conventions; nothing weights prompts for Llama / Qwen2.5 encoders, so
+        A1111 weights are dropped at render time (`strip_weights`), with a warning here. The
+        prompts are kept as written, for the history, the infotext and rerenders."""
+        prompt, negative, notes = super().apply_conventions(prompt, negative_prompt, enabled)
+        return prompt, negative, [*notes, *unweighted_notes(self.display_name, prompt, negative)]
 
     def batch_cost(self, spec: RenderSpec) -> int:
         """Accelerator memory one clip adds to a batch: transformer activations per token.
@@ -590,7 +782,7 @@ class _HunyuanBase(Family):
         if spec.extra.get("flow_shift") is not None:
             fields.append(("Shift", spec.extra["flow_shift"]))  # Forge's name for flow shift
         fields += [("Frames", spec.extra.get("frames")), ("FPS", spec.extra.get("fps"))]
-        return fields
+        return fields + quantization_fields(spec)
 
 
 class HunyuanVideoFamily(_HunyuanBase):
@@ -599,8 +791,8 @@ class HunyuanVideoFamily(_HunyuanBase):
     display_name = "HunyuanVideo"
     pipeline_class_name = HUNYUAN_VIDEO_PIPELINE
     version = V10
-    single_file_tells = ("double_blocks.0.img_attn_qkv.weight",
-                         "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight")
+    single_file_tells = V10_FILE_TELLS
+    reads_gguf = True  # city96's original-layout GGUF files, with a diffusers folder as base
     bytes_per_token = 0.29e6
     text_tokens = 256  # Llama tokens after the template is cropped
     supports_negative_prompt = False  # unless the job sets true_cfg
@@ -610,12 +802,31 @@ class HunyuanVideoFamily(_HunyuanBase):
                               schedule=None, size_multiple=16, guidance=6.0, frames=129, fps=24,
                               frame_step=4, flow_shift=7.0, cfg_fixed=1.0)
 
+    def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
+        if checkpoint.kind == "folder":
+            return None
+        return transformer_file_requirements(checkpoint)
+
     def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
                       dtype: torch.dtype) -> Any:
         from diffusers import HunyuanVideoPipeline
 
-        pipe = HunyuanVideoPipeline.from_pretrained(checkpoint.path, dtype=self._dtypes(dtype),
-                                                    local_files_only=True)
+        problem = self.missing_requirements(checkpoint)
+        if problem:
+            raise RenderError(problem)
+        dtypes = self._dtypes(dtype)
+        if checkpoint.kind == "folder":
+            pipe = HunyuanVideoPipeline.from_pretrained(checkpoint.path, dtype=dtypes,
+                                                        local_files_only=True)
+        else:
+            base = checkpoint.config_path
+            assert base is not None  # checked by missing_requirements
+            # The transformer computes in the dtype it would load in from a folder.
+            compute = dtypes["transformer"] if isinstance(dtypes, dict) else dtypes
+            transformer = load_hunyuan_transformer(checkpoint.path, base, compute,
+                                                   gguf=checkpoint.kind == "gguf")
+            pipe = HunyuanVideoPipeline.from_pretrained(base, transformer=transformer,
+                                                        dtype=dtypes, local_files_only=True)
         pipe.lorafarm_prompt_template = hunyuan_prompt_template(pipe.tokenizer)
         return self._finish_loading(pipe, device)
 
@@ -640,9 +851,10 @@ class HunyuanVideoFamily(_HunyuanBase):
         if true_cfg is not None:
             # The pipeline runs real CFG only when a negative prompt is given; "" is one.
             options = {"true_cfg_scale": float(true_cfg),
-                       "negative_prompt": [spec.negative_prompt for spec in specs]}
+                       "negative_prompt": [strip_weights(spec.negative_prompt)[0]
+                                           for spec in specs]}
         result = pipe(
-            prompt=[spec.prompt for spec in specs],
+            prompt=[strip_weights(spec.prompt)[0] for spec in specs],  # no prompt weighting
             height=first.height,
             width=first.width,
             num_frames=int(first.extra["frames"]),
@@ -664,11 +876,33 @@ class HunyuanVideoFamily(_HunyuanBase):
         return fields + super().infotext_fields(spec)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline, save_tiny_folder
+        from families.hunyuan_video_tiny import (
+            GGUF_HEADS,
+            build_tiny_hunyuan_video_pipeline,
+            save_tiny_folder,
+            save_tiny_hunyuan_transformer_fp8,
+            save_tiny_hunyuan_transformer_gguf,
+        )
 
         save_tiny_folder(build_tiny_hunyuan_video_pipeline(seed=0), models_dir / DEMO_V10)
-        return DemoAssets(jobs={"hunyuan-video.toml": DEMO_JOB.format(
-            name=DEMO_V10, seed=5000, extra="guidance = 6.0\n")})
+        # Quantized transformers need widths that are multiples of GGUF's 32-wide blocks: a
+        # HunyuanVideo of its own (32 wide), whose folder is both their base and the
+        # unquantized original.
+        wide = build_tiny_hunyuan_video_pipeline(seed=0, heads=GGUF_HEADS)
+        save_tiny_folder(wide, models_dir / DEMO_GGUF_BASE)
+        for quantization, name in DEMO_GGUF.items():
+            save_tiny_hunyuan_transformer_gguf(wide.transformer, models_dir / f"{name}.gguf",
+                                               quantization)
+        save_tiny_hunyuan_transformer_fp8(wide.transformer,
+                                          models_dir / f"{DEMO_FP8}.safetensors")
+        job = DEMO_JOB.format(name=DEMO_GGUF["Q8_0"], seed=5000, extra="guidance = 6.0\n")
+        return DemoAssets(
+            checkpoint_overrides={name: {"config": f"models/{DEMO_GGUF_BASE}"}
+                                  for name in (*DEMO_GGUF.values(), DEMO_FP8)},
+            jobs={"hunyuan-video.toml": DEMO_JOB.format(name=DEMO_V10, seed=5000,
+                                                        extra="guidance = 6.0\n"),
+                  # One clip: the quantized path, beside the folder's jobs.
+                  "hunyuan-video-gguf.toml": job.replace("count = 2", "count = 1")})
 
 
 class HunyuanVideo15Family(_HunyuanBase):
@@ -712,8 +946,9 @@ class HunyuanVideo15Family(_HunyuanBase):
         pipe.lorafarm_progress = progress
         try:
             result = pipe(
-                prompt=[spec.prompt for spec in specs],
-                negative_prompt=[spec.negative_prompt for spec in specs],
+                # No prompt weighting: A1111 weights are read as plain text.
+                prompt=[strip_weights(spec.prompt)[0] for spec in specs],
+                negative_prompt=[strip_weights(spec.negative_prompt)[0] for spec in specs],
                 height=first.height,
                 width=first.width,
                 num_frames=int(first.extra["frames"]),
@@ -739,6 +974,11 @@ class HunyuanVideo15Family(_HunyuanBase):
 
 DEMO_V10 = "tiny-hunyuan-video"
 DEMO_V15 = "tiny-hunyuan-video-1.5"
+# A 32-wide tiny HunyuanVideo (a folder) and its transformer quantized, named as the
+# community's files are; config.toml names the folder as their base.
+DEMO_GGUF_BASE = "tiny-hunyuan-video-32"
+DEMO_GGUF = {q: f"tiny-hunyuan-video-{q}" for q in ("Q8_0", "Q4_0")}
+DEMO_FP8 = "tiny-hunyuan-video-fp8"
 DEMO_JOB = ('checkpoint = "{name}"\n'
             'prompt = "a paper boat drifting down a rain-soaked street, slow camera pan"\n'
             "seed = {seed}\ncount = 2\nsteps = 2\n{extra}"

@@ -33,6 +33,7 @@ same low-rank update, so every layout must give the same video.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,18 +67,23 @@ from transformers import (
     T5EncoderModel,
 )
 
+from families.quantized_tiny import write_fp8_safetensors, write_gguf
 from families.tiny_files import save_safetensors_atomically as _save_atomically
 
 __all__ = [
     "DOUBLE_BLOCKS",
+    "GGUF_HEADS",
     "SINGLE_BLOCKS",
     "TRANSFORMER_WIDTH",
     "TinyHunyuanLora",
     "build_tiny_hunyuan_video15_pipeline",
     "build_tiny_hunyuan_video_pipeline",
     "make_tiny_hunyuan_lora",
+    "hunyuan_transformer_to_original",
     "read_model_index",
     "save_tiny_folder",
+    "save_tiny_hunyuan_transformer_fp8",
+    "save_tiny_hunyuan_transformer_gguf",
     "tiny_llama_tokenizer",
     "write_hunyuan_lora",
     "write_hunyuan_video15_lora",
@@ -99,6 +105,9 @@ TRANSFORMER_HEAD_DIM = 8  # 128
 # Differs from the text widths on purpose: a swapped dimension cannot go unnoticed.
 TRANSFORMER_WIDTH = TRANSFORMER_HEADS * TRANSFORMER_HEAD_DIM  # 3072
 ROPE_AXES = (2, 2, 4)  # (16, 56, 56): frame, height and width axes, summing to the head dim
+# The quantized demo checkpoints' transformer: 4 heads, 32 wide, so that its Linears take
+# multiples of 32 inputs, the block size of GGUF's Q8_0 / Q4_0.
+GGUF_HEADS = 4
 DOUBLE_BLOCKS = 2  # 20
 SINGLE_BLOCKS = 2  # 40
 REFINER_BLOCKS = 1  # 2
@@ -233,10 +242,10 @@ def _tiny_clip(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         pad_token_id=tokenizer.pad_token_id))
 
 
-def _tiny_transformer() -> HunyuanVideoTransformer3DModel:
+def _tiny_transformer(heads: int = TRANSFORMER_HEADS) -> HunyuanVideoTransformer3DModel:
     return HunyuanVideoTransformer3DModel(
         in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        num_attention_heads=TRANSFORMER_HEADS, attention_head_dim=TRANSFORMER_HEAD_DIM,
+        num_attention_heads=heads, attention_head_dim=TRANSFORMER_HEAD_DIM,
         num_layers=DOUBLE_BLOCKS, num_single_layers=SINGLE_BLOCKS,
         num_refiner_layers=REFINER_BLOCKS, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
         guidance_embeds=True, text_embed_dim=LLAMA_HIDDEN, pooled_projection_dim=CLIP_HIDDEN,
@@ -312,12 +321,15 @@ def _build_models(seed: int, builders: Mapping[str, object]) -> dict[str, torch.
     return models
 
 
-def build_tiny_hunyuan_video_pipeline(seed: int = 0) -> HunyuanVideoPipeline:
-    """A tiny HunyuanVideo pipeline; the same seed gives bit-identical weights."""
+def build_tiny_hunyuan_video_pipeline(seed: int = 0,
+                                      heads: int = TRANSFORMER_HEADS) -> HunyuanVideoPipeline:
+    """A tiny HunyuanVideo pipeline; the same seed gives bit-identical weights. `heads` sets
+    the transformer's width (8 per head): `GGUF_HEADS` makes it 32 wide, which GGUF's 32-wide
+    quantization blocks need; the other components do not change with it."""
     tokenizer = tiny_llama_tokenizer()
     tokenizer_2 = _tiny_clip_tokenizer()
     models = _build_models(seed, {
-        "transformer": _tiny_transformer,
+        "transformer": lambda: _tiny_transformer(heads),
         "vae": _tiny_vae,
         "text_encoder": lambda: _tiny_llama(tokenizer),
         "text_encoder_2": lambda: _tiny_clip(tokenizer_2),
@@ -374,6 +386,131 @@ def save_tiny_folder(pipe: HunyuanVideoPipeline | HunyuanVideo15Pipeline, folder
 
 def read_model_index(folder: Path) -> dict[str, object]:
     return json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+
+
+# --- transformer-only files (original layout), plain and quantized --------------------------
+
+# diffusers module names -> the original release's (Tencent's, ComfyUI's), applied in order
+# after the block prefixes are renamed. q/k/v (and a single block's MLP input) are fused in
+# the original and handled apart, as is the output head's modulation.
+_TO_ORIGINAL_DOUBLE = (
+    ("norm1.linear.", "img_mod.linear."), ("norm1_context.linear.", "txt_mod.linear."),
+    ("attn.norm_q.", "img_attn_q_norm."), ("attn.norm_k.", "img_attn_k_norm."),
+    ("attn.norm_added_q.", "txt_attn_q_norm."), ("attn.norm_added_k.", "txt_attn_k_norm."),
+    ("attn.to_out.0.", "img_attn_proj."), ("attn.to_add_out.", "txt_attn_proj."),
+    ("ff.net.0.proj.", "img_mlp.fc1."), ("ff.net.2.", "img_mlp.fc2."),
+    ("ff_context.net.0.proj.", "txt_mlp.fc1."), ("ff_context.net.2.", "txt_mlp.fc2."),
+)
+_TO_ORIGINAL_SINGLE = (
+    ("attn.norm_q.", "q_norm."), ("attn.norm_k.", "k_norm."), ("proj_out.", "linear2."),
+    ("norm.linear.", "modulation.linear."),
+)
+_TO_ORIGINAL_REFINER = (
+    ("attn.to_out.0.", "self_attn_proj."), ("ff.net.0.proj.", "mlp.fc1."),
+    ("ff.net.2.", "mlp.fc2."), ("norm_out.linear.", "adaLN_modulation.1."),
+)
+_TO_ORIGINAL_TOP = (
+    ("x_embedder.", "img_in."),
+    ("context_embedder.proj_in.", "txt_in.input_embedder."),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_1.", "txt_in.t_embedder.mlp.0."),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_2.", "txt_in.t_embedder.mlp.2."),
+    ("context_embedder.time_text_embed.text_embedder.", "txt_in.c_embedder."),
+    ("time_text_embed.timestep_embedder.linear_1.", "time_in.mlp.0."),
+    ("time_text_embed.timestep_embedder.linear_2.", "time_in.mlp.2."),
+    ("time_text_embed.text_embedder.linear_1.", "vector_in.in_layer."),
+    ("time_text_embed.text_embedder.linear_2.", "vector_in.out_layer."),
+    ("time_text_embed.guidance_embedder.linear_1.", "guidance_in.mlp.0."),
+    ("time_text_embed.guidance_embedder.linear_2.", "guidance_in.mlp.2."),
+    ("proj_out.", "final_layer.linear."),
+)
+# Fused in the original layout, in this order: (diffusers names, original name).
+_FUSED = (
+    (("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_qkv", "transformer_blocks"),
+    (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "txt_attn_qkv",
+     "transformer_blocks"),
+    (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear1",
+     "single_transformer_blocks"),
+    (("attn.to_q", "attn.to_k", "attn.to_v"), "self_attn_qkv",
+     "context_embedder.token_refiner.refiner_blocks"),
+)
+_ORIGINAL_BLOCKS = {"transformer_blocks": "double_blocks", "single_transformer_blocks":
+                    "single_blocks", "context_embedder.token_refiner.refiner_blocks":
+                    "txt_in.individual_token_refiner.blocks"}
+
+
+def hunyuan_transformer_to_original(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers HunyuanVideoTransformer3DModel state dict under the original release's
+    names (`double_blocks.0.img_attn_qkv.weight`, `single_blocks.0.linear1.weight`,
+    `txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight`, ...), q/k/v fused again,
+    as the transformer-only files users download have it (city96's GGUF files, ComfyUI's
+    `hunyuan_video_*.safetensors`). The inverse of diffusers'
+    `convert_hunyuan_video_transformer_to_diffusers`, which a test checks."""
+    state = dict(state_dict)
+    out: dict[str, Tensor] = {}
+    for parts, fused, block_prefix in _FUSED:
+        pattern = re.compile(rf"^{re.escape(block_prefix)}\.(\d+)\.{re.escape(parts[0])}"
+                             r"\.(weight|bias)$")
+        for key in [k for k in state if pattern.match(k)]:
+            match = pattern.match(key)
+            assert match is not None
+            index, suffix = match.groups()
+            names = [f"{block_prefix}.{index}.{part}.{suffix}" for part in parts]
+            if not all(name in state for name in names):
+                continue  # e.g. a double block's to_q when looking for a single block's
+            original = f"{_ORIGINAL_BLOCKS[block_prefix]}.{index}.{fused}.{suffix}"
+            out[original] = torch.cat([state.pop(name) for name in names], dim=0)
+    for key, tensor in state.items():
+        name = key
+        for block_prefix, table in (("transformer_blocks.", _TO_ORIGINAL_DOUBLE),
+                                    ("single_transformer_blocks.", _TO_ORIGINAL_SINGLE),
+                                    ("context_embedder.token_refiner.refiner_blocks.",
+                                     _TO_ORIGINAL_REFINER)):
+            if key.startswith(block_prefix):
+                index, inner = key[len(block_prefix):].split(".", 1)
+                for old, new in table:
+                    if inner.startswith(old):
+                        inner = new + inner[len(old):]
+                        break
+                name = f"{_ORIGINAL_BLOCKS[block_prefix.rstrip('.')]}.{index}.{inner}"
+                break
+        else:
+            if key.startswith("norm_out.linear."):
+                # diffusers keeps (scale, shift); the original head's modulation is (shift,
+                # scale).
+                scale, shift = tensor.chunk(2, dim=0)
+                tensor = torch.cat([shift, scale], dim=0)
+                name = "final_layer.adaLN_modulation.1." + key.removeprefix("norm_out.linear.")
+            for old, new in _TO_ORIGINAL_TOP:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
+        out[name] = tensor
+    return out
+
+
+# Tensors kept in F32 in the GGUF files: the patch and text input embeddings (not 2-D, or too
+# narrow for a block), the timestep / guidance / pooled-text embedders and the output head,
+# small and precision-critical, as city96's converter leaves such tensors.
+GGUF_KEEP_PRECISE = ("img_in.", "txt_in.input_embedder.", "txt_in.t_embedder.",
+                     "txt_in.c_embedder.", "time_in.", "vector_in.", "guidance_in.",
+                     "final_layer.")
+
+
+def save_tiny_hunyuan_transformer_gguf(transformer: HunyuanVideoTransformer3DModel, path: Path,
+                                       quantization: str = "Q8_0") -> Path:
+    """Write the transformer as a GGUF file in the original layout, as city96's
+    `hunyuan-video-t2v-720p-Q8_0.gguf` (general.architecture "hyvid")."""
+    return write_gguf(hunyuan_transformer_to_original(transformer.state_dict()), path,
+                      architecture="hyvid", quantization=quantization,
+                      keep_precise=GGUF_KEEP_PRECISE)
+
+
+def save_tiny_hunyuan_transformer_fp8(transformer: HunyuanVideoTransformer3DModel,
+                                      path: Path) -> Path:
+    """Write the transformer in the original layout with float8_e4m3fn weights (norm scales
+    in bfloat16), as ComfyUI's `hunyuan_video_720_cfgdistill_fp8_e4m3fn.safetensors`."""
+    return write_fp8_safetensors(hunyuan_transformer_to_original(transformer.state_dict()),
+                                 path)
 
 
 # --- LoRA files -----------------------------------------------------------------------------

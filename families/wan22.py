@@ -29,6 +29,13 @@ LOW-noise file; that file is then part of this checkpoint, not one of its own:
 TI2V-5B is one GGUF file with `config` alone. The release (and its defaults) comes from the
 file's shapes, or for sizes no release has (tiny test models) from the base folder.
 
+The UMT5 encoder and the VAE may be files of their own, as ComfyUI users keep them
+(models/text_encoders/umt5_xxl_fp16.safetensors, models/vae/wan_2.1_vae.safetensors): named
+with `text_encoder` / `vae` in the sidecar or config.toml, or paired from the ComfyUI trees
+when the base folder lacks their weights (families/components.py). The base folder then
+needs no weights. diffusers 0.42 converts the Wan 2.1 VAE's original layout (the A14B
+releases') but not the Wan 2.2 VAE's (TI2V-5B): that one stays in the base folder.
+
 LoRAs: Wan 2.2 A14B LoRAs come per expert, often as a HIGH and a LOW file. A LoRA's `expert`
 (job `[[loras]] expert`, sidecar, or guessed from the file name) decides where it loads:
 `high` into `transformer`, `low` into `transformer_2` (diffusers' `load_into_transformer_2`),
@@ -66,9 +73,16 @@ from daemon.family import (
 )
 from daemon.gguf_header import GgufError, read_gguf_header
 from daemon.lora_probe import LoraFacts
+from daemon.prompt_weights import strip_weights, unweighted_notes
 from daemon.safetensors_header import SafetensorsHeader
 from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
+from families.components import (
+    Component,
+    ComponentError,
+    choose_components,
+    load_components,
+)
 
 if TYPE_CHECKING:
     from daemon.family import Progress
@@ -78,6 +92,13 @@ log = logging.getLogger(__name__)
 T2V_A14B, I2V_A14B, TI2V_5B = "t2v-a14b", "i2v-a14b", "ti2v-5b"
 VARIANTS = (T2V_A14B, I2V_A14B, TI2V_5B)
 WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
+# The parts ComfyUI users keep as files of their own (models/text_encoders, models/vae). The
+# Wan 2.1 VAE file (A14B) converts; the Wan 2.2 VAE (TI2V-5B) does not in diffusers 0.42, so
+# its weights stay in the base folder.
+WAN_COMPONENTS = (
+    Component("text_encoder", "UMT5-XXL encoder", "text_encoders"),  # umt5_xxl_fp16.safetensors
+    Component("vae", "Wan VAE", "vae"),  # wan_2.1_vae.safetensors
+)
 
 # The official default negative prompt (Wan2.2 repository, wan/configs/shared_config.py,
 # `sample_neg_prompt`), verbatim; Wan was trained with it. In English: garish colours,
@@ -307,7 +328,9 @@ class Wan22Family(Family):
                     "UMT5 encoder and VAE), or from GGUF experts with such a folder as their "
                     "base: use the diffusers folder of this release (e.g. "
                     "Wan2.2-T2V-A14B-Diffusers)")
-        return None
+        # Its own weights, unless a component file is named for it.
+        return _component_problem(checkpoint, checkpoint.path) if checkpoint.components \
+            else None
 
     def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
         layout = _wan_lora_layout(facts.module_keys)
@@ -376,6 +399,14 @@ class Wan22Family(Family):
         `wan22-lightning_HIGH` -> ("wan22-lightning", "high"); None otherwise."""
         return lora_pair_name(stem)
 
+    def apply_conventions(self, prompt: str, negative_prompt: str | None,
+                          enabled: bool) -> tuple[str, str, list[str]]:
+        """The official negative prompt when the job gives none; nothing weights a UMT5
+        encoder, so A1111 weights are dropped at render time, with a warning here. The
+        prompts are kept as written."""
+        prompt, negative, notes = super().apply_conventions(prompt, negative_prompt, enabled)
+        return prompt, negative, [*notes, *unweighted_notes(self.display_name, prompt, negative)]
+
     # -- loading and rendering -------------------------------------------------------------
 
     def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
@@ -391,10 +422,15 @@ class Wan22Family(Family):
         pipeline_class = (WanImageToVideoPipeline
                           if index.get("_class_name") == "WanImageToVideoPipeline"
                           else WanPipeline)
+        # UMT5 and VAE kept as files of their own (ComfyUI's umt5_xxl, wan_2.1_vae).
+        files = choose_components(checkpoint, folder, WAN_COMPONENTS)
         with _LOADING:
             experts = _load_gguf_experts(checkpoint, dtype) if checkpoint.kind == "gguf" else {}
+            parts = load_components(folder, files, component_dtypes(dtype), checkpoint.name)
             pipe = pipeline_class.from_pretrained(folder, dtype=component_dtypes(dtype),
-                                                  local_files_only=True, **experts)
+                                                  local_files_only=True, **experts, **parts)
+        # Which files the pipeline was assembled from (the model hash stays the expert's).
+        pipe.lorafarm_components = {name: str(path) for name, path in files.items()}
         pipe.set_progress_bar_config(disable=True)
         # Samplers and flow shift are set per batch, each built from the checkpoint's own
         # scheduler settings, kept here untouched.
@@ -423,8 +459,9 @@ class Wan22Family(Family):
         # per render keeps each video independent of its batch.
         generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         kwargs: dict[str, Any] = {
-            "prompt": [spec.prompt for spec in specs],
-            "negative_prompt": [spec.negative_prompt for spec in specs],
+            # UMT5 has no prompt weighting: A1111 weights are read as plain text.
+            "prompt": [strip_weights(spec.prompt)[0] for spec in specs],
+            "negative_prompt": [strip_weights(spec.negative_prompt)[0] for spec in specs],
             "height": first.height,
             "width": first.width,
             "num_frames": int(extra["frames"]),
@@ -754,23 +791,25 @@ def _gguf_requirements(checkpoint: LoadedCheckpoint) -> str | None:
     sidecar = f"{checkpoint.name}.toml"
     base = checkpoint.config_path
     if base is None:
-        return (f"{checkpoint.name!r} is a Wan 2.2 GGUF transformer alone; the UMT5 encoder, VAE, "
-                "tokenizer and configs come from a local diffusers folder of the same release "
+        return (f"{checkpoint.name!r} is a Wan 2.2 GGUF transformer alone; the tokenizer, "
+                "scheduler and configs come from a local diffusers folder of the same release "
                 "(lorafarm never downloads one): write a sidecar " + sidecar + " beside it with "
                 'config = "path/to/Wan2.2-T2V-A14B-Diffusers" and, for an A14B release, '
-                'transformer_2 = "<the low-noise expert>.gguf"')
+                'transformer_2 = "<the low-noise expert>.gguf". The folder\'s UMT5 and VAE '
+                "weights are not needed where those are files of their own (ComfyUI's "
+                "umt5_xxl and wan_2.1_vae: text_encoder and vae in the sidecar, or found in "
+                "the ComfyUI trees of paths.comfyui)")
     index = _read_config(base / "model_index.json")
     if index.get("_class_name") not in WAN_PIPELINES:
         return (f"the base folder {base} of {checkpoint.name!r} is not a diffusers Wan folder "
                 f"(model_index.json: {index.get('_class_name') or 'missing'}); point config in "
                 f"{sidecar} at e.g. Wan2.2-T2V-A14B-Diffusers")
-    for component in ("text_encoder", "vae"):
-        if not any((base / component).glob("*.safetensors")):
-            return (f"the base folder {base} has no {component} weights "
-                    f"({component}/*.safetensors); {checkpoint.name!r} takes them from there")
     for component in ("tokenizer", "scheduler"):
         if not (base / component).is_dir():
-            return f"the base folder {base} has no {component}/ folder"
+            return (f"the base folder {base} has no {component}/ folder, which "
+                    f"{checkpoint.name!r} needs (a base folder holds model_index.json, the "
+                    "component configs, tokenizer and scheduler; weights only for the parts "
+                    "that are not files of their own)")
     second = index.get("transformer_2")
     two_experts = isinstance(second, list) and bool(second) and second[0] is not None
     files = {"transformer": checkpoint.path}
@@ -807,6 +846,15 @@ def _gguf_requirements(checkpoint: LoadedCheckpoint) -> str | None:
             return (f"{path.name} ({found}) does not fit the {component} of the base folder "
                     f"{base.name} (width {width}, {config.get('in_channels')} input channels): "
                     "use the base folder of the same release and size")
+    return _component_problem(checkpoint, base)
+
+
+def _component_problem(checkpoint: LoadedCheckpoint, base: Path) -> str | None:
+    """What keeps UMT5 and the VAE from loading (from `base` or files of their own)."""
+    try:
+        choose_components(checkpoint, base, WAN_COMPONENTS)
+    except ComponentError as exc:
+        return str(exc)
     return None
 
 

@@ -269,6 +269,9 @@ def test_distilled_job_renders_with_klein_defaults_and_readable_metadata(farm) -
     assert sorted(read_spec(p).seed for p in pngs) == [11, 12]
     spec = read_spec(pngs[0])
     assert spec.family == "flux2-klein" and spec.negative_prompt == ""
+    assert spec.prompt == "a (glowing:1.2) lantern over a lake"
+    [job] = farm.history()
+    assert any("no prompt weighting: (glowing:1.2)" in note for note in job["warnings"])
     expected_hash = hashlib.sha256((farm.assets.models / DEMO_DISTILLED / "transformer" /
                                     "diffusion_pytorch_model.safetensors").read_bytes())
     assert spec.checkpoint_hash == expected_hash.hexdigest()[:10]

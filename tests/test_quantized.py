@@ -13,6 +13,10 @@ same job, so "close" means close on the scale that matters. |diff| in 8-bit leve
   0.55 (Q8_0) and 1.2 (Q4_0), max 16, beside 4.1 for another seed.
 * FLUX.2 [klein] GGUF Q8_0 (only the single blocks' output projections fit 32-wide blocks at
   the tiny width): mean 0.003, max 1 from the folder (asserted: 0.05, 2).
+* HunyuanVideo (32 wide), frames before H.264 (32x32x5): GGUF Q8_0 mean 0.015, max 1; Q4_0
+  mean 0.35, max 4; FP8 e4m3fn mean 0.62, max 6 (asserted: (0.05, 2), (0.7, 8), (1.5, 16)).
+  Decoded from the MP4s (64x64x5) the encoder magnifies these to mean 2.0 (Q8_0), 2.1 (Q4_0)
+  and 2.5 (FP8), max 19, beside 29 for another seed.
 """
 
 from __future__ import annotations
@@ -33,15 +37,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from sqlalchemy import select
 
 from daemon.cli import cmd_models
+from daemon.config import ConfigError, config_from_dict
 from daemon.family import LoadedCheckpoint, RenderError
 from daemon.lora_patching import AdapterState, apply_loras, count_patched_modules
 from daemon.outputs import read_spec
 from daemon.quantization import checkpoint_quantization, resident_weight_bytes
 from daemon.spec import LoraUse, RenderSpec
-from daemon.store import Render, Store
+from daemon.store import Checkpoint, Render, Store
 from families.flux import DEMO_DEV, DEMO_DEV_BFL, DEMO_DEV_FP8, DEMO_DEV_GGUF, FluxDevFamily
 from families.flux2_klein import Flux2KleinFamily
 from families.flux2_klein_tiny import (
@@ -50,6 +56,18 @@ from families.flux2_klein_tiny import (
     save_tiny_klein_folder,
 )
 from families.flux_tiny import build_tiny_flux_pipeline, make_tiny_flux_lora, write_lora
+from families.hunyuan_video import DEMO_FP8 as HV_FP8
+from families.hunyuan_video import DEMO_GGUF as HV_GGUF
+from families.hunyuan_video import DEMO_GGUF_BASE as HV_BASE
+from families.hunyuan_video import DEMO_V10 as HV_FOLDER
+from families.hunyuan_video import HunyuanVideoFamily
+from families.hunyuan_video_tiny import (
+    GGUF_HEADS,
+    build_tiny_hunyuan_video_pipeline,
+    hunyuan_transformer_to_original,
+    make_tiny_hunyuan_lora,
+    write_hunyuan_lora,
+)
 from families.quantized import Float8Linear
 from families.quantized_tiny import write_gguf
 from families.wan22 import DEMO_GGUF_BASE, DEMO_GGUF_PAIRS, T2V_A14B, Wan22Family
@@ -58,7 +76,7 @@ from families.wan22_tiny import build_tiny_wan_pipeline, make_tiny_wan_lora, wri
 torch.set_num_threads(1)
 
 CPU = torch.device("cpu")
-DEV, WAN, KLEIN = FluxDevFamily(), Wan22Family(), Flux2KleinFamily()
+DEV, WAN, KLEIN, HV = FluxDevFamily(), Wan22Family(), Flux2KleinFamily(), HunyuanVideoFamily()
 Q8, Q4 = DEMO_DEV_GGUF["Q8_0"], DEMO_DEV_GGUF["Q4_0"]
 WAN_Q8, WAN_Q4 = DEMO_GGUF_PAIRS["Q8_0"][0], DEMO_GGUF_PAIRS["Q4_0"][0]
 
@@ -338,6 +356,233 @@ def test_gguf_klein_loads_and_renders_close_to_its_folder(tmp_path: Path) -> Non
     assert mean <= 0.05 and largest <= 2, (mean, largest)
 
 
+# --- HunyuanVideo: GGUF and FP8 transformers with the folder as their base -------------------
+
+HV_Q8, HV_Q4 = HV_GGUF["Q8_0"], HV_GGUF["Q4_0"]
+
+
+def _hv_job(checkpoint: str, prompt: str = "a paper boat on a rainy street",
+            seed: int = 21) -> str:
+    return (f'checkpoint = "{checkpoint}"\nprompt = "{prompt}"\nseed = {seed}\nsteps = 2\n'
+            "width = 64\nheight = 64\nframes = 5\nfps = 8\n")
+
+
+def test_quantized_hunyuan_video_renders_close_to_the_original_with_a_lora(
+        farm: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    lora = make_tiny_hunyuan_lora(
+        build_tiny_hunyuan_video_pipeline(seed=0, heads=GGUF_HEADS).transformer, seed=5)
+    write_hunyuan_lora(lora, farm.config.paths.loras / "paper.safetensors", "musubi")
+    jobs = {"original": HV_BASE, "q8": HV_Q8, "q4": HV_Q4, "fp8": HV_FP8}
+    for job, checkpoint in jobs.items():
+        farm.drop(f"{job}.toml", _hv_job(checkpoint))
+    farm.drop("other-seed.toml", _hv_job(HV_BASE, seed=22))
+    farm.drop("q8-lora.toml", _hv_job(HV_Q8, "a paper boat on a rainy street <lora:paper:1>"))
+    assert farm.run() == 0
+    assert len(farm.files_in("done")) == 6, farm.files_in("failed")
+    videos = _outputs(farm, ".mp4")
+    original = _frames(videos["original"])
+    other, _ = _diff(_frames(videos["other-seed"]), original)
+    measured = {job: _diff(_frames(videos[job]), original) for job in ("q8", "q4", "fp8")}
+    print("HunyuanVideo |quantized - original| (mean, max), decoded MP4:", measured,
+          "other seed:", other)
+    # H.264 magnifies the tiny models' noise-like differences (see the module docstring).
+    for job, limit in {"q8": 3.0, "q4": 3.5, "fp8": 4.5}.items():
+        assert measured[job][0] <= limit, (job, measured[job])
+        assert measured[job][0] < other / 5, (job, measured[job], other)
+
+    labels = {"q8": "GGUF Q8_0", "q4": "GGUF Q4_0", "fp8": "FP8 e4m3fn"}
+    specs = _render_specs(farm)
+    for job, label in labels.items():
+        with av.open(str(videos[job])) as container:
+            params = container.metadata["parameters"].splitlines()[-1]
+        assert f"Quantization: {label}" in params and "Distilled CFG Scale: 6" in params
+        assert f"Model: {jobs[job]}" in params
+        assert read_spec(videos[job]).extra["quantization"] == label
+        assert specs[jobs[job]]["extra"]["quantization"] == label  # the history's record
+    assert "quantization" not in specs[HV_BASE]["extra"]
+
+    # The LoRA: musubi-tuner names, 24 modules; each fused q/k/v patches three diffusers
+    # modules, as on the folder (tests/test_hunyuan_video.py).
+    plain, styled = _frames(videos["q8"]), _frames(videos["q8-lora"])
+    assert _diff(plain, styled)[0] > 2.0
+    [styled_job] = [job for job in farm.history() if job["file"] == "q8-lora.toml"]
+    assert styled_job["renders"][0]["lora_patches"] == {"paper": {
+        "transformer": lora.patched_modules("musubi"), "modules_in_file": len(lora.modules)}}
+
+    rows = _models(farm, capsys)
+    assert rows[HV_Q8]["family"] == "hunyuan-video" and rows[HV_Q8]["kind"] == "gguf"
+    assert rows[HV_Q8]["quantization"] == "GGUF Q8_0"
+    assert "HunyuanVideo transformer in the original layout, GGUF file" in rows[HV_Q8]["reason"]
+    assert rows[HV_FP8]["quantization"] == "FP8 e4m3fn"
+    # The checkpoints table carries it (for every host of a farm to read).
+    store = Store.for_path(farm.config.paths.database, writer=False)
+    with store.session() as session:
+        table = {row.name: (row.quantization, row.transformer_2)
+                 for row in session.scalars(select(Checkpoint))}
+    store.dispose()
+    assert table[HV_Q8] == ("GGUF Q8_0", None) and table[HV_Q4] == ("GGUF Q4_0", None)
+    assert table[HV_FP8] == ("FP8 e4m3fn", None)
+    assert table[HV_BASE] == (None, None)
+    high, low = DEMO_GGUF_PAIRS["Q8_0"]
+    assert table[high] == ("GGUF Q8_0", str((farm.assets.models / f"{low}.gguf").resolve()))
+
+
+def _hv_spec(seed: int = 3) -> RenderSpec:
+    return RenderSpec(family=HV.name, checkpoint="x", prompt="a red ball", negative_prompt="",
+                      seed=seed, steps=2, cfg=1.0, sampler="Euler", schedule=None, width=32,
+                      height=32, extra={"frames": 5, "fps": 8, "guidance": 6.0,
+                                        "flow_shift": 7.0})
+
+
+def _hv_frames(pipe: Any) -> np.ndarray:
+    [video] = HV.render_batch(pipe, [_hv_spec()], CPU)
+    return np.stack([np.asarray(frame, dtype=np.int16) for frame in video.frames])
+
+
+def test_quantized_hunyuan_video_frames_before_encoding_and_its_layers(
+        assets: Any, tmp_path: Path) -> None:
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = assets.models / HV_BASE
+    original = _hv_frames(HV.load_pipeline(LoadedCheckpoint(
+        name=HV_BASE, path=base, kind="folder", config_path=None), CPU, torch.float32))
+    # The same weights unquantized, as ComfyUI's transformer-only files (prefix and all):
+    # the very same frames.
+    folder_transformer = build_tiny_hunyuan_video_pipeline(seed=0, heads=GGUF_HEADS).transformer
+    plain_file = tmp_path / "hunyuan_video_t2v_720p_fp32.safetensors"
+    save_file({f"model.diffusion_model.{key}": value.contiguous() for key, value in
+               hunyuan_transformer_to_original(folder_transformer.state_dict()).items()},
+              str(plain_file))
+    assert np.array_equal(_hv_frames(HV.load_pipeline(LoadedCheckpoint(
+        name="plain", path=plain_file, kind="single_file", config_path=base), CPU,
+        torch.float32)), original)
+    # measured: (0.015, 1), (0.35, 4), (0.62, 6)
+    limits = {HV_Q8: (0.05, 2), HV_Q4: (0.7, 8), HV_FP8: (1.5, 16)}
+    pipes, means = {}, {}
+    for name, (mean_limit, max_limit) in limits.items():
+        kind = "single_file" if name == HV_FP8 else "gguf"
+        path = assets.models / (f"{name}.safetensors" if name == HV_FP8 else f"{name}.gguf")
+        checkpoint = LoadedCheckpoint(name=name, path=path, kind=kind, config_path=base,
+                                      quantization=checkpoint_quantization(path, kind).label)
+        assert HV.missing_requirements(checkpoint) is None
+        pipes[name] = HV.load_pipeline(checkpoint, CPU, torch.float32)
+        mean, largest = _diff(_hv_frames(pipes[name]), original)
+        print(f"HunyuanVideo {name} frames before encoding: mean {mean:.4f}, max {largest}")
+        assert mean <= mean_limit and largest <= max_limit, (name, mean, largest)
+        means[name] = mean
+    assert means[HV_Q8] < means[HV_Q4] < means[HV_FP8]  # fewer bits, further away
+
+    transformer = pipes[HV_Q8].transformer
+    # Fused q/k/v and a single block's linear1 (split at the file's width) stay quantized.
+    for module in (transformer.transformer_blocks[0].attn.to_q,
+                   transformer.transformer_blocks[1].attn.add_v_proj,
+                   transformer.single_transformer_blocks[0].attn.to_k,
+                   transformer.single_transformer_blocks[1].proj_mlp,
+                   transformer.context_embedder.token_refiner.refiner_blocks[0].attn.to_v):
+        assert isinstance(module, GGUFLinear) and isinstance(module.weight, GGUFParameter)
+    assert isinstance(pipes[HV_FP8].transformer.transformer_blocks[0].ff.net[2], Float8Linear)
+
+    # A LoRA wraps the quantized layers unfused, in full precision, and changes the frames.
+    pipe = pipes[HV_Q4]
+    plain = _hv_frames(pipe)
+    lora = make_tiny_hunyuan_lora(
+        build_tiny_hunyuan_video_pipeline(seed=0, heads=GGUF_HEADS).transformer, seed=5)
+    path = write_hunyuan_lora(lora, tmp_path / "paper.safetensors", "musubi")
+    use = LoraUse(name="paper", strength=1.0, autov3="00000000paper")
+    report = apply_loras(pipe, HV, (use,), {"paper": path}, AdapterState())
+    assert report["paper"]["transformer"] == lora.patched_modules("musubi") == 32
+    wrapped = [m for m in pipe.transformer.modules() if isinstance(m, BaseTunerLayer)]
+    assert {type(m.get_base_layer()).__name__ for m in wrapped} == {"GGUFLinear"}
+    assert {p.dtype for m in wrapped for p in m.lora_A.parameters()} == {torch.float32}
+    assert _diff(_hv_frames(pipe), plain)[0] > 0.5
+
+
+def test_a_hunyuan_video_gguf_needs_a_base_folder_that_fits(assets: Any) -> None:
+    path = assets.models / f"{HV_Q8}.gguf"
+    alone = HV.missing_requirements(LoadedCheckpoint(name=HV_Q8, path=path, kind="gguf",
+                                                     config_path=None))
+    assert alone is not None and f'[checkpoints.{HV_Q8}] config = "path/to/HunyuanVideo"' in alone
+    # The 24-wide demo folder: the wrong size for this 32-wide file.
+    narrow = HV.missing_requirements(LoadedCheckpoint(
+        name=HV_Q8, path=path, kind="gguf", config_path=assets.models / HV_FOLDER))
+    assert narrow is not None and "(width 32, 4 input channels) does not fit" in narrow
+    wan_base = HV.missing_requirements(LoadedCheckpoint(
+        name=HV_Q8, path=path, kind="gguf", config_path=assets.models / DEMO_GGUF_BASE))
+    assert wan_base is not None and "not a HunyuanVideoPipeline" in wan_base
+    with pytest.raises(RenderError, match="does not fit"):
+        HV.load_pipeline(LoadedCheckpoint(name=HV_Q8, path=path, kind="gguf",
+                                          config_path=assets.models / HV_FOLDER),
+                         CPU, torch.float32)
+
+
+# --- a Wan pair declared in config.toml --------------------------------------------------------
+
+
+def test_config_toml_pairs_wan_experts_and_refuses_a_bad_second_expert(
+        make_farm: Any, assets: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / DEMO_GGUF_BASE).symlink_to(assets.models / DEMO_GGUF_BASE,
+                                             target_is_directory=True)
+    (models / "flux-folder").symlink_to(assets.models / DEMO_DEV, target_is_directory=True)
+    high, low = DEMO_GGUF_PAIRS["Q8_0"]
+    # No sidecars: config.toml says it all. A bare file name is found beside the checkpoint.
+    shutil.copy(assets.models / f"{high}.gguf", models / "pair-high-Q8_0.gguf")
+    shutil.copy(assets.models / f"{low}.gguf", models / "pair-low-Q8_0.gguf")
+    shutil.copy(assets.models / f"{high}.gguf", models / "lost-high-Q8_0.gguf")
+    shutil.copy(assets.models / f"{high}.gguf", models / "self-high-Q8_0.gguf")
+    base = str(models / DEMO_GGUF_BASE)
+    farm = make_farm(paths={"models": str(models)}, checkpoints={
+        "pair-high-Q8_0": {"config": base, "transformer_2": "pair-low-Q8_0.gguf"},
+        "lost-high-Q8_0": {"config": base, "transformer_2": "lost-low-Q8_0.gguf"},
+        "self-high-Q8_0": {"config": base, "transformer_2": "self-high-Q8_0.gguf"},
+        "flux-folder": {"transformer_2": "pair-low-Q8_0.gguf"},
+    })
+
+    rows = _models(farm, capsys)
+    pair = rows["pair-high-Q8_0"]
+    assert pair["state"] == "ok" and pair["quantization"] == "GGUF Q8_0"
+    assert pair["transformer_2"] == str((models / "pair-low-Q8_0.gguf").resolve())
+    assert "low-noise expert pair-low-Q8_0.gguf" in pair["reason"]
+    assert "pair-low-Q8_0" not in rows  # part of its pair, not a checkpoint of its own
+    lost = rows["lost-high-Q8_0"]
+    assert lost["state"] == "unrecognised"
+    assert ("config.toml [checkpoints.lost-high-Q8_0] names transformer_2 = "
+            "'lost-low-Q8_0.gguf', which does not exist in") in lost["reason"]
+    assert "is the checkpoint itself" in rows["self-high-Q8_0"]["reason"]
+    assert "pairs two GGUF expert files" in rows["flux-folder"]["reason"]
+
+    farm.drop("pair.toml", _wan_job("pair-high-Q8_0"))
+    farm.drop("lost.toml", _wan_job("lost-high-Q8_0"))
+    assert farm.run() == 0
+    assert farm.files_in("done") == ["pair.toml"], farm.files_in("rejected")
+    report = (farm.jobs / "rejected" / "lost.toml.error.txt").read_text()
+    assert "does not exist" in report and "lost-low-Q8_0.gguf" in report
+    # The same files as the demo's pair declared in a sidecar, rendered by a farm on the demo
+    # models folder.
+    reference = make_farm(paths={"models": str(assets.models), "jobs": "jobs-ref",
+                                 "outputs": "outputs-ref", "state": "state-ref"})
+    reference.drop("sidecar.toml", _wan_job(high))
+    assert reference.run() == 0
+    [declared] = list(farm.outputs.rglob("*.mp4"))
+    [sidecar] = list(reference.outputs.rglob("*.mp4"))
+    # The same two expert files, declared either way: the same video.
+    assert np.array_equal(_frames(declared), _frames(sidecar))
+
+
+def test_config_toml_transformer_2_must_name_a_gguf_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"checkpoints\.w\.transformer_2 = 'low\.safetensors': "
+                                          r"it must name the low-noise expert's \.gguf file"):
+        config_from_dict({"checkpoints": {"w": {"transformer_2": "low.safetensors"}}},
+                         base=tmp_path)
+    config = config_from_dict({"checkpoints": {"w": {"transformer_2": "low.gguf"},
+                                               "v": {"transformer_2": "sub/low.gguf"}}},
+                              base=tmp_path)
+    assert config.checkpoints["w"].transformer_2 == Path("low.gguf")  # found beside the file
+    assert config.checkpoints["v"].transformer_2 == (tmp_path / "sub" / "low.gguf").resolve()
+
+
 # --- what cannot be used is refused with the reason -------------------------------------------
 
 
@@ -375,8 +620,8 @@ def test_unusable_gguf_files_are_refused_with_the_reason(
     rows = _models(farm, capsys)
     assert rows["sd3-Q8_0"]["state"] == "unrecognised"
     assert "general.architecture = 'sd3'" in rows["sd3-Q8_0"]["reason"]
-    assert "GGUF transformers load for FLUX.1 [dev], FLUX.1 [schnell], FLUX.2 [klein], Wan 2.2" \
-        in rows["sd3-Q8_0"]["reason"]
+    assert ("GGUF transformers load for FLUX.1 [dev], FLUX.1 [schnell], FLUX.2 [klein], "
+            "HunyuanVideo, Wan 2.2") in rows["sd3-Q8_0"]["reason"]
     assert "a language-model file" in rows["qwen-text-Q8_0"]["reason"]
     assert rows["cut-Q8_0"]["state"] == "unrecognised"
     assert "truncated or corrupt GGUF file" in rows["cut-Q8_0"]["reason"]
