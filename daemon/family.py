@@ -58,6 +58,16 @@ class Progress:
         return callback_kwargs
 
 
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON file holding an object (a diffusers config or model_index.json), or None when
+    it is missing, unreadable or not an object; callers say what that means for them."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
 @dataclass(frozen=True)
 class FamilyDefaults:
     """What a job gets for every key it leaves out (REFERENCE.md section 7)."""
@@ -197,6 +207,9 @@ class Family(ABC):
     takes_image: bool = False  # accepts the job key `image` (image-to-video)
     # Loads quantized `.gguf` transformers (probe_checkpoint may claim kind "gguf" sources).
     reads_gguf: bool = False
+    # Pipeline components it can take from files of their own (config.toml / sidecar keys
+    # `text_encoder`, `text_encoder_2`, `vae`; see families/components.py).
+    component_files: tuple[str, ...] = ()
 
     def defaults_for(self, variant: str | None) -> FamilyDefaults:
         """Defaults for one variant of the family's checkpoints (e.g. Klein distilled vs base);
@@ -242,6 +255,13 @@ class Family(ABC):
         """What this checkpoint still needs before it can load (e.g. a config folder for a
         single file), as a message for the user; None when it is ready. Checked at intake."""
         return None
+
+    def require_loadable(self, checkpoint: LoadedCheckpoint) -> None:
+        """Raise RenderError with `missing_requirements`' message, if any: the first step of
+        `load_pipeline`, since files may have changed since intake checked them."""
+        problem = self.missing_requirements(checkpoint)
+        if problem:
+            raise RenderError(problem)
 
     def apply_conventions(self, prompt: str, negative_prompt: str | None,
                           enabled: bool) -> tuple[str, str, list[str]]:

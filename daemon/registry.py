@@ -117,7 +117,8 @@ class Registry:
                 # override may have changed); the expensive hash survives an unchanged file.
                 unchanged = (row is not None and row.path == str(path) and row.mtime_ns == mtime
                              and row.size_bytes == size)
-                info = self._recognise(name, path, kind)
+                info = self._refuse_foreign_components(name, path,
+                                                       self._recognise(name, path, kind))
                 if row is None:
                     row = Checkpoint(name=name, host=self.host)
                     session.add(row)
@@ -214,6 +215,31 @@ class Registry:
                           if override is not None and getattr(override, key) is not None}
         return replace(info, components=components,
                        component_folders=self.config.paths.component_folders)
+
+    def _refuse_foreign_components(self, name: str, path: Path,
+                                   info: Registry._Recognition) -> Registry._Recognition:
+        """A component key (`text_encoder`, `text_encoder_2`, `vae`) set for a checkpoint
+        whose family does not assemble pipelines from such files would be ignored without a
+        word; the checkpoint is refused instead, saying which keys to remove."""
+        family = self.plugins.families.get(info.family or "")
+        if info.state != "ok" or family is None:
+            return info
+        try:
+            override, _ = self._override(name, path)
+        except ValueError:
+            return info
+        named = [key for key in COMPONENT_KEYS
+                 if override is not None and getattr(override, key) is not None]
+        foreign = [key for key in named if key not in family.component_files]
+        if not foreign:
+            return info
+        takes = (f"it takes only {', '.join(family.component_files)}"
+                 if family.component_files else
+                 "it loads its text encoders and VAE from the checkpoint or its config folder")
+        return replace(info, state="unrecognised", recognised_by=None, reason=(
+            f"{', '.join(foreign)} set for {name} ([checkpoints.{name}] in config.toml or the "
+            f"sidecar {name}.toml), but the {family.display_name} family does not assemble "
+            f"its pipeline from component files ({takes}): remove the key"))
 
     def _recognise(self, name: str, path: Path, kind: str) -> Registry._Recognition:
         try:

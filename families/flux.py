@@ -31,7 +31,6 @@ the cost per step.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from daemon.family import (
     Progress,
     RenderError,
     quantization_fields,
+    read_json_object,
 )
 from daemon.lora_probe import LoraFacts
 from daemon.prompt_weights import ParsedPrompt, parse_prompt, to_compel_conjunction
@@ -128,6 +128,7 @@ class FluxFamily(Family):
     supports_negative_prompt = False  # unless the job sets true_cfg
     supports_true_cfg = True  # FluxPipeline's true_cfg_scale
     reads_gguf = True  # city96's GGUF transformers, BFL layout
+    component_files = tuple(c.name for c in FLUX_COMPONENTS)  # ComfyUI clip_l, t5xxl, ae
     variant: str  # "dev" | "schnell"
     guidance_embeds: bool  # the transformer takes a guidance input (dev)
     max_sequence_length: int  # T5 tokens, as BFL's reference code uses per variant
@@ -139,7 +140,7 @@ class FluxFamily(Family):
             pipeline_class = (source.model_index or {}).get("_class_name")
             if pipeline_class not in FLUX_PIPELINES:
                 return None
-            config = _read_json(source.path / "transformer" / "config.json")
+            config = read_json_object(source.path / "transformer" / "config.json")
             if config is None:
                 return None  # no transformer: a base folder for single files, not a model
             if bool(config.get("guidance_embeds")) != self.guidance_embeds:
@@ -229,7 +230,7 @@ class FluxFamily(Family):
                     "are files of their own (ComfyUI's clip_l, t5xxl and ae.safetensors: "
                     "text_encoder, text_encoder_2 and vae in the same table, or found in the "
                     "ComfyUI trees of paths.comfyui)")
-        index = _read_json(base / "model_index.json")
+        index = read_json_object(base / "model_index.json")
         if index is None:
             return (f"the config folder {base} for {checkpoint.name!r} has no readable "
                     f"model_index.json; point {where} at a diffusers FLUX.1 folder")
@@ -272,9 +273,7 @@ class FluxFamily(Family):
                       dtype: torch.dtype) -> Any:
         from diffusers import FluxPipeline
 
-        problem = self.missing_requirements(checkpoint)
-        if problem:
-            raise RenderError(problem)
+        self.require_loadable(checkpoint)
         if dtype == torch.float16:
             # Flux.1 (and its T5) overflow in float16 and draw black or NaN images; bfloat16
             # has float32's range and the same memory cost.
@@ -777,14 +776,6 @@ def _component_problem(checkpoint: LoadedCheckpoint, base: Path) -> str | None:
     except ComponentError as exc:
         return str(exc)
     return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _with_settings(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:

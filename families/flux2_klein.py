@@ -289,9 +289,7 @@ class Flux2KleinFamily(Family):
                       dtype: torch.dtype) -> Any:
         from diffusers import Flux2KleinPipeline
 
-        problem = self.missing_requirements(checkpoint)
-        if problem:
-            raise RenderError(problem)
+        self.require_loadable(checkpoint)
         if dtype == torch.float16:
             # Klein and its Qwen3 encoder ship in bfloat16 and diffusers runs them so;
             # float16 risks the overflow (black or NaN images) Flux.1 is known for. Not

@@ -50,7 +50,6 @@ rest to diffusers. HunyuanVideo 1.5 loads from folders only.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,6 +71,7 @@ from daemon.family import (
     RenderedVideo,
     RenderError,
     quantization_fields,
+    read_json_object,
 )
 from daemon.gguf_header import GgufError, read_gguf_header
 from daemon.lora_probe import LoraFacts
@@ -436,14 +436,14 @@ def transformer_file_requirements(checkpoint: LoadedCheckpoint) -> str | None:
                 '"path/to/HunyuanVideo" in config.toml, or config = "..." in a sidecar '
                 f"{name}.toml beside the file (the folder's transformer weights are not "
                 "needed), e.g. hunyuanvideo-community/HunyuanVideo")
-    index = _read_json(base / "model_index.json")
+    index = read_json_object(base / "model_index.json")
     if index is None:
         return (f"the config folder {base} for {name!r} has no readable model_index.json; "
                 f"point {where} at a diffusers HunyuanVideo folder")
     if index.get("_class_name") != HUNYUAN_VIDEO_PIPELINE:
         return (f"the config folder {base} for {name!r} is a {index.get('_class_name')}, not "
                 f"a {HUNYUAN_VIDEO_PIPELINE}; point {where} at a diffusers HunyuanVideo folder")
-    config = _read_json(base / "transformer" / "config.json")
+    config = read_json_object(base / "transformer" / "config.json")
     if config is None:
         return (f"the config folder {base} has no transformer/config.json, which {name!r} "
                 "needs to be built")
@@ -469,14 +469,6 @@ def transformer_file_requirements(checkpoint: LoadedCheckpoint) -> str | None:
                 f"(width {width}, {config.get('in_channels')} input channels): use the base "
                 "folder of the same release and size")
     return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def original_transformer_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -811,9 +803,7 @@ class HunyuanVideoFamily(_HunyuanBase):
                       dtype: torch.dtype) -> Any:
         from diffusers import HunyuanVideoPipeline
 
-        problem = self.missing_requirements(checkpoint)
-        if problem:
-            raise RenderError(problem)
+        self.require_loadable(checkpoint)
         dtypes = self._dtypes(dtype)
         if checkpoint.kind == "folder":
             pipe = HunyuanVideoPipeline.from_pretrained(checkpoint.path, dtype=dtypes,

@@ -24,7 +24,6 @@ from daemon.family import (
     LoadedCheckpoint,
     LoraProbe,
     Progress,
-    RenderError,
 )
 from daemon.lora_probe import LoraFacts
 from daemon.prompt_weights import ParsedPrompt, parse_prompt, to_compel_conjunction
@@ -126,9 +125,7 @@ class SDXLFamily(Family):
 
     def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
                       dtype: torch.dtype) -> Any:
-        problem = self.missing_requirements(checkpoint)
-        if problem:
-            raise RenderError(problem)
+        self.require_loadable(checkpoint)
         if checkpoint.kind == "folder":
             # use_safetensors: a folder's .bin weights are pickles and are never loaded.
             pipe = StableDiffusionXLPipeline.from_pretrained(

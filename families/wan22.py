@@ -19,8 +19,9 @@ Each expert has its own guidance scale: the job's `cfg` drives the high-noise ex
 Quantized GGUF transformers (city96's / QuantStack's `wan2.2_t2v_high_noise_14B_Q8_0.gguf`,
 original key layout) load too, with a diffusers folder of the same release as their base for
 UMT5, VAE, tokenizer, scheduler and configs. An A14B release is two GGUF files, one per expert;
-the pair is declared in the HIGH-noise file's sidecar (NAME.toml beside it), which names the
-LOW-noise file; that file is then part of this checkpoint, not one of its own:
+the pair is declared in the HIGH-noise file's sidecar (NAME.toml beside it) or in config.toml's
+`[checkpoints.NAME]`, which names the LOW-noise file; that file is then part of this
+checkpoint, not one of its own:
 
     # wan2.2_t2v_high_noise_14B_Q8_0.toml
     config = "Wan2.2-T2V-A14B-Diffusers"
@@ -46,7 +47,6 @@ of the LoRA's matrices says which (5120 = 14B, 3072 = 5B, 1536 = Wan 2.1 1.3B).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -70,6 +70,7 @@ from daemon.family import (
     RenderedVideo,
     RenderError,
     quantization_fields,
+    read_json_object,
 )
 from daemon.gguf_header import GgufError, read_gguf_header
 from daemon.lora_probe import LoraFacts
@@ -211,6 +212,7 @@ class Wan22Family(Family):
     produces = "video"
     takes_image = True
     reads_gguf = True  # original-layout GGUF experts, with a diffusers folder as the base
+    component_files = tuple(c.name for c in WAN_COMPONENTS)  # ComfyUI umt5_xxl, wan_2.1_vae
     defaults = VARIANT_SETTINGS[T2V_A14B].defaults
 
     def defaults_for(self, variant: str | None) -> FamilyDefaults:
@@ -274,8 +276,8 @@ class Wan22Family(Family):
         pipeline_class = index.get("_class_name")
         if pipeline_class not in WAN_PIPELINES:
             return None
-        transformer = _read_config(source.path / "transformer" / "config.json")
-        vae = _read_config(source.path / "vae" / "config.json")
+        transformer = read_json_object(source.path / "transformer" / "config.json") or {}
+        vae = read_json_object(source.path / "vae" / "config.json") or {}
         second = index.get("transformer_2")
         two_experts = isinstance(second, list) and bool(second) and second[0] is not None
         in_channels = transformer.get("in_channels")
@@ -413,12 +415,10 @@ class Wan22Family(Family):
                       dtype: torch.dtype) -> Any:
         from diffusers import WanImageToVideoPipeline, WanPipeline
 
-        problem = self.missing_requirements(checkpoint)
-        if problem:
-            raise RenderError(problem)
+        self.require_loadable(checkpoint)
         folder = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
         assert folder is not None  # checked by missing_requirements
-        index = _read_config(folder / "model_index.json")
+        index = read_json_object(folder / "model_index.json") or {}
         pipeline_class = (WanImageToVideoPipeline
                           if index.get("_class_name") == "WanImageToVideoPipeline"
                           else WanPipeline)
@@ -592,14 +592,6 @@ def component_dtypes(dtype: torch.dtype) -> torch.dtype | dict[str, torch.dtype]
         return dtype
     main = torch.bfloat16 if dtype == torch.float16 else dtype
     return {"vae": torch.float32, "default": main}
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _pipeline_for(pipe: Any, with_image: bool) -> Any:
@@ -788,18 +780,18 @@ def _musubi_to_original(key: str) -> str:
 def _gguf_requirements(checkpoint: LoadedCheckpoint) -> str | None:
     """What a Wan GGUF checkpoint still needs (a base folder of the same release, the second
     expert of an A14B pair), or None when it can load. Reads headers and configs only."""
-    sidecar = f"{checkpoint.name}.toml"
+    sidecar = f"{checkpoint.name}.toml (or [checkpoints.{checkpoint.name}] in config.toml)"
     base = checkpoint.config_path
     if base is None:
         return (f"{checkpoint.name!r} is a Wan 2.2 GGUF transformer alone; the tokenizer, "
                 "scheduler and configs come from a local diffusers folder of the same release "
-                "(lorafarm never downloads one): write a sidecar " + sidecar + " beside it with "
+                "(lorafarm never downloads one): write a sidecar " + sidecar + " with "
                 'config = "path/to/Wan2.2-T2V-A14B-Diffusers" and, for an A14B release, '
                 'transformer_2 = "<the low-noise expert>.gguf". The folder\'s UMT5 and VAE '
                 "weights are not needed where those are files of their own (ComfyUI's "
                 "umt5_xxl and wan_2.1_vae: text_encoder and vae in the sidecar, or found in "
                 "the ComfyUI trees of paths.comfyui)")
-    index = _read_config(base / "model_index.json")
+    index = read_json_object(base / "model_index.json") or {}
     if index.get("_class_name") not in WAN_PIPELINES:
         return (f"the base folder {base} of {checkpoint.name!r} is not a diffusers Wan folder "
                 f"(model_index.json: {index.get('_class_name') or 'missing'}); point config in "
@@ -830,7 +822,7 @@ def _gguf_requirements(checkpoint: LoadedCheckpoint) -> str | None:
         return (f"{base.name} is a one-transformer release (TI2V-5B): transformer_2 in "
                 f"{sidecar} has no place; remove it")
     for component, path in files.items():
-        config = _read_config(base / component / "config.json")
+        config = read_json_object(base / component / "config.json") or {}
         if not config:
             return f"the base folder {base} has no {component}/config.json"
         try:

@@ -161,6 +161,24 @@ def test_component_files_named_ambiguous_and_missing(make_farm, tmp_path: Path) 
     assert "[checkpoints.flux1-dev-typo]" in missing
 
 
+def test_component_keys_on_a_family_that_cannot_take_them_are_refused(
+        make_farm, assets, tmp_path: Path) -> None:
+    """SDXL loads its text encoders and VAE from the checkpoint: a `vae` key for it would be
+    ignored without a word, so the checkpoint is refused, saying which key to remove."""
+    vae = tmp_path / "sdxl_vae.safetensors"
+    shutil.copy(assets.models / "tiny-sdxl-single.safetensors", vae)  # any existing file
+    farm = make_farm(checkpoints={"tiny-sdxl-single": {"config": str(assets.configs / "tiny-sdxl"),
+                                                       "vae": str(vae)}})
+    farm.drop("sdxl.toml", 'checkpoint = "tiny-sdxl-single"\nprompt = "a fox"\nseed = 1\n'
+                           'steps = 2\nwidth = 64\nheight = 64\n')
+    assert farm.run() == 0
+    assert farm.files_in("done") == [] and "sdxl.toml" in farm.files_in("rejected")
+    report = (farm.jobs / "rejected" / "sdxl.toml.error.txt").read_text()
+    assert "vae set for tiny-sdxl-single" in report
+    assert "does not assemble its pipeline from component files" in report
+    assert "remove the key" in report
+
+
 def test_config_folder_without_weights_says_what_it_lacks(tmp_path: Path) -> None:
     """With no ComfyUI tree to pair from, a weights-less config folder is refused with the
     component, where it was looked for, and the key that names a file."""
