@@ -97,7 +97,14 @@ class WorkerSettings:
     device: str = "auto"  # "auto" = cuda when present, else cpu; or "cpu", "cuda", "cuda:1"
     # One worker per entry, e.g. ["cuda:0", "cuda:1"]; empty: one worker on `device`.
     devices: tuple[str, ...] = ()
-    memory_budget_gb: float = 0.0  # accelerator memory a batch may use; 0 = no limit
+    # Memory of the device a worker renders on (VRAM; RAM on the CPU) that its loaded
+    # weights, as the offload mode leaves them there, plus a batch may use: batches are sized
+    # by it and the least recently used pipelines leave the device to keep within it.
+    # 0 = no limit.
+    vram_budget_gb: float = 0.0
+    # CPU RAM for pipelines moved off the GPU to make room (brought back by a move, not a
+    # load from disk); 0 = none kept (they are unloaded). No effect on a CPU worker.
+    ram_budget_gb: float = 0.0
     # How much of a pipeline lives in accelerator memory: none (all of it), model (diffusers
     # model CPU offload), group (group offload), sequential (layer by layer; slowest).
     offload: str = "none"
@@ -299,6 +306,10 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     if worker.offload not in OFFLOAD_MODES:
         raise ConfigError(f"{where}: worker.offload = {worker.offload!r}; use one of "
                           f"{', '.join(OFFLOAD_MODES)}")
+    if worker.vram_budget_gb < 0 or worker.ram_budget_gb < 0:
+        raise ConfigError(f"{where}: [worker] vram_budget_gb and ram_budget_gb must be 0 (no "
+                          "limit / no RAM tier) or a number of gigabytes, e.g. "
+                          "vram_budget_gb = 22.0")
     if worker.max_batch < 1 or worker.max_attempts < 1 or worker.pipelines_in_memory < 1:
         raise ConfigError(f"{where}: [worker] max_batch, max_attempts and pipelines_in_memory "
                           "must each be at least 1")

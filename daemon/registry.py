@@ -80,6 +80,8 @@ class Registry:
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hasher")
         self._hash_jobs: dict[str, Future[str]] = {}
         self._lock = threading.Lock()
+        # The last scan's view of this host's checkpoints (see `known`).
+        self._last_scan: dict[str, CheckpointInfo] = {}
 
     # -- scanning --------------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class Registry:
                     row.state, row.reason = "missing", f"{row.path} is gone"
                     add_event(session, "checkpoint_missing", f"{name}: file is gone")
         infos = self.all()
+        self._last_scan = {info.name: info for info in infos}
         for info in infos:
             if info.state == "ok" and info.model_hash is None:
                 self._schedule_hash(info)
@@ -333,6 +336,11 @@ class Registry:
             return [self._row_info(row) for row in session.scalars(
                 select(Checkpoint).where(Checkpoint.host == self.host)
                 .order_by(Checkpoint.name))]
+
+    def known(self, name: str) -> CheckpointInfo | None:
+        """This host's checkpoint as of the last scan, without a database read: for code
+        that runs inside another transaction (the claim's batch sizing)."""
+        return self._last_scan.get(name)
 
     def get(self, name: str) -> CheckpointInfo | None:
         """This host's checkpoint of that name."""

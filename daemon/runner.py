@@ -73,6 +73,8 @@ class Daemon:
         self.writer = OutputWriter(config.paths.outputs, self.store, self.plugins,
                                    self._job_finished, config.worker.max_attempts,
                                    postprocess=config.postprocess)
+        # Header-read weight sizes of checkpoints no worker has loaded yet (`_batch_limit`).
+        self._weight_estimates: dict[tuple[str, str, str, str], int] = {}
         self.workers = [
             Worker(config, self.store, self.registry, self.library, self.plugins, self.writer,
                    name=f"{self.name}/w{i}", device=device)
@@ -210,7 +212,8 @@ class Daemon:
                     self.store, self.config.worker.max_batch, worker=worker.name,
                     loaded=worker.loaded_checkpoints, active_key=worker.active_batch_key,
                     max_wait_seconds=self.config.worker.max_wait_seconds,
-                    batch_limit=self._batch_limit, device=str(worker.device),
+                    batch_limit=lambda spec: self._batch_limit(worker, spec),
+                    device=str(worker.device),
                     inventory=self._inventory() if self.farm else None)
             except Exception:
                 log.exception("%s: claiming failed; retrying", worker.name)
@@ -261,12 +264,28 @@ class Daemon:
         if lost and self.intake.return_claims(lost):
             self.intake.wakeup.set()
 
-    def _batch_limit(self, spec: RenderSpec) -> int:
-        budget = self.config.worker.memory_budget_gb * 2**30
+    def _batch_limit(self, worker: Worker, spec: RenderSpec) -> int:
+        """How many renders like `spec` fit `worker`'s memory budget in one call: the budget,
+        less the checkpoint's weights on the device (measured once loaded, else estimated
+        from its files' headers for the worker's dtype and offload mode), over the family's
+        per-render cost."""
         family = self.plugins.families.get(spec.family)
-        if budget <= 0 or family is None:
+        if worker.vram_budget <= 0 or family is None:
             return self.config.worker.max_batch
-        return max(1, int(budget // max(1, family.batch_cost(spec))))
+        weights = worker.resident_bytes(spec.checkpoint)
+        if weights is None:
+            # Runs inside the claim's transaction: no database reads here, and the header
+            # reads once per checkpoint and setting.
+            info = self.registry.known(spec.checkpoint)
+            key = (spec.checkpoint, str(worker.dtype), worker.offload,
+                   str(info.path) if info else "")
+            if key not in self._weight_estimates:
+                self._weight_estimates[key] = (
+                    family.weights_cost(info.loaded(), worker.dtype, worker.offload)
+                    if info is not None else 0)
+            weights = self._weight_estimates[key]
+        free = worker.vram_budget - weights
+        return max(1, int(free // max(1, family.batch_cost(spec))))
 
     def _paused(self) -> bool:
         return is_paused(self.store)

@@ -1,8 +1,8 @@
 """A worker: one per device. It keeps pipelines loaded, renders a claimed batch in one
 pipeline call, and hands the results to the output writer.
 
-Pipelines stay loaded between batches (a least-recently-used cache of
-`worker.pipelines_in_memory` checkpoints), and the next batch's checkpoint files are read
+Pipelines stay loaded between batches, within the worker's memory budgets, on the device or
+moved to CPU RAM (daemon/pipeline_cache.py), and the next batch's checkpoint files are read
 from disk in the background while the current batch renders. Only the disk read overlaps:
 diffusers and transformers build models under a process-wide "empty weights" (meta device)
 patch of torch, so constructing a pipeline on another thread would corrupt the render
@@ -18,11 +18,10 @@ import logging
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +30,9 @@ from daemon.config import Config
 from daemon.family import BatchAborted, Family, Progress, RenderError
 from daemon.lifecycle import mark_failed, put_back
 from daemon.lora_library import LoraLibrary
-from daemon.lora_patching import AdapterState, apply_loras
+from daemon.lora_patching import apply_loras
 from daemon.output_writer import OutputWriter, PendingOutput
+from daemon.pipeline_cache import CachedPipeline, PipelineCache, pipeline_bytes, resident_bytes
 from daemon.plugins import Plugins
 from daemon.registry import CheckpointInfo, Registry
 from daemon.scheduler import ClaimedRender, record_batch, record_progress
@@ -106,14 +106,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 @dataclass
-class _Loaded:
-    pipe: Any
-    identity: tuple[str, int]  # (path, mtime) when loaded: a replaced file means reload
-    adapters: AdapterState = field(default_factory=AdapterState)
-    memory_savers: list[str] = field(default_factory=list)
-
-
-@dataclass
 class BatchFigures:
     """Counted per batch and stored in the `batches` table."""
 
@@ -136,7 +128,12 @@ class Worker:
         self.name = name
         self.device = resolve_device(device or config.worker.device)
         self.dtype = resolve_dtype(config.worker.dtype, self.device)
-        self._pipelines: OrderedDict[str, _Loaded] = OrderedDict()
+        gib = 2**30
+        self.vram_budget = int(config.worker.vram_budget_gb * gib)
+        self._cache = PipelineCache(self.device, max_pipelines=config.worker.pipelines_in_memory,
+                                    vram_budget_bytes=self.vram_budget,
+                                    ram_budget_bytes=int(config.worker.ram_budget_gb * gib),
+                                    name=name)
         self._lock = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-load")
         self._prefetching: dict[str, Future[int]] = {}
@@ -148,8 +145,20 @@ class Worker:
 
     @property
     def loaded_checkpoints(self) -> list[str]:
+        """Checkpoints this worker has loaded, on the device or in its RAM tier."""
         with self._lock:
-            return list(self._pipelines)
+            return self._cache.names()
+
+    @property
+    def offload(self) -> str:
+        """The offload mode in effect: offload modes exist on CUDA only."""
+        return self.config.worker.offload if self.device.type == "cuda" else "none"
+
+    def resident_bytes(self, checkpoint: str) -> int | None:
+        """Device bytes the checkpoint's loaded weights take while it renders (measured),
+        or None when this worker has not loaded it."""
+        with self._lock:
+            return self._cache.resident(checkpoint)
 
     def _identity(self, info: CheckpointInfo) -> tuple[str, int]:
         """What the loaded pipeline was built from: replacing any of its files reloads it."""
@@ -158,7 +167,7 @@ class Worker:
             mtime ^= info.transformer_2.stat().st_mtime_ns  # a GGUF pair's low-noise expert
         return (str(info.path), mtime)
 
-    def _load(self, info: CheckpointInfo, family: Family) -> _Loaded:
+    def _load(self, info: CheckpointInfo, family: Family) -> CachedPipeline:
         started = time.perf_counter()
         offload = self.config.worker.offload
         # With an offload mode the pipeline is built in CPU RAM and the offload hooks move
@@ -170,18 +179,24 @@ class Worker:
             family.apply_offload(pipe, offload, self.device)
         log.info("%s: loaded %s (%s) in %.2fs", self.name, info.name, family.name,
                  time.perf_counter() - started)
-        return _Loaded(pipe=pipe, identity=self._identity(info))
+        sizes = pipeline_bytes(pipe)
+        return CachedPipeline(pipe=pipe, identity=self._identity(info),
+                              weights_bytes=sum(sizes.values()),
+                              resident_bytes=resident_bytes(sizes, self.offload))
 
-    def pipeline_for(self, checkpoint: str, family: Family, figures: BatchFigures) -> _Loaded:
+    def pipeline_for(self, checkpoint: str, family: Family, figures: BatchFigures,
+                     reserve: int = 0) -> CachedPipeline:
+        """The loaded pipeline for `checkpoint` on the device, from the cache or loaded now,
+        with room made for `reserve` bytes of batch beside it."""
         info = self.registry.get(checkpoint)
         if info is None or info.state != "ok":
             reason = info.reason if info else "it is not in the registry any more"
             raise RenderError(f"checkpoint {checkpoint!r} is not usable: {reason}")
         identity = self._identity(info)
         with self._lock:
-            cached = self._pipelines.get(checkpoint)
-            if cached is not None and cached.identity == identity:
-                self._pipelines.move_to_end(checkpoint)
+            cached = self._cache.get(checkpoint, identity)
+            if cached is not None:
+                self._cache.make_room(keep=checkpoint, reserve=reserve)
                 return cached
             pending = self._prefetching.pop(checkpoint, None)
         if pending is not None:
@@ -190,10 +205,8 @@ class Worker:
         figures.pipeline_loads += 1
         self.pipeline_loads += 1
         with self._lock:
-            self._pipelines[checkpoint] = loaded
-            while len(self._pipelines) > self.config.worker.pipelines_in_memory:
-                evicted, _ = self._pipelines.popitem(last=False)
-                log.info("%s: unloading %s to make room", self.name, evicted)
+            self._cache.add(checkpoint, loaded)
+            self._cache.make_room(keep=checkpoint, reserve=reserve)
         return loaded
 
     def prefetch(self, checkpoint: str | None) -> None:
@@ -201,7 +214,7 @@ class Worker:
         if checkpoint is None:
             return
         with self._lock:
-            if checkpoint in self._pipelines or checkpoint in self._prefetching:
+            if checkpoint in self._cache.names() or checkpoint in self._prefetching:
                 return
         info = self.registry.get(checkpoint)
         if info is None or info.state != "ok":
@@ -235,7 +248,8 @@ class Worker:
         try:
             if family is None:
                 raise RenderError(f"the {first.family} family plugin is not installed any more")
-            loaded = self.pipeline_for(first.checkpoint, family, figures)
+            reserve = family.batch_cost(first) * len(batch) if self.vram_budget else 0
+            loaded = self.pipeline_for(first.checkpoint, family, figures, reserve)
             files = {lora.name: self.library.path_for(lora.autov2, lora.name)
                      for lora in first.loras}
             before = (loaded.adapters.loads, loaded.adapters.switches)
@@ -316,7 +330,7 @@ class Worker:
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            self._pipelines.clear()
+            self._cache.clear()
 
 
 def read_into_page_cache(path: Any, chunk: int = 16 * 2**20) -> int:

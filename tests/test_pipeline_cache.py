@@ -1,0 +1,163 @@
+"""The worker's pipeline cache: sizes measured on the loaded pipeline, the device tier kept
+within the memory budget, pipelines moved to a RAM tier and back instead of reloaded, and
+batches sized by what the budget leaves beside the weights.
+
+There is no GPU here: the tier tests give the cache a CUDA device and a move function that
+records moves instead of making them (the one thing that cannot exist on this machine); the
+pipelines and their measured sizes are real."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from daemon.family import LoadedCheckpoint
+from daemon.pipeline_cache import (
+    DEVICE_TIER,
+    RAM_TIER,
+    CachedPipeline,
+    PipelineCache,
+    pipeline_bytes,
+    resident_bytes,
+)
+from daemon.quantization import resident_weight_bytes
+from daemon.spec import RenderSpec
+from daemon.store import Batch, Store
+from families.sdxl import SDXLFamily
+from families.sdxl_tiny import build_tiny_sdxl_pipeline
+from tests.conftest import sdxl_job
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def pipes() -> list[Any]:
+    return [build_tiny_sdxl_pipeline(seed=seed) for seed in range(3)]
+
+
+def test_measured_size_agrees_with_the_files_headers(assets) -> None:  # type: ignore[no-untyped-def]
+    """Two independent counts of the same weights: the loaded modules' tensors, and the
+    safetensors headers of the folder they came from (float32 here)."""
+    family = SDXLFamily()
+    folder = assets.models / "tiny-sdxl"
+    checkpoint = LoadedCheckpoint(name="tiny-sdxl", path=folder, kind="folder", config_path=None)
+    pipe = family.load_pipeline(checkpoint, torch.device("cpu"), torch.float32)
+    sizes = pipeline_bytes(pipe)
+    assert set(sizes) >= {"unet", "vae", "text_encoder", "text_encoder_2"}
+    from_headers = resident_weight_bytes(checkpoint, torch.float32)
+    measured = sum(sizes.values())
+    assert from_headers > 0
+    # Buffers the files do not store (CLIP's position ids) make the small difference.
+    assert abs(measured - from_headers) / from_headers < 0.01, (measured, from_headers)
+    assert resident_bytes(sizes, "none") == measured
+    assert resident_bytes(sizes, "model") == max(sizes.values())
+    assert resident_bytes(sizes, "group") == 0
+
+
+class Moves:
+    """Records where the cache sends each pipeline (no GPU to send it to here)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, str]] = []
+
+    def __call__(self, pipe: Any, device: torch.device) -> None:
+        self.log.append((id(pipe), device.type))
+
+
+def _entry(pipe: Any, name: str) -> CachedPipeline:
+    size = sum(pipeline_bytes(pipe).values())
+    return CachedPipeline(pipe=pipe, identity=(name, 1), weights_bytes=size, resident_bytes=size)
+
+
+def _cache(pipes: list[Any], moves: Moves, *, vram: float, ram: float,
+           count: int = 5) -> tuple[PipelineCache, int]:
+    size = sum(pipeline_bytes(pipes[0]).values())
+    cache = PipelineCache(CUDA, max_pipelines=count, vram_budget_bytes=int(vram * size),
+                          ram_budget_bytes=int(ram * size), move=moves)
+    return cache, size
+
+
+def _load(cache: PipelineCache, pipes: list[Any], index: int, reserve: int = 0) -> None:
+    name = f"m{index}"
+    cache.add(name, _entry(pipes[index], name))
+    cache.make_room(keep=name, reserve=reserve)
+
+
+def test_over_the_device_budget_the_least_recent_moves_to_ram_and_comes_back(
+        pipes: list[Any]) -> None:
+    moves = Moves()
+    cache, _ = _cache(pipes, moves, vram=2.5, ram=10)
+    _load(cache, pipes, 0)
+    _load(cache, pipes, 1)
+    assert cache.on_device() == ["m0", "m1"] and moves.log == []
+    _load(cache, pipes, 2)  # three do not fit 2.5 pipelines: m0 (least recent) goes to RAM
+    assert cache.tier_of("m0") == RAM_TIER and cache.on_device() == ["m1", "m2"]
+    assert moves.log == [(id(pipes[0]), "cpu")]
+    back = cache.get("m0", ("m0", 1))
+    assert back is not None and back.pipe is pipes[0]  # the same pipeline: no load from disk
+    cache.make_room(keep="m0")
+    assert cache.tier_of("m0") == DEVICE_TIER and cache.tier_of("m1") == RAM_TIER
+    assert moves.log[1:] == [(id(pipes[0]), "cuda"), (id(pipes[1]), "cpu")]
+    assert (cache.promotions, cache.demotions, cache.evictions) == (1, 2, 0)
+
+
+def test_without_a_ram_tier_or_room_in_it_pipelines_are_unloaded(pipes: list[Any]) -> None:
+    moves = Moves()
+    cache, _ = _cache(pipes, moves, vram=2.5, ram=0)
+    for index in range(3):
+        _load(cache, pipes, index)
+    assert cache.names() == ["m1", "m2"] and moves.log == [] and cache.evictions == 1
+    # A RAM tier with room for one: the second pipeline pushed off the device pushes the
+    # first one out of RAM.
+    moves = Moves()
+    cache, _ = _cache(pipes, moves, vram=1.5, ram=1.5)
+    for index in range(3):
+        _load(cache, pipes, index)
+    assert cache.names() == ["m1", "m2"]
+    assert cache.tier_of("m1") == RAM_TIER and cache.tier_of("m2") == DEVICE_TIER
+
+
+def test_a_batch_reserve_pushes_other_pipelines_off_the_device(pipes: list[Any]) -> None:
+    moves = Moves()
+    cache, size = _cache(pipes, moves, vram=2.5, ram=10)
+    _load(cache, pipes, 0)
+    _load(cache, pipes, 1)
+    assert cache.on_device() == ["m0", "m1"]
+    cache.get("m1", ("m1", 1))
+    cache.make_room(keep="m1", reserve=size)  # a batch as large as a pipeline
+    assert cache.on_device() == ["m1"] and cache.tier_of("m0") == RAM_TIER
+
+
+def test_the_count_cap_and_a_changed_file(pipes: list[Any]) -> None:
+    moves = Moves()
+    cache, _ = _cache(pipes, moves, vram=0, ram=0, count=2)  # no budgets: count only
+    for index in range(3):
+        _load(cache, pipes, index)
+    assert cache.names() == ["m1", "m2"]
+    assert cache.get("m1", ("m1", 2)) is None  # replaced on disk since it was loaded
+    assert cache.names() == ["m2"]
+
+
+def test_batches_are_sized_by_the_budget_left_beside_the_weights(make_farm, assets) -> None:  # type: ignore[no-untyped-def]
+    """vram_budget_gb holding the tiny model's weights and 2.5 renders' cost: a job of 5
+    renders runs as batches of 2, 2 and 1 although max_batch is 4."""
+    family = SDXLFamily()
+    weights = resident_weight_bytes(LoadedCheckpoint(
+        name="tiny-sdxl", path=assets.models / "tiny-sdxl", kind="folder", config_path=None),
+        torch.float32)
+    spec = RenderSpec(family="sdxl", checkpoint="tiny-sdxl", prompt="p", negative_prompt="",
+                      seed=1, steps=2, cfg=5.0, sampler="Euler", schedule=None,
+                      width=64, height=64)
+    budget = weights + 2.5 * family.batch_cost(spec)
+    farm = make_farm(worker={"max_batch": 4, "vram_budget_gb": budget / 2**30})
+    farm.drop("five.toml", sdxl_job(count=5, steps=2))
+    assert farm.run() == 0
+    assert farm.files_in("done") == ["five.toml"]
+    store = Store(f"sqlite:///{farm.config.paths.database}", writer=False)
+    with store.session() as session:
+        sizes = [b.renders for b in session.scalars(select(Batch).order_by(Batch.id))]
+    store.dispose()
+    assert sizes == [2, 2, 1]
