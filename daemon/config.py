@@ -116,6 +116,19 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class DeviceMemory:
+    """The memory settings one worker's device runs under: [worker]'s, with a
+    `[devices."cuda:1"]` table's on top for that device (cards of different sizes)."""
+
+    vram_budget_gb: float = 0.0
+    ram_budget_gb: float = 0.0
+    offload: str = "none"
+
+
+DEVICE_KEYS = tuple(f.name for f in fields(DeviceMemory))
+
+
+@dataclass(frozen=True)
 class WebSettings:
     """The status page and /metrics, served by the daemon."""
 
@@ -214,6 +227,14 @@ class Config:
     # renders to the queue (several daemons on one database).
     lease_seconds: float = 120.0
     postprocess: tuple[PostprocessStep, ...] = ()  # config.toml `[[postprocess]]`, in order
+    # `[devices."cuda:1"]`: memory settings for one device, over [worker]'s.
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def memory_for(self, device: str) -> DeviceMemory:
+        """The memory settings of the worker on `device` (as configured: "cuda:1", "auto")."""
+        own = self.devices.get(device, {})
+        return DeviceMemory(**{key: own.get(key, getattr(self.worker, key))
+                               for key in DEVICE_KEYS})
 
     @property
     def database_url(self) -> str:
@@ -241,7 +262,7 @@ POSTPROCESS_GATES = ("flag", "reseed")
 POSTPROCESS_KEYS = ("model", "kind", "labels", "threshold", "min_score", "gate", "gate_on")
 PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
 TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
-            "plugins", "database_url", "lease_seconds", "postprocess")
+            "plugins", "database_url", "lease_seconds", "postprocess", "devices")
 
 
 def load_config(path: Path) -> Config:
@@ -353,7 +374,31 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
                   web=web, report=report,
                   checkpoints=checkpoints, loras=loras, plugins=tuple(plugins),
                   database_url_setting=database_url, lease_seconds=float(lease),
-                  postprocess=postprocess)
+                  postprocess=postprocess,
+                  devices=_device_tables(data.get("devices", {}), worker, where))
+
+
+def _device_tables(raw: Any, worker: WorkerSettings, where: str) -> dict[str, dict[str, Any]]:
+    """`[devices."cuda:1"]` tables: vram_budget_gb, ram_budget_gb and offload for one of the
+    workers' devices, checked as [worker]'s own keys are."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{where}: devices must hold tables, e.g. [devices."cuda:1"]\n'
+                          "vram_budget_gb = 10.0")
+    used = worker.devices or (worker.device,)
+    tables: dict[str, dict[str, Any]] = {}
+    for device, table in raw.items():
+        if device not in used:
+            raise ConfigError(f'{where}: [devices."{device}"] names a device no worker renders '
+                              f"on (workers: {', '.join(used)}); add it to worker.devices or "
+                              "fix the name")
+        if not isinstance(table, dict):
+            raise ConfigError(f'{where}: [devices."{device}"] must be a table')
+        checked = _section(DeviceMemory, table, where, f'devices."{device}"')
+        if checked.offload not in OFFLOAD_MODES:
+            raise ConfigError(f'{where}: devices."{device}".offload = {checked.offload!r}; use '
+                              f"one of {', '.join(OFFLOAD_MODES)}")
+        tables[device] = {key: getattr(checked, key) for key in table}
+    return tables
 
 
 def _postprocess_chain(raw: Any, base: Path, where: str) -> tuple[PostprocessStep, ...]:

@@ -127,12 +127,13 @@ class Worker:
         self.writer = writer
         self.name = name
         self.device = resolve_device(device or config.worker.device)
+        self.memory = config.memory_for(device or config.worker.device)
         self.dtype = resolve_dtype(config.worker.dtype, self.device)
         gib = 2**30
-        self.vram_budget = int(config.worker.vram_budget_gb * gib)
+        self.vram_budget = int(self.memory.vram_budget_gb * gib)
         self._cache = PipelineCache(self.device, max_pipelines=config.worker.pipelines_in_memory,
                                     vram_budget_bytes=self.vram_budget,
-                                    ram_budget_bytes=int(config.worker.ram_budget_gb * gib),
+                                    ram_budget_bytes=int(self.memory.ram_budget_gb * gib),
                                     name=name)
         self._lock = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-load")
@@ -152,7 +153,7 @@ class Worker:
     @property
     def offload(self) -> str:
         """The offload mode in effect: offload modes exist on CUDA only."""
-        return self.config.worker.offload if self.device.type == "cuda" else "none"
+        return self.memory.offload if self.device.type == "cuda" else "none"
 
     def resident_bytes(self, checkpoint: str) -> int | None:
         """Device bytes the checkpoint's loaded weights take while it renders (measured),
@@ -169,7 +170,7 @@ class Worker:
 
     def _load(self, info: CheckpointInfo, family: Family) -> CachedPipeline:
         started = time.perf_counter()
-        offload = self.config.worker.offload
+        offload = self.memory.offload
         # With an offload mode the pipeline is built in CPU RAM and the offload hooks move
         # each part to the GPU when it runs.
         where = (torch.device("cpu") if offload != "none" and self.device.type == "cuda"

@@ -161,3 +161,52 @@ def test_batches_are_sized_by_the_budget_left_beside_the_weights(make_farm, asse
         sizes = [b.renders for b in session.scalars(select(Batch).order_by(Batch.id))]
     store.dispose()
     assert sizes == [2, 2, 1]
+
+
+def _config(tmp_path, **sections):  # type: ignore[no-untyped-def]
+    from daemon.config import config_from_dict
+
+    return config_from_dict({"paths": {"jobs": "jobs"}, **sections}, base=tmp_path)
+
+
+def test_a_device_table_overrides_the_worker_memory_settings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Cards of different sizes: `[devices."cuda:1"]` over [worker]'s settings for one."""
+    from daemon.config import ConfigError
+
+    config = _config(tmp_path, worker={"devices": ["cuda:0", "cuda:1"], "vram_budget_gb": 22.0,
+                                       "ram_budget_gb": 48},
+                     devices={"cuda:1": {"vram_budget_gb": 10.0, "offload": "model"}})
+    big, small = config.memory_for("cuda:0"), config.memory_for("cuda:1")
+    assert (big.vram_budget_gb, big.ram_budget_gb, big.offload) == (22.0, 48.0, "none")
+    assert (small.vram_budget_gb, small.ram_budget_gb, small.offload) == (10.0, 48.0, "model")
+    with pytest.raises(ConfigError, match=r'devices."cuda:2"\] names a device no worker'):
+        _config(tmp_path, worker={"devices": ["cuda:0", "cuda:1"]},
+                devices={"cuda:2": {"vram_budget_gb": 10.0}})
+    with pytest.raises(ConfigError, match=r'devices."cuda:1".offload = \'some\''):
+        _config(tmp_path, worker={"devices": ["cuda:1"]}, devices={"cuda:1": {"offload": "some"}})
+    with pytest.raises(ConfigError, match="did you mean"):
+        _config(tmp_path, worker={"devices": ["cuda:1"]},
+                devices={"cuda:1": {"vram_budget": 10.0}})
+
+
+def test_a_worker_sizes_batches_by_its_own_device_budget(make_farm, assets) -> None:  # type: ignore[no-untyped-def]
+    """[worker] sets no budget; the device table of the worker's device does, and leaves
+    room for one render at a time beside the weights."""
+    family = SDXLFamily()
+    weights = resident_weight_bytes(LoadedCheckpoint(
+        name="tiny-sdxl", path=assets.models / "tiny-sdxl", kind="folder", config_path=None),
+        torch.float32)
+    spec = RenderSpec(family="sdxl", checkpoint="tiny-sdxl", prompt="p", negative_prompt="",
+                      seed=1, steps=2, cfg=5.0, sampler="Euler", schedule=None,
+                      width=64, height=64)
+    small = (weights + 1.5 * family.batch_cost(spec)) / 2**30
+    farm = make_farm(worker={"devices": ["cpu:1"], "max_batch": 4},
+                     devices={"cpu:1": {"vram_budget_gb": small}})
+    farm.drop("three.toml", sdxl_job(count=3, steps=2))
+    assert farm.run() == 0
+    assert farm.files_in("done") == ["three.toml"]
+    store = Store(f"sqlite:///{farm.config.paths.database}", writer=False)
+    with store.session() as session:
+        sizes = [b.renders for b in session.scalars(select(Batch))]
+    store.dispose()
+    assert sizes == [1, 1, 1]
