@@ -5,7 +5,9 @@
 Prints
 1. images per minute of the full-size SDXL UNet + VAE at batch 1 against batch N (fp16);
 2. the busy fraction (seconds inside pipeline calls / wall seconds) of lorafarm running a
-   short mixed queue (two checkpoints, two LoRA sets) on that GPU, from `lorafarm stats`.
+   short mixed queue (two checkpoints, two LoRA sets) on that GPU, from `lorafarm stats`;
+3. the pipeline cache's RAM tier: seconds to move the pipeline to CPU RAM and back against
+   a load of the same pipeline from disk (daemon/pipeline_cache.py).
 The weights are random (no hub here): speed and memory are those of the real architecture.
 The text encoders are full width with a tiny vocabulary, which costs nothing measurable.
 Exits with a message when no CUDA device is present.
@@ -114,6 +116,32 @@ def busy_fraction_of_a_mixed_queue(pipe, root: Path, steps: int, size: int) -> d
     return {"wall_seconds": round(wall, 1), **figures}
 
 
+def ram_tier_against_disk(pipe, root: Path) -> dict:  # type: ignore[no-untyped-def]
+    """Seconds for a load from disk onto the GPU, a move to CPU RAM and one back."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from daemon.pipeline_cache import CPU, move_pipeline, pipeline_bytes
+
+    folder = root / "tier"
+    pipe.save_pretrained(folder)
+    cuda = torch.device("cuda")
+
+    def timed(action) -> float:  # type: ignore[no-untyped-def]
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        action()
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    loaded = []
+    load = timed(lambda: loaded.append(StableDiffusionXLPipeline.from_pretrained(
+        folder, torch_dtype=torch.float16, local_files_only=True).to(cuda)))
+    down = timed(lambda: move_pipeline(loaded[0], CPU))
+    up = timed(lambda: move_pipeline(loaded[0], cuda))
+    return {"gib": sum(pipeline_bytes(loaded[0]).values()) / 2**30, "load": load,
+            "down": down, "up": up}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -142,6 +170,11 @@ def main() -> None:
     print(f"  mixed queue (24 renders, 2 checkpoints, 2 samplers): busy fraction "
           f"{figures['busy_fraction']}, {figures['renders_per_hour']} renders/hour, "
           f"pipeline loads {figures['pipeline_loads']}, mean batch {figures['mean_batch_size']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tier = ram_tier_against_disk(pipe, Path(tmp))
+    print(f"  RAM tier ({tier['gib']:.1f} GiB): to CPU {tier['down']:.2f}s, back to the GPU "
+          f"{tier['up']:.2f}s, against a load from disk {tier['load']:.2f}s "
+          f"({tier['load'] / tier['up']:.1f}x)")
 
 
 if __name__ == "__main__":
