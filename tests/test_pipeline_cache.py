@@ -141,17 +141,21 @@ def test_the_count_cap_and_a_changed_file(pipes: list[Any]) -> None:
     assert cache.names() == ["m2"]
 
 
-def test_batches_are_sized_by_the_budget_left_beside_the_weights(make_farm, assets) -> None:  # type: ignore[no-untyped-def]
-    """vram_budget_gb holding the tiny model's weights and 2.5 renders' cost: a job of 5
-    renders runs as batches of 2, 2 and 1 although max_batch is 4."""
-    family = SDXLFamily()
+def _budget_gb(assets, renders: float) -> float:  # type: ignore[no-untyped-def]
+    """A memory budget holding the tiny SDXL's float32 weights and `renders` 64 px renders."""
     weights = resident_weight_bytes(LoadedCheckpoint(
         name="tiny-sdxl", path=assets.models / "tiny-sdxl", kind="folder", config_path=None),
         torch.float32)
     spec = RenderSpec(family="sdxl", checkpoint="tiny-sdxl", prompt="p", negative_prompt="",
                       seed=1, steps=2, cfg=5.0, sampler="Euler", schedule=None,
                       width=64, height=64)
-    budget = weights + 2.5 * family.batch_cost(spec)
+    return (weights + renders * SDXLFamily().batch_cost(spec)) / 2**30
+
+
+def test_batches_are_sized_by_the_budget_left_beside_the_weights(make_farm, assets) -> None:  # type: ignore[no-untyped-def]
+    """vram_budget_gb holding the tiny model's weights and 2.5 renders' cost: a job of 5
+    renders runs as batches of 2, 2 and 1 although max_batch is 4."""
+    budget = _budget_gb(assets, renders=2.5) * 2**30
     farm = make_farm(worker={"max_batch": 4, "vram_budget_gb": budget / 2**30})
     farm.drop("five.toml", sdxl_job(count=5, steps=2))
     assert farm.run() == 0
@@ -192,14 +196,7 @@ def test_a_device_table_overrides_the_worker_memory_settings(tmp_path) -> None: 
 def test_a_worker_sizes_batches_by_its_own_device_budget(make_farm, assets) -> None:  # type: ignore[no-untyped-def]
     """[worker] sets no budget; the device table of the worker's device does, and leaves
     room for one render at a time beside the weights."""
-    family = SDXLFamily()
-    weights = resident_weight_bytes(LoadedCheckpoint(
-        name="tiny-sdxl", path=assets.models / "tiny-sdxl", kind="folder", config_path=None),
-        torch.float32)
-    spec = RenderSpec(family="sdxl", checkpoint="tiny-sdxl", prompt="p", negative_prompt="",
-                      seed=1, steps=2, cfg=5.0, sampler="Euler", schedule=None,
-                      width=64, height=64)
-    small = (weights + 1.5 * family.batch_cost(spec)) / 2**30
+    small = _budget_gb(assets, renders=1.5)
     farm = make_farm(worker={"devices": ["cpu:1"], "max_batch": 4},
                      devices={"cpu:1": {"vram_budget_gb": small}})
     farm.drop("three.toml", sdxl_job(count=3, steps=2))
