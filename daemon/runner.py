@@ -115,6 +115,7 @@ class Daemon:
         else:
             requeued, ended = recover_interrupted(self.store, self.config.worker.max_attempts)
         register_host(self.store, self.name, [str(w.device) for w in self.workers])
+        self._check_postprocess_models()
         forget_dead_inventories(self.store, self.config, keep=self.inventory_host,
                                 lone=not self.farm)
         if requeued:
@@ -263,6 +264,20 @@ class Daemon:
         lost = {owner for owner in owners if owner != self.intake.owner and owner not in alive}
         if lost and self.intake.return_claims(lost):
             self.intake.wakeup.set()
+
+    def _check_postprocess_models(self) -> None:
+        """Say at start, once, when a [[postprocess]] model file is not there: the night's
+        images are then written without that step (each one's event says so too), and a
+        user reading the log at bedtime can still fix it."""
+        for step in self.config.postprocess:
+            if step.model.is_file():
+                continue
+            message = (f"post-processing model {step.model} ({step.kind}) does not exist; "
+                       "images are written without this step until it does: fix "
+                       "[[postprocess]] model in config.toml or put the file there")
+            log.error(message)
+            with self.store.session() as session:
+                add_event(session, "postprocess_model_missing", message)
 
     def _batch_limit(self, worker: Worker, spec: RenderSpec) -> int:
         """How many renders like `spec` fit `worker`'s memory budget in one call: the budget,

@@ -18,9 +18,11 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 from sd_parsers import ParserManager
+from sqlalchemy import select
 
 from daemon.cli import build_parser
 from daemon.config import ConfigError, PostprocessStep, config_from_dict
+from daemon.store import Event, Store
 from plugins import onnx_postprocess
 from tests.conftest import sdxl_job
 
@@ -196,6 +198,13 @@ def test_a_missing_model_costs_the_extras_not_the_render(farm) -> None:
         assert image.size == (64, 64)
     [job] = farm.history()
     assert job["state"] == "done" and job["renders"][0]["scores"] == {}
+    # Said once at start as well, not only in each image's event.
+    store = Store(f"sqlite:///{farm.config.paths.database}", writer=False)
+    with store.session() as session:
+        starts = session.scalars(select(Event.message).where(
+            Event.kind == "postprocess_model_missing")).all()
+    store.dispose()
+    assert len(starts) == 1 and "absent.onnx" in starts[0] and "config.toml" in starts[0]
 
 
 @pytest.mark.parametrize(("table", "message"), [
