@@ -38,6 +38,7 @@ from daemon.store import (
     Job,
     Lora,
     Render,
+    RenderScore,
     Setting,
     utcnow,
 )
@@ -295,6 +296,28 @@ def history(session: Session, outputs: Path, *, limit: int = 50,
 
 # -- one job -------------------------------------------------------------------------------
 
+def _post_processing(session: Session, render_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """What [[postprocess]] said about each render: scores by label, tags (most confident
+    first) and the quality gate's verdict ("flagged", "reseeded", or a render id for a
+    reseed's replacement)."""
+    judged: dict[int, dict[str, Any]] = {}
+    if not render_ids:
+        return judged
+    rows = session.scalars(select(RenderScore).where(RenderScore.render_id.in_(render_ids))
+                           .order_by(RenderScore.value.desc()))
+    for row in rows:
+        entry = judged.setdefault(row.render_id, {"scores": {}, "tags": [], "gate": None})
+        if row.kind == "score":
+            entry["scores"][row.name] = round(row.value, 4)
+        elif row.kind == "tag":
+            entry["tags"].append(row.name)
+        elif row.kind == "gate":
+            entry["gate"] = (f"reseed of render {int(row.value)}" if row.name == "reseed_of"
+                             else row.name)
+    return judged
+
+
+
 def job_detail(session: Session, outputs: Path, job_id: int) -> dict[str, Any] | None:
     """Everything about one job: its parameters, each render's spec, LoRAs with hashes and
     patched-module counts, warnings, errors, outputs and its events."""
@@ -303,6 +326,7 @@ def job_detail(session: Session, outputs: Path, job_id: int) -> dict[str, Any] |
         return None
     renders = []
     loras: dict[str, dict[str, Any]] = {}
+    judged = _post_processing(session, [render.id for render in job.renders])
     for render in job.renders:
         spec = json.loads(render.spec_json)
         report = json.loads(render.lora_report_json) if render.lora_report_json else {}
@@ -326,6 +350,7 @@ def job_detail(session: Session, outputs: Path, job_id: int) -> dict[str, Any] |
             "started_at": iso(render.started_at), "finished_at": iso(render.finished_at),
             "seconds": round(seconds, 2) if seconds is not None else None,
             "spec": spec, "lora_patches": report or None,
+            **judged.get(render.id, {"scores": {}, "tags": [], "gate": None}),
         })
     names = list(loras)
     if names:

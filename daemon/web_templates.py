@@ -342,6 +342,11 @@ JOB = """{% extends "base.html" %}{% import "macros.html" as m %}
   <span class="mono muted">{{ r.file }}{% if r.frames %}
    · {{ r.frames }} frames at {{ r.fps }} fps{% endif %}</span>{% endif %}
  {% if r.error %}<div class="error">{{ r.error }}</div>{% endif %}
+ {% if r.scores or r.tags or r.gate %}<div class="muted post">
+  {%- for name, value in r.scores.items() %}{{ name }} <b>{{ value }}</b>
+  {%- if not loop.last %} · {% endif %}{% endfor %}
+  {%- if r.gate %} <span class="error">{{ r.gate }}</span>{% endif %}
+  {%- if r.tags %}<br>tags: {{ r.tags | join(', ') }}{% endif %}</div>{% endif %}
  <details><summary>render parameters</summary><dl class="params">
  {% for key, value in r.spec.items() if value is not none and value != [] and value != {} %}
   <dt>{{ key }}</dt><dd class="mono">{{ value }}</dd>{% endfor %}

@@ -19,10 +19,12 @@ from onnx import TensorProto, helper
 from PIL import Image
 from sd_parsers import ParserManager
 from sqlalchemy import select
+from starlette.testclient import TestClient
 
 from daemon.cli import build_parser
 from daemon.config import ConfigError, PostprocessStep, config_from_dict
 from daemon.store import Event, Store
+from daemon.web import create_app
 from plugins import onnx_postprocess
 from tests.conftest import sdxl_job
 
@@ -169,6 +171,17 @@ def test_the_quality_gate_flags_the_weaker_render(farm) -> None:
     assert len(gated["renders"]) == 2 and len(flagged) == 1
     assert flagged[0]["scores"]["brightness"] == pytest.approx(values[0])
     assert not flagged[0]["reseeded"]
+    # The job's page and its JSON show each render's scores and the verdict.
+    app = create_app(farm.config, lambda: Store.for_path(farm.config.paths.database))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        detail = client.get(f"/api/jobs/{gated['id']}").json()
+        page = client.get(f"/jobs/{gated['id']}").text
+    by_seed = {r["seed"]: r for r in detail["renders"]}
+    assert by_seed[flagged[0]["seed"]]["gate"] == "flagged"
+    assert by_seed[flagged[0]["seed"]]["scores"]["brightness"] == pytest.approx(values[0],
+                                                                               abs=1e-4)
+    assert [r["gate"] for r in detail["renders"]].count(None) == 1
+    assert "brightness <b>" in page and ">flagged</span>" in page
 
 
 def test_reseed_queues_the_next_seed_once(farm) -> None:
