@@ -318,6 +318,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
 
     limits = _section(Limits, data.get("limits", {}), where, "limits")
     intake = _section(IntakeSettings, data.get("intake", {}), where, "intake")
+    if isinstance(data.get("worker"), dict) and "memory_budget_gb" in data["worker"]:
+        raise ConfigError(f"{where}: worker.memory_budget_gb was renamed: use vram_budget_gb "
+                          "(the device memory for the loaded weights plus a batch)")
     worker = _section(WorkerSettings, data.get("worker", {}), where, "worker")
     web = _section(WebSettings, data.get("web", {}), where, "web")
     report = _section(ReportSettings, data.get("report", {}), where, "report")

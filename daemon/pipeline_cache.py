@@ -4,8 +4,10 @@ A pipeline that was loaded once is worth keeping: a load from disk costs seconds
 a move between CPU RAM and the GPU a fraction of that. So a worker keeps:
 
 * the **device tier**: pipelines whose weights sit on the worker's device, ready to render.
-  Their weights, as the offload mode leaves them on the device (`resident_bytes`), plus the
-  batch about to run must fit `worker.vram_budget_gb`;
+  What they hold there between renders (`idle_bytes`), the weights the rendering one holds
+  while it runs (`resident_bytes`, by its offload mode) and the batch about to run must fit
+  `worker.vram_budget_gb`. Room is made *before* a pipeline arrives, by a load or a move
+  back from RAM, so the device never holds more than the budget;
 * the **RAM tier** (accelerators only): pipelines moved off the device to CPU RAM to make
   room, brought back by a move instead of a load; together within `worker.ram_budget_gb`
   (0: no RAM tier, a pipeline pushed off the device is dropped).
@@ -15,7 +17,10 @@ used goes first, down a tier or out. On the CPU the device *is* RAM: there is on
 `vram_budget_gb` bounds it.
 
 Sizes are measured on the loaded pipeline (the bytes of every parameter and buffer of its
-modules: quantized weights count at their packed size), not guessed from files.
+modules: quantized weights count at their packed size), not guessed from files, and measured
+again when LoRA layers are added or the memory savers change its placement. A pipeline under
+an offload mode lives in CPU RAM between renders: it holds nothing on the device then, and
+is never moved or dropped to make room there.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ class CachedPipeline:
     pipe: Any
     identity: tuple[str, int]  # (path, mtime) when loaded: a replaced file means reload
     weights_bytes: int = 0  # every parameter and buffer of the pipeline's modules
-    resident_bytes: int = 0  # of those, what stays on the device between renders
+    resident_bytes: int = 0  # of those, what is on the device while it renders
+    idle_bytes: int = 0  # of those, what stays on the device between renders
+    offload: str = "none"  # the offload mode it runs under (then it lives in CPU RAM)
     tier: str = DEVICE_TIER
     adapters: AdapterState = field(default_factory=AdapterState)
     memory_savers: list[str] = field(default_factory=list)
@@ -67,6 +74,17 @@ def pipeline_bytes(pipe: Any) -> dict[str, int]:
             total += tensor.numel() * tensor.element_size()
         sizes[name] = total
     return sizes
+
+
+def measure(entry: CachedPipeline, offload: str) -> CachedPipeline:
+    """Fill in an entry's sizes from its pipeline as it is now (LoRA layers included)."""
+    sizes = pipeline_bytes(entry.pipe)
+    entry.weights_bytes = sum(sizes.values())
+    entry.resident_bytes = resident_bytes(sizes, offload)
+    # Offload hooks move every module back to CPU RAM after the call.
+    entry.idle_bytes = entry.resident_bytes if offload == "none" else 0
+    entry.offload = offload
+    return entry
 
 
 def resident_bytes(sizes: dict[str, int], offload: str) -> int:
@@ -124,9 +142,11 @@ class PipelineCache:
         entry = self._entries.get(name)
         return entry.resident_bytes if entry else None
 
-    def get(self, name: str, identity: tuple[str, int]) -> CachedPipeline | None:
-        """The cached pipeline, made most recently used and on the device; None when it is
-        not cached or its files changed since it was loaded (then it is dropped)."""
+    def get(self, name: str, identity: tuple[Any, ...], reserve: int = 0
+            ) -> CachedPipeline | None:
+        """The cached pipeline, made most recently used and on the device with room beside
+        it for `reserve` bytes of batch; None when it is not cached or its files changed
+        since it was loaded (then it is dropped)."""
         entry = self._entries.get(name)
         if entry is None:
             return None
@@ -135,6 +155,7 @@ class PipelineCache:
             self._drop(name)
             return None
         self._entries.move_to_end(name)
+        self.make_room(keep=name, reserve=reserve)  # before it comes back, not after
         if entry.tier == RAM_TIER:
             self._move(entry.pipe, self.device)
             entry.tier = DEVICE_TIER
@@ -143,31 +164,40 @@ class PipelineCache:
         return entry
 
     def add(self, name: str, entry: CachedPipeline) -> None:
-        """A freshly loaded pipeline, on the device and most recently used."""
+        """A freshly loaded pipeline, on the device and most recently used (room was made
+        for it with `make_room(incoming=...)` before the load)."""
         entry.tier = DEVICE_TIER
         self._entries[name] = entry
         self._entries.move_to_end(name)
         log.info("%s: %s holds %.1f MB (%.1f MB on %s while it renders)", self.name, name,
                  entry.weights_bytes / 2**20, entry.resident_bytes / 2**20, self.device)
 
-    def make_room(self, keep: str, reserve: int = 0) -> None:
-        """Fit the budgets with `keep` on the device and `reserve` bytes (the batch about to
-        run) to spare: the least recently used others go down to RAM, or out."""
-        while len(self._entries) > self.max_pipelines:
+    def make_room(self, keep: str, reserve: int = 0, incoming: int = 0) -> None:
+        """Fit the budgets with `keep` rendering on the device and `reserve` bytes (the
+        batch about to run) to spare: the least recently used others go down to RAM, or out.
+        `keep` need not be cached yet: `incoming` is then its expected device bytes (the
+        header estimate of a pipeline about to load)."""
+        entry = self._entries.get(keep)
+        count = len(self._entries) + (0 if entry is not None else 1)
+        while count > self.max_pipelines:
             victim = next((n for n in self._entries if n != keep), None)
             if victim is None:
                 break
             self._drop(victim)
+            count -= 1
         if self.vram_budget > 0:
-            while self._device_bytes() + reserve > self.vram_budget:
-                victim = next((n for n, e in self._entries.items()
-                               if n != keep and e.tier == DEVICE_TIER), None)
+            keep_bytes = entry.resident_bytes if entry is not None else incoming
+            while self._device_bytes(but=keep) + keep_bytes + reserve > self.vram_budget:
+                # Only pipelines that hold device memory between renders can give it back.
+                victim = next((n for n, e in self._entries.items() if n != keep
+                               and e.tier == DEVICE_TIER and e.idle_bytes > 0), None)
                 if victim is None:
                     break  # only `keep` left: the batch limit already sized the batch for it
                 self._demote(victim)
         if self.has_ram_tier:
             while self._ram_bytes() > self.ram_budget:
-                victim = next((n for n, e in self._entries.items() if e.tier == RAM_TIER), None)
+                victim = next((n for n, e in self._entries.items()
+                               if n != keep and e.tier == RAM_TIER), None)
                 if victim is None:
                     break
                 self._drop(victim)
@@ -177,11 +207,15 @@ class PipelineCache:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _device_bytes(self) -> int:
-        return sum(e.resident_bytes for e in self._entries.values() if e.tier == DEVICE_TIER)
+    def _device_bytes(self, but: str) -> int:
+        return sum(e.idle_bytes for n, e in self._entries.items()
+                   if e.tier == DEVICE_TIER and n != but)
 
     def _ram_bytes(self) -> int:
-        return sum(e.weights_bytes for e in self._entries.values() if e.tier == RAM_TIER)
+        """What the RAM tier holds: pipelines moved there, and offloaded pipelines, which
+        live in CPU RAM between renders wherever their tier says they are."""
+        return sum(e.weights_bytes for e in self._entries.values()
+                   if e.tier == RAM_TIER or e.offload != "none")
 
     def _demote(self, name: str) -> None:
         entry = self._entries[name]

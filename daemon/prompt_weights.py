@@ -12,7 +12,7 @@ Three uses:
 * `to_compel_conjunction` / `to_compel_syntax`: the same in compel's terms (SDXL lineage,
   Flux.1); the conjunction is built directly, because compel's text parser rewrites user
   text (`word+`, `word-`, quotes, `.swap(`), so a text round trip is not lossless;
-* `strip_weights` / `unweighted_notes`: plain text for encoders nothing can weight (Flux 2,
+* `strip_explicit_weights` / `unweighted_notes`: text for encoders nothing can weight (Flux 2,
   Wan, HunyuanVideo), and the warning that says so. Those families keep the prompt as
   written in the render spec (history, infotext, rerenders) and strip it only where it is
   handed to the pipeline.
@@ -180,6 +180,35 @@ def strip_weights(prompt: str) -> tuple[str, bool]:
     return parsed.stripped, parsed.has_weights
 
 
+# `(text:1.2)` with nothing bracketed inside, not escaped: A1111's explicit weight.
+_EXPLICIT_WEIGHT = re.compile(r"(?<!\\)\(((?:[^()\\]|\\.)*?)\s*:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*\)")
+_ESCAPED = re.compile(r"\\([()\[\]\\])")
+
+
+def strip_explicit_weights(prompt: str) -> tuple[str, list[str]]:
+    """For encoders nothing can weight, which read natural language (Flux 2's Qwen3, Wan's
+    UMT5, HunyuanVideo's Llama): (the text to encode, what was dropped).
+
+    A1111's explicit weights `(text:1.2)` are read as `text` (innermost first, so nested
+    ones resolve), BREAK as a space, and escapes (`\\(`) as the character. Plain `(text)` and
+    `[text]` stay as written: in a sentence for these encoders they are punctuation ("a man
+    (about 40) walks"), and a prompt written for A1111 loses little by keeping them. What was
+    dropped is listed in A1111's notation, for the warning."""
+    dropped: list[str] = []
+
+    def plain(match: re.Match[str]) -> str:
+        dropped.append(match.group(0))
+        return match.group(1)
+
+    text = prompt
+    while (stripped := _EXPLICIT_WEIGHT.sub(plain, text)) != text:
+        text = stripped
+    if _BREAK.search(text):
+        dropped.append("BREAK")
+        text = _BREAK.sub(" ", text).strip()
+    return _ESCAPED.sub(r"\1", text), dropped
+
+
 def _shown_weights(parsed: ParsedPrompt, limit: int = 3) -> str:
     """The weighted runs in A1111's own notation, `(red:1.3)`, the first `limit` of them."""
     runs = [f"({run.text.strip()}:{run.weight:.3g})" for chunk in parsed.chunks
@@ -189,20 +218,20 @@ def _shown_weights(parsed: ParsedPrompt, limit: int = 3) -> str:
 
 def unweighted_notes(display_name: str, prompt: str, negative_prompt: str) -> list[str]:
     """Warnings for a family whose text encoder nothing can weight: for each prompt with
-    A1111 weights or BREAK, that they are dropped (the text goes to the encoder as
-    `strip_weights` gives it), and that prompt editing is read as text. Unbalanced brackets
-    are not reported: such an encoder reads them as the characters the user typed."""
+    explicit A1111 weights or BREAK, that they are dropped (the text goes to the encoder as
+    `strip_explicit_weights` gives it), and that prompt editing is read as text."""
     notes = []
     for which, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        parsed = parse_prompt(text)
-        if not parsed.has_weights:
-            continue
-        dropped = [f"{shown} read as plain text"] if (shown := _shown_weights(parsed)) else []
-        if len(parsed.chunks) > 1:
-            dropped.append("BREAK read as a space")
-        if not dropped:
-            continue  # only weights on blank text: `( :1.2)`
-        notes.append(f"{which}: {display_name} has no prompt weighting: {'; '.join(dropped)}")
+        _, dropped = strip_explicit_weights(text)
+        weights = [d for d in dropped if d != "BREAK"]
+        said = []
+        if weights:
+            shown = ", ".join(weights[:3]) + (", ..." if len(weights) > 3 else "")
+            said.append(f"{shown} read as plain text")
+        if "BREAK" in dropped:
+            said.append("BREAK read as a space")
+        if said:
+            notes.append(f"{which}: {display_name} has no prompt weighting: {'; '.join(said)}")
         if _PROMPT_EDITING.search(text):
             notes.append(f"{which}: A1111 prompt editing ([a:b:0.5], [a|b]) is not supported: "
                          "it is read as text")

@@ -140,7 +140,10 @@ def _file_bytes(path: Path, compute_bytes: int) -> int:
 def resident_weight_bytes(checkpoint: LoadedCheckpoint, dtype: torch.dtype,
                           offload: str = "none") -> int:
     """Accelerator bytes a loaded checkpoint's weights hold, from file headers (see
-    `Family.weights_cost`); `dtype` is the compute dtype. 0 when the files cannot tell."""
+    `Family.weights_cost`); `dtype` is the compute dtype. 0 when the files cannot tell.
+    Named component files count instead of the config folder's; parts a family pairs from
+    the UI trees by itself are not known here (the measured size replaces this estimate
+    once the pipeline is loaded)."""
     compute_bytes = dtype.itemsize
     path, kind, config_path = checkpoint.path, checkpoint.kind, checkpoint.config_path
     components: dict[str, int] = {}
@@ -157,11 +160,15 @@ def resident_weight_bytes(checkpoint: LoadedCheckpoint, dtype: torch.dtype,
             for folder in sorted(p for p in base.iterdir() if p.is_dir()):
                 if kind != "folder" and folder.name in _DENOISERS:
                     continue  # replaced by the single file
+                if folder.name in checkpoint.components:
+                    continue  # replaced by a named component file (counted below)
                 files = sorted(folder.glob("*.safetensors"))
                 if files:
                     components[folder.name] = sum(
                         _stored_bytes(read_header(f), compute_bytes, keep_fp8=False)
                         for f in files)
+        for name, file in checkpoint.components.items():
+            components[name] = _stored_bytes(read_header(file), compute_bytes, keep_fp8=False)
     except (GgufError, SafetensorsError, OSError) as exc:
         log.debug("weights of %s not known: %s", path, exc)
         return 0

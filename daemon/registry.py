@@ -212,8 +212,11 @@ class Registry:
         if info.state == "ok":
             try:
                 override, _ = self._override(info.name, info.path)
-            except ValueError:
-                override = None  # the scan has marked it unusable, with the reason
+            except ValueError as exc:
+                # A named file gone (or a sidecar broken) since the last scan: unusable now,
+                # not quietly built from other files until the next scan says so.
+                return replace(info, state="unrecognised", reason=str(exc),
+                               component_folders=self.config.paths.component_folders)
             components = {key: getattr(override, key) for key in COMPONENT_KEYS
                           if override is not None and getattr(override, key) is not None}
         return replace(info, components=components,

@@ -32,7 +32,7 @@ from daemon.lifecycle import mark_failed, put_back
 from daemon.lora_library import LoraLibrary
 from daemon.lora_patching import apply_loras
 from daemon.output_writer import OutputWriter, PendingOutput
-from daemon.pipeline_cache import CachedPipeline, PipelineCache, pipeline_bytes, resident_bytes
+from daemon.pipeline_cache import CachedPipeline, PipelineCache, measure
 from daemon.plugins import Plugins
 from daemon.registry import CheckpointInfo, Registry
 from daemon.scheduler import ClaimedRender, record_batch, record_progress
@@ -161,12 +161,19 @@ class Worker:
         with self._lock:
             return self._cache.resident(checkpoint)
 
-    def _identity(self, info: CheckpointInfo) -> tuple[str, int]:
-        """What the loaded pipeline was built from: replacing any of its files reloads it."""
-        mtime = info.path.stat().st_mtime_ns
-        if info.transformer_2 is not None and info.transformer_2.exists():
-            mtime ^= info.transformer_2.stat().st_mtime_ns  # a GGUF pair's low-noise expert
-        return (str(info.path), mtime)
+    def _identity(self, info: CheckpointInfo) -> tuple[Any, ...]:
+        """What the loaded pipeline was built from: replacing any of its files (the second
+        expert of a GGUF pair, named component files) or pointing it at another config
+        folder or component file reloads it."""
+        files = [info.path, *([info.transformer_2] if info.transformer_2 else []),
+                 *(path for _, path in sorted(info.components.items()))]
+        stamps = []
+        for path in files:
+            try:
+                stamps.append((str(path), path.stat().st_mtime_ns))
+            except OSError:
+                stamps.append((str(path), None))  # gone: the load will say so
+        return (*stamps, str(info.config_path))
 
     def _load(self, info: CheckpointInfo, family: Family) -> CachedPipeline:
         started = time.perf_counter()
@@ -180,10 +187,7 @@ class Worker:
             family.apply_offload(pipe, offload, self.device)
         log.info("%s: loaded %s (%s) in %.2fs", self.name, info.name, family.name,
                  time.perf_counter() - started)
-        sizes = pipeline_bytes(pipe)
-        return CachedPipeline(pipe=pipe, identity=self._identity(info),
-                              weights_bytes=sum(sizes.values()),
-                              resident_bytes=resident_bytes(sizes, self.offload))
+        return measure(CachedPipeline(pipe=pipe, identity=self._identity(info)), self.offload)
 
     def pipeline_for(self, checkpoint: str, family: Family, figures: BatchFigures,
                      reserve: int = 0) -> CachedPipeline:
@@ -195,11 +199,14 @@ class Worker:
             raise RenderError(f"checkpoint {checkpoint!r} is not usable: {reason}")
         identity = self._identity(info)
         with self._lock:
-            cached = self._cache.get(checkpoint, identity)
+            cached = self._cache.get(checkpoint, identity, reserve)
             if cached is not None:
-                self._cache.make_room(keep=checkpoint, reserve=reserve)
                 return cached
             pending = self._prefetching.pop(checkpoint, None)
+            # Room first: the pipeline about to load, as its files' headers size it.
+            incoming = (family.weights_cost(info.loaded(), self.dtype, self.offload)
+                        if self.vram_budget else 0)
+            self._cache.make_room(keep=checkpoint, reserve=reserve, incoming=incoming)
         if pending is not None:
             pending.result()  # let the background read finish rather than read twice
         loaded = self._load(info, family)
@@ -262,10 +269,13 @@ class Worker:
                                           loaded.adapters)
             figures.lora_loads += loaded.adapters.loads - before[0]
             figures.lora_switches += loaded.adapters.switches - before[1]
+            if loaded.adapters.loads != before[0]:
+                measure(loaded, loaded.offload)  # new LoRA layers hold memory too
             if savers and not loaded.memory_savers:
                 loaded.memory_savers = family.enable_memory_savers(loaded.pipe, self.device)
                 log.warning("%s: memory savers on for %s: %s", self.name, first.checkpoint,
                             ", ".join(loaded.memory_savers) or "none available")
+                measure(loaded, getattr(loaded.pipe, "lorafarm_offload", loaded.offload))
             progress = Progress(first.steps, self._progress_writer(batch), self.abort.is_set)
             with LOAD_GATE.rendering():
                 call_started = time.perf_counter()
@@ -279,22 +289,16 @@ class Worker:
         except BatchAborted:
             raise
         except Exception as exc:
-            if is_out_of_memory(exc):
-                self._free_memory()
-                if len(batch) > 1:
-                    half = len(batch) // 2
-                    log.warning("%s: out of memory at batch %d; retrying as %d + %d",
-                                self.name, len(batch), half, len(batch) - half)
-                    self._render(batch[:half], figures, savers)
-                    self._render(batch[half:], figures, savers)
-                    return
-                if not savers:
-                    self._render(batch, figures, savers=True)
-                    return
-                self._fail(batch, "out of GPU memory even at batch 1 with the memory savers on "
-                           "(VAE tiling, CPU offload); lower width, height or frames")
+            if not is_out_of_memory(exc):
+                self._fail(batch, _reason(exc))
                 return
-            self._fail(batch, _reason(exc))
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:
+            # Retried outside the except block: the live exception's traceback would keep the
+            # failed call's tensors (latents, activations) alive through the retries.
+            self._retry_out_of_memory(batch, figures, savers)
             return
         self.active_batch_key = batch[0].batch_key
         model_hash = self.registry.model_hash(first.checkpoint, wait=True)
@@ -303,6 +307,24 @@ class Worker:
                                              model_hash=model_hash,
                                              seconds=seconds / len(batch),
                                              lora_report=lora_report))
+
+    def _retry_out_of_memory(self, batch: list[ClaimedRender], figures: BatchFigures,
+                             savers: bool) -> None:
+        """Split the batch and retry the halves; at batch 1 retry once with the family's
+        memory savers on; then fail the render with the reason."""
+        self._free_memory()
+        if len(batch) > 1:
+            half = len(batch) // 2
+            log.warning("%s: out of memory at batch %d; retrying as %d + %d",
+                        self.name, len(batch), half, len(batch) - half)
+            self._render(batch[:half], figures, savers)
+            self._render(batch[half:], figures, savers)
+            return
+        if not savers:
+            self._render(batch, figures, savers=True)
+            return
+        self._fail(batch, "out of GPU memory even at batch 1 with the memory savers on "
+                   "(VAE tiling, CPU offload); lower width, height or frames")
 
     def _fail(self, batch: list[ClaimedRender], reason: str) -> None:
         log.error("%s: batch of %d failed: %s", self.name, len(batch), reason)

@@ -51,7 +51,7 @@ from daemon.family import (
     RenderError,
 )
 from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import strip_weights, unweighted_notes
+from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
 from daemon.safetensors_header import SafetensorsHeader
 from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
@@ -326,7 +326,7 @@ class Flux2KleinFamily(Family):
         guidance = 1.0 if pipe.config.is_distilled else first.cfg
         result = pipe(
             # keyword: the first positional is `image`; A1111 weights read as plain text
-            prompt=[strip_weights(spec.prompt)[0] for spec in specs],
+            prompt=[strip_explicit_weights(spec.prompt)[0] for spec in specs],
             num_inference_steps=first.steps,
             guidance_scale=guidance,
             width=first.width,

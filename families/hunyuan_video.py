@@ -75,7 +75,7 @@ from daemon.family import (
 )
 from daemon.gguf_header import GgufError, read_gguf_header
 from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import strip_weights, unweighted_notes
+from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
 from daemon.safetensors_header import SafetensorsError, SafetensorsHeader, read_header
 from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
@@ -734,8 +734,9 @@ class _HunyuanBase(Family):
     def apply_conventions(self, prompt: str, negative_prompt: str | None,
                           enabled: bool) -> tuple[str, str, list[str]]:
         """No prompt conventions; nothing weights prompts for Llama / Qwen2.5 encoders, so
-        A1111 weights are dropped at render time (`strip_weights`), with a warning here. The
-        prompts are kept as written, for the history, the infotext and rerenders."""
+        explicit A1111 weights are dropped at render time (`strip_explicit_weights`), with a
+        warning here. The prompts are kept as written, for the history, the infotext and
+        rerenders."""
         prompt, negative, notes = super().apply_conventions(prompt, negative_prompt, enabled)
         return prompt, negative, [*notes, *unweighted_notes(self.display_name, prompt, negative)]
 
@@ -841,10 +842,11 @@ class HunyuanVideoFamily(_HunyuanBase):
         if true_cfg is not None:
             # The pipeline runs real CFG only when a negative prompt is given; "" is one.
             options = {"true_cfg_scale": float(true_cfg),
-                       "negative_prompt": [strip_weights(spec.negative_prompt)[0]
+                       "negative_prompt": [strip_explicit_weights(spec.negative_prompt)[0]
                                            for spec in specs]}
         result = pipe(
-            prompt=[strip_weights(spec.prompt)[0] for spec in specs],  # no prompt weighting
+            # No prompt weighting: explicit A1111 weights are read as plain text.
+            prompt=[strip_explicit_weights(spec.prompt)[0] for spec in specs],
             height=first.height,
             width=first.width,
             num_frames=int(first.extra["frames"]),
@@ -937,8 +939,8 @@ class HunyuanVideo15Family(_HunyuanBase):
         try:
             result = pipe(
                 # No prompt weighting: A1111 weights are read as plain text.
-                prompt=[strip_weights(spec.prompt)[0] for spec in specs],
-                negative_prompt=[strip_weights(spec.negative_prompt)[0] for spec in specs],
+                prompt=[strip_explicit_weights(spec.prompt)[0] for spec in specs],
+                negative_prompt=[strip_explicit_weights(spec.negative_prompt)[0] for spec in specs],
                 height=first.height,
                 width=first.width,
                 num_frames=int(first.extra["frames"]),

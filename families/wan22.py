@@ -74,7 +74,7 @@ from daemon.family import (
 )
 from daemon.gguf_header import GgufError, read_gguf_header
 from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import strip_weights, unweighted_notes
+from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
 from daemon.safetensors_header import SafetensorsHeader
 from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
@@ -460,8 +460,8 @@ class Wan22Family(Family):
         generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         kwargs: dict[str, Any] = {
             # UMT5 has no prompt weighting: A1111 weights are read as plain text.
-            "prompt": [strip_weights(spec.prompt)[0] for spec in specs],
-            "negative_prompt": [strip_weights(spec.negative_prompt)[0] for spec in specs],
+            "prompt": [strip_explicit_weights(spec.prompt)[0] for spec in specs],
+            "negative_prompt": [strip_explicit_weights(spec.negative_prompt)[0] for spec in specs],
             "height": first.height,
             "width": first.width,
             "num_frames": int(extra["frames"]),

@@ -273,3 +273,26 @@ def test_text_encoder_keys_line_up_whatever_the_prefix() -> None:
     assert sorted(renamed.values()) == sorted(with_level) and unexpected == []
     renamed, unexpected = align_keys({**dict.fromkeys(model), "lm_head.weight": None}, model)
     assert unexpected == ["lm_head.weight"]
+
+
+def test_a_named_component_file_that_goes_away_makes_the_checkpoint_unusable(
+        make_farm, tmp_path: Path) -> None:
+    """Deleted between two scans, a named VAE file is not quietly replaced by the config
+    folder's or another file: the checkpoint is unusable at once, saying which file."""
+    pipe = build_tiny_flux_pipeline("dev", seed=0)
+    comfy = _comfyui_flux_tree(tmp_path / "ComfyUI", pipe)
+    config_folder = save_config_folder(pipe, tmp_path / "FLUX.1-dev-configs")
+    farm = make_farm(paths={"comfyui": [str(comfy)]}, checkpoints={
+        "flux1-dev": {"config": str(config_folder), "vae": "ae.safetensors"}})
+    daemon = farm.daemon()
+    daemon.start()
+    try:
+        before = daemon.registry.get("flux1-dev")
+        assert before is not None and before.state == "ok"
+        assert before.components["vae"] == comfy / "models" / "vae" / "ae.safetensors"
+        (comfy / "models" / "vae" / "ae.safetensors").unlink()
+        after = daemon.registry.get("flux1-dev")
+        assert after is not None and after.state == "unrecognised"
+        assert "ae.safetensors" in (after.reason or "") and "vae" in (after.reason or "")
+    finally:
+        daemon.close()

@@ -20,6 +20,7 @@ from daemon.pipeline_cache import (
     RAM_TIER,
     CachedPipeline,
     PipelineCache,
+    measure,
     pipeline_bytes,
     resident_bytes,
 )
@@ -68,8 +69,7 @@ class Moves:
 
 
 def _entry(pipe: Any, name: str) -> CachedPipeline:
-    size = sum(pipeline_bytes(pipe).values())
-    return CachedPipeline(pipe=pipe, identity=(name, 1), weights_bytes=size, resident_bytes=size)
+    return measure(CachedPipeline(pipe=pipe, identity=(name, 1)), "none")
 
 
 def _cache(pipes: list[Any], moves: Moves, *, vram: float, ram: float,
@@ -81,8 +81,11 @@ def _cache(pipes: list[Any], moves: Moves, *, vram: float, ram: float,
 
 
 def _load(cache: PipelineCache, pipes: list[Any], index: int, reserve: int = 0) -> None:
+    """As the worker loads: room for the incoming pipeline first, then the load."""
     name = f"m{index}"
-    cache.add(name, _entry(pipes[index], name))
+    entry = _entry(pipes[index], name)
+    cache.make_room(keep=name, reserve=reserve, incoming=entry.resident_bytes)
+    cache.add(name, entry)
     cache.make_room(keep=name, reserve=reserve)
 
 
@@ -98,9 +101,9 @@ def test_over_the_device_budget_the_least_recent_moves_to_ram_and_comes_back(
     assert moves.log == [(id(pipes[0]), "cpu")]
     back = cache.get("m0", ("m0", 1))
     assert back is not None and back.pipe is pipes[0]  # the same pipeline: no load from disk
-    cache.make_room(keep="m0")
     assert cache.tier_of("m0") == DEVICE_TIER and cache.tier_of("m1") == RAM_TIER
-    assert moves.log[1:] == [(id(pipes[0]), "cuda"), (id(pipes[1]), "cpu")]
+    # Room is made before the pipeline comes back: the device never holds three.
+    assert moves.log[1:] == [(id(pipes[1]), "cpu"), (id(pipes[0]), "cuda")]
     assert (cache.promotions, cache.demotions, cache.evictions) == (1, 2, 0)
 
 
@@ -126,8 +129,7 @@ def test_a_batch_reserve_pushes_other_pipelines_off_the_device(pipes: list[Any])
     _load(cache, pipes, 0)
     _load(cache, pipes, 1)
     assert cache.on_device() == ["m0", "m1"]
-    cache.get("m1", ("m1", 1))
-    cache.make_room(keep="m1", reserve=size)  # a batch as large as a pipeline
+    cache.get("m1", ("m1", 1), reserve=size)  # a batch as large as a pipeline
     assert cache.on_device() == ["m1"] and cache.tier_of("m0") == RAM_TIER
 
 
@@ -207,3 +209,24 @@ def test_a_worker_sizes_batches_by_its_own_device_budget(make_farm, assets) -> N
         sizes = [b.renders for b in session.scalars(select(Batch))]
     store.dispose()
     assert sizes == [1, 1, 1]
+
+
+def test_offloaded_pipelines_hold_no_device_memory_between_renders(pipes: list[Any]) -> None:
+    """Under model offload a pipeline lives in CPU RAM between renders: it is never moved or
+    dropped to make room on the device, however many of them there are."""
+    moves = Moves()
+    cache, _ = _cache(pipes, moves, vram=1.5, ram=0)
+    for index in range(3):
+        name = f"m{index}"
+        entry = measure(CachedPipeline(pipe=pipes[index], identity=(name, 1)), "model")
+        assert entry.idle_bytes == 0 < entry.resident_bytes < entry.weights_bytes
+        cache.make_room(keep=name, incoming=entry.resident_bytes)
+        cache.add(name, entry)
+    assert cache.names() == ["m0", "m1", "m2"] and moves.log == [] and cache.evictions == 0
+
+
+def test_the_old_budget_key_says_what_it_became(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from daemon.config import ConfigError
+
+    with pytest.raises(ConfigError, match="memory_budget_gb was renamed: use vram_budget_gb"):
+        _config(tmp_path, worker={"memory_budget_gb": 22.0})

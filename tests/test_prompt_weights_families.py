@@ -197,7 +197,8 @@ def _load(family: Any, assets: Any, name: str, variant: str | None = None) -> An
 
 
 WEIGHTED = "a (red:1.3) boat BREAK on a [calm] lake, \\(tiny\\)"
-STRIPPED = "a red boat on a calm lake, (tiny)"
+# Explicit weights and BREAK go; plain brackets are punctuation to these encoders.
+STRIPPED = "a red boat on a [calm] lake, (tiny)"
 
 
 def _video_spec(family: Any, **fields: Any) -> RenderSpec:
@@ -238,7 +239,7 @@ def test_hunyuan_video_encodes_both_prompts_without_weights(monkeypatch: pytest.
         "frames": 5, "fps": 8, "guidance": 6.0, "flow_shift": 7.0, "true_cfg": 4.0})
     with pytest.raises(_Seen):
         HV10.render_batch(pipe, [spec], CPU)
-    assert seen == [([STRIPPED], None), (["blurry"], None)]
+    assert seen == [([STRIPPED], None), (["[blurry]"], None)]
 
     pipe = _load(HV15, assets, DEMO_V15)
     seen = _encoder_calls(monkeypatch, pipe, 2)
@@ -252,7 +253,8 @@ def test_hunyuan_video_encodes_both_prompts_without_weights(monkeypatch: pytest.
 def test_families_without_weighting_keep_the_prompt_and_warn(family: Any) -> None:
     prompt, negative, notes = family.apply_conventions(WEIGHTED, None, True)
     assert prompt == WEIGHTED
-    assert notes[0] == (f"prompt: {family.display_name} has no prompt weighting: (red:1.3), "
-                        "(calm:0.909) read as plain text; BREAK read as a space")
-    # Plain prompts, escapes and stray brackets: nothing to say.
+    assert notes[0] == (f"prompt: {family.display_name} has no prompt weighting: (red:1.3) "
+                        "read as plain text; BREAK read as a space")
+    # Plain prompts, escapes, stray and plain brackets: nothing to say.
     assert family.apply_conventions("a boat :) \\(tiny\\)", "", True)[2] == []
+    assert family.apply_conventions("a man (about 40) walks", "", True)[2] == []
