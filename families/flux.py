@@ -76,6 +76,7 @@ from families.quantized import (
     load_fp8_model,
     load_gguf_model,
     load_gguf_state_dict,
+    scaled_fp8_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -214,10 +215,9 @@ class FluxFamily(Family):
             # Its own weights, unless a component file is named for it.
             return _component_problem(checkpoint, checkpoint.path) if checkpoint.components \
                 else None
-        if checkpoint.quantization and checkpoint.quantization.endswith("(scaled)"):
-            return (f"{checkpoint.name!r} is a ComfyUI scaled-FP8 file (per-tensor weight scales "
-                    "beside the fp8 weights), which lorafarm does not load: use a plain FP8 "
-                    "(e4m3fn) file, a GGUF file or the bf16 original")
+        scaled = scaled_fp8_problem(checkpoint)
+        if scaled:
+            return scaled
         where = f"[checkpoints.{checkpoint.name}] config"
         base = checkpoint.config_path
         if base is None:

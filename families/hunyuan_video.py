@@ -423,10 +423,11 @@ def transformer_file_requirements(checkpoint: LoadedCheckpoint) -> str | None:
     """What a transformer-only HunyuanVideo checkpoint still needs (a base folder that fits
     it), or None when it can load. Reads headers and configs only."""
     name = checkpoint.name
-    if checkpoint.quantization and checkpoint.quantization.endswith("(scaled)"):
-        return (f"{name!r} is a ComfyUI scaled-FP8 file (per-tensor weight scales beside the "
-                "fp8 weights), which lorafarm does not load: use a plain FP8 (e4m3fn) file, a "
-                "GGUF file or the bf16 original")
+    from families.quantized import scaled_fp8_problem
+
+    scaled = scaled_fp8_problem(checkpoint)
+    if scaled:
+        return scaled
     where = f"[checkpoints.{name}] config"
     base = checkpoint.config_path
     if base is None:

@@ -194,6 +194,16 @@ def load_fp8_model(model_class: Any, state: dict[str, torch.Tensor], base: Path,
 # --- shared ---------------------------------------------------------------------------------
 
 
+def scaled_fp8_problem(checkpoint: Any) -> str | None:
+    """The refusal of a ComfyUI "scaled" FP8 file (a LoadedCheckpoint whose quantization
+    label ends in "(scaled)"), or None for any other checkpoint."""
+    if not (checkpoint.quantization and checkpoint.quantization.endswith("(scaled)")):
+        return None
+    return (f"{checkpoint.name!r} is a ComfyUI scaled-FP8 file (per-tensor weight scales "
+            "beside the fp8 weights), which lorafarm does not load: use a plain FP8 "
+            "(e4m3fn) file, a GGUF file or the bf16 original")
+
+
 def check_complete(model: torch.nn.Module, path: Path, config_folder: Path) -> None:
     """diffusers leaves a weight the file lacks on the meta device without an error; such a
     model fails obscurely mid-render, or draws noise."""
