@@ -256,6 +256,16 @@ class Family(ABC):
         single file), as a message for the user; None when it is ready. Checked at intake."""
         return None
 
+    def bfloat16_for_float16(self, dtype: torch.dtype) -> torch.dtype:
+        """bfloat16 where float16 was asked for, for families whose models overflow float16
+        (black or NaN images): the same memory, float32's range."""
+        import torch
+
+        if dtype != torch.float16:
+            return dtype
+        log.info("%s runs in bfloat16 instead of float16", self.display_name)
+        return torch.bfloat16
+
     def require_loadable(self, checkpoint: LoadedCheckpoint) -> None:
         """Raise RenderError with `missing_requirements`' message, if any: the first step of
         `load_pipeline`, since files may have changed since intake checked them."""

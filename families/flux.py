@@ -274,11 +274,8 @@ class FluxFamily(Family):
         from diffusers import FluxPipeline
 
         self.require_loadable(checkpoint)
-        if dtype == torch.float16:
-            # Flux.1 (and its T5) overflow in float16 and draw black or NaN images; bfloat16
-            # has float32's range and the same memory cost.
-            log.info("Flux.1 runs in bfloat16 instead of float16")
-            dtype = torch.bfloat16
+        # Flux.1 (and its T5) overflow in float16 and draw black or NaN images.
+        dtype = self.bfloat16_for_float16(dtype)
         base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
         assert base is not None  # checked by missing_requirements
         # Text encoders and VAE kept as files of their own (ComfyUI's clip_l, t5xxl, ae).

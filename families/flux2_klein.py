@@ -290,12 +290,9 @@ class Flux2KleinFamily(Family):
         from diffusers import Flux2KleinPipeline
 
         self.require_loadable(checkpoint)
-        if dtype == torch.float16:
-            # Klein and its Qwen3 encoder ship in bfloat16 and diffusers runs them so;
-            # float16 risks the overflow (black or NaN images) Flux.1 is known for. Not
-            # measured on real Klein weights here.
-            log.info("FLUX.2 [klein] runs in bfloat16 instead of float16")
-            dtype = torch.bfloat16
+        # Klein and its Qwen3 encoder ship in bfloat16 and diffusers runs them so; float16
+        # risks the overflow Flux.1 is known for. Not measured on real Klein weights here.
+        dtype = self.bfloat16_for_float16(dtype)
         if checkpoint.kind == "folder":
             pipe = Flux2KleinPipeline.from_pretrained(checkpoint.path, dtype=dtype,
                                                       local_files_only=True)
