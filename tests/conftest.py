@@ -150,6 +150,10 @@ class Farm:
         path = self.jobs / folder
         return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
 
+    def rejection(self, job_file: str) -> str:
+        """The error report intake wrote beside a rejected job file (`name.toml`)."""
+        return (self.jobs / "rejected" / f"{job_file}.error.txt").read_text()
+
     def wait_for(self, predicate: Any, timeout: float = 60.0, every: float = 0.05) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

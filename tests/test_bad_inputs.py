@@ -82,15 +82,12 @@ def test_empty_binary_non_utf8_huge_and_over_limit_files(farm) -> None:
     assert farm.run() == 0
     assert farm.files_in("done") == ["ok.toml"]
 
-    def report(name: str) -> str:
-        return (farm.jobs / "rejected" / f"{name}.error.txt").read_text()
-
-    assert "required key `checkpoint` is missing" in report("empty.toml")
-    assert "binary" in report("binary.json")
-    assert "not UTF-8" in report("latin1.toml")
-    assert "at most 1048576 bytes" in report("huge.toml")
-    assert "`width` = 4096 is out of range; allowed 64 to 2048" in report("wide.toml")
-    assert "`count` = 1000 is out of range; allowed 1 to 100" in report("many.toml")
+    assert "required key `checkpoint` is missing" in farm.rejection("empty.toml")
+    assert "binary" in farm.rejection("binary.json")
+    assert "not UTF-8" in farm.rejection("latin1.toml")
+    assert "at most 1048576 bytes" in farm.rejection("huge.toml")
+    assert "`width` = 4096 is out of range; allowed 64 to 2048" in farm.rejection("wide.toml")
+    assert "`count` = 1000 is out of range; allowed 1 to 100" in farm.rejection("many.toml")
 
 
 def test_a_job_file_removed_while_processing_still_renders(farm) -> None:

@@ -614,19 +614,16 @@ def test_jobs_flux_cannot_do_are_rejected_with_how_to_fix(make_farm, assets) -> 
     assert farm.run() == 0
     assert farm.files_in("done") == [] and not list(farm.outputs.rglob("*.png"))
 
-    def report(name: str) -> str:
-        return (farm.jobs / "rejected" / f"{name}.error.txt").read_text()
-
-    text = report("negative.toml")
+    text = farm.rejection("negative.toml")
     assert "FLUX.1 [dev] takes no negative prompt" in text and "true_cfg" in text
-    text = report("euler-a.toml")
+    text = farm.rejection("euler-a.toml")
     assert "'Euler a'" in text and "does not fit a flow-matching model" in text
     assert "Euler" in text
-    assert "FLUX.1 [schnell] has no embedded guidance" in report("schnell-guidance.toml")
-    assert "not a multiple of 16" in report("size.toml")
-    text = report("no-base.toml")
+    assert "FLUX.1 [schnell] has no embedded guidance" in farm.rejection("schnell-guidance.toml")
+    assert "not a multiple of 16" in farm.rejection("size.toml")
+    text = farm.rejection("no-base.toml")
     assert '[checkpoints.flux-alone] config = "path/to/FLUX.1-dev"' in text
-    text = report("cfg.toml")
+    text = farm.rejection("cfg.toml")
     assert "distilled to run without CFG" in text and "`guidance` (default 3.5)" in text
     assert "`true_cfg`" in text
 

@@ -302,9 +302,9 @@ def test_a_negative_prompt_or_a_bad_size_is_rejected(farm) -> None:
     assert farm.run() == 0
     rejected = farm.files_in("rejected")
     assert "neg.toml" in rejected and "size.toml" in rejected
-    report = (farm.jobs / "rejected" / "neg.toml.error.txt").read_text()
+    report = farm.rejection("neg.toml")
     assert "takes no negative prompt" in report and "line 6" in report
-    report = (farm.jobs / "rejected" / "size.toml.error.txt").read_text()
+    report = farm.rejection("size.toml")
     assert "multiple of 16" in report and "use 64 or 80" in report
     assert not list(farm.outputs.rglob("*.png"))
 
@@ -410,7 +410,7 @@ def test_a_flux1_lora_is_refused_for_klein(farm) -> None:
     farm.drop("flux1.toml", _job(prompt="a lantern <lora:flux1-style:1>"))
     assert farm.run() == 0
     assert farm.files_in("rejected") == ["flux1.toml", "flux1.toml.error.txt"]
-    report = (farm.jobs / "rejected" / "flux1.toml.error.txt").read_text()
+    report = farm.rejection("flux1.toml")
     assert "flux1-style" in report
 
 
@@ -421,7 +421,7 @@ def test_a_lora_of_another_klein_size_is_refused_at_intake(make_farm) -> None:
     farm.drop("mismatch.toml", _job(prompt="a lantern <lora:nine-b:1>"))
     assert farm.run() == 0
     assert "mismatch.toml" in farm.files_in("rejected")
-    report = (farm.jobs / "rejected" / "mismatch.toml.error.txt").read_text()
+    report = farm.rejection("mismatch.toml")
     assert "klein-9b" in report and "klein-4b" in report
 
 
@@ -509,5 +509,5 @@ def test_cfg_on_a_distilled_checkpoint_is_refused_at_intake(farm) -> None:
     farm.drop("cfg.toml", f'checkpoint = "{DEMO_DISTILLED}"\nprompt = "a cat"\ncfg = 4.0\n'
                           "width = 64\nheight = 64\nsteps = 2\n")
     assert farm.run() == 0
-    report = (farm.jobs / "rejected" / "cfg.toml.error.txt").read_text()
+    report = farm.rejection("cfg.toml")
     assert "distilled to run without CFG" in report and "remove cfg" in report

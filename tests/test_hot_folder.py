@@ -127,7 +127,7 @@ def test_bad_files_are_rejected_with_a_useful_report_and_the_rest_still_render(f
 
     def report(name: str) -> str:
         assert name in rejected and f"{name}.error.txt" in rejected
-        return (farm.jobs / "rejected" / f"{name}.error.txt").read_text()
+        return farm.rejection(name)
 
     text = report("malformed.toml")
     assert "line 2" in text and "TOML" in text and "How to fix" in text
@@ -163,7 +163,7 @@ def test_the_same_content_dropped_twice_while_unfinished_is_queued_once(farm) ->
     result = daemon.intake.scan()
     assert result.accepted == [] and result.rejected == ["once-again.toml"]
     daemon.close()
-    report = (farm.jobs / "rejected" / "once-again.toml.error.txt").read_text()
+    report = farm.rejection("once-again.toml")
     assert "already queued as job 1 (once.toml)" in report
 
     assert farm.run() == 0

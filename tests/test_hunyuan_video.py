@@ -394,9 +394,9 @@ def test_frame_counts_that_are_not_4k_plus_1_are_rejected(farm) -> None:
     assert farm.run() == 0
     assert farm.files_in("rejected") == ["neg.toml", "neg.toml.error.txt", "six.toml",
                                          "six.toml.error.txt"]
-    report = (farm.jobs / "rejected" / "six.toml.error.txt").read_text()
+    report = farm.rejection("six.toml")
     assert "`frames` = 6" in report and "4k+1" in report and "use 5 or 9" in report
-    report = (farm.jobs / "rejected" / "neg.toml.error.txt").read_text()
+    report = farm.rejection("neg.toml")
     assert "negative prompt" in report and "true_cfg" in report
     assert not list(farm.outputs.rglob("*.mp4"))
 
@@ -552,5 +552,5 @@ def test_a_flux1_lora_is_refused_for_hunyuan_video(farm, plugins) -> None:
     farm.drop("flux1.toml", _job(prompt="a boat <lora:flux1-style:1>"))
     assert farm.run() == 0
     assert farm.files_in("rejected") == ["flux1.toml", "flux1.toml.error.txt"]
-    report = (farm.jobs / "rejected" / "flux1.toml.error.txt").read_text()
+    report = farm.rejection("flux1.toml")
     assert "flux1-style" in report and "hunyuan_video" in report

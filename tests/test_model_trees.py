@@ -150,13 +150,10 @@ def test_component_files_named_ambiguous_and_missing(make_farm, tmp_path: Path) 
     assert farm.run() == 0
     assert farm.files_in("done") == ["named.toml"]
 
-    def report(job: str) -> str:
-        return (farm.jobs / "rejected" / f"{job}.error.txt").read_text()
-
-    ambiguous = report("unnamed.toml")
+    ambiguous = farm.rejection("unnamed.toml")
     assert "t5xxl_fp16.safetensors" in ambiguous and "t5xxl_fp8_e4m3fn.safetensors" in ambiguous
     assert "[checkpoints.flux1-dev-unnamed] text_encoder_2 = " in ambiguous
-    missing = report("typo.toml")
+    missing = farm.rejection("typo.toml")
     assert "ae_typo.safetensors" in missing and str(models / "vae") in missing
     assert "[checkpoints.flux1-dev-typo]" in missing
 
@@ -173,7 +170,7 @@ def test_component_keys_on_a_family_that_cannot_take_them_are_refused(
                            'steps = 2\nwidth = 64\nheight = 64\n')
     assert farm.run() == 0
     assert farm.files_in("done") == [] and "sdxl.toml" in farm.files_in("rejected")
-    report = (farm.jobs / "rejected" / "sdxl.toml.error.txt").read_text()
+    report = farm.rejection("sdxl.toml")
     assert "vae set for tiny-sdxl-single" in report
     assert "does not assemble its pipeline from component files" in report
     assert "remove the key" in report

@@ -557,7 +557,7 @@ def test_config_toml_pairs_wan_experts_and_refuses_a_bad_second_expert(
     farm.drop("lost.toml", _wan_job("lost-high-Q8_0"))
     assert farm.run() == 0
     assert farm.files_in("done") == ["pair.toml"], farm.files_in("rejected")
-    report = (farm.jobs / "rejected" / "lost.toml.error.txt").read_text()
+    report = farm.rejection("lost.toml")
     assert "does not exist" in report and "lost-low-Q8_0.gguf" in report
     # The same files as the demo's pair declared in a sidecar, rendered by a farm on the demo
     # models folder.
@@ -639,17 +639,15 @@ def test_unusable_gguf_files_are_refused_with_the_reason(
     assert farm.run() == 0
     assert len(farm.files_in("rejected")) == 14  # 7 jobs and their reports
 
-    def report(name: str) -> str:
-        return (farm.jobs / "rejected" / f"{name}.toml.error.txt").read_text()
-
-    assert "cannot be used: no installed family recognises this GGUF file" in report("sd3-Q8_0")
-    assert "not a diffusion transformer" in report("qwen-text-Q8_0")
-    assert "truncated or corrupt GGUF file" in report("cut-Q8_0")
-    assert "download or copy it again" in report("cut-Q8_0")
-    assert 'config = "path/to/FLUX.1-dev"' in report("flux-alone-Q8_0")
-    assert "name the low-noise expert's GGUF file" in report("wan-alone-high-Q8_0")
-    assert "the file names say the experts are swapped" in report("wan-low_noise-Q8_0")
-    assert "does not exist" in report("wan-missing-Q8_0")
+    assert ("cannot be used: no installed family recognises this GGUF file"
+            in farm.rejection("sd3-Q8_0.toml"))
+    assert "not a diffusion transformer" in farm.rejection("qwen-text-Q8_0.toml")
+    assert "truncated or corrupt GGUF file" in farm.rejection("cut-Q8_0.toml")
+    assert "download or copy it again" in farm.rejection("cut-Q8_0.toml")
+    assert 'config = "path/to/FLUX.1-dev"' in farm.rejection("flux-alone-Q8_0.toml")
+    assert "name the low-noise expert's GGUF file" in farm.rejection("wan-alone-high-Q8_0.toml")
+    assert "the file names say the experts are swapped" in farm.rejection("wan-low_noise-Q8_0.toml")
+    assert "does not exist" in farm.rejection("wan-missing-Q8_0.toml")
 
 
 def test_a_gguf_of_another_width_than_its_base_is_refused_before_loading(

@@ -74,7 +74,7 @@ def test_what_cannot_be_resolved_is_named_in_the_error_file(farm) -> None:
                "Model hash: 0123456789, Model: juggernautXL_v9")
     Image.new("RGB", (8, 8)).save(farm.jobs / "plain.png")
     assert farm.run() == 0
-    report = (farm.jobs / "rejected" / "stranger.png.error.txt").read_text()
+    report = farm.rejection("stranger.png")
     assert "unknown checkpoint 'juggernautXL_v9'" in report
-    report = (farm.jobs / "rejected" / "plain.png.error.txt").read_text()
+    report = farm.rejection("plain.png")
     assert "no generation parameters" in report

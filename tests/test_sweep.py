@@ -50,11 +50,8 @@ def test_bad_sweeps_are_rejected_with_the_fix(farm) -> None:
     farm.drop("lora.toml", base + '[sweep]\n"lora:ink" = [0.5]\n')
     assert farm.run() == 0
 
-    def report(name: str) -> str:
-        return (farm.jobs / "rejected" / f"{name}.error.txt").read_text()
-
-    assert "unknown sweep axis `cfgs`" in report("axis.toml")
-    assert "did you mean `cfg`" in report("axis.toml")
-    assert "searches for 'dog', which is not in the prompt" in report("search.toml")
-    assert "101 combinations; at most 100" in report("big.toml")
-    assert "names a LoRA the job does not list" in report("lora.toml")
+    assert "unknown sweep axis `cfgs`" in farm.rejection("axis.toml")
+    assert "did you mean `cfg`" in farm.rejection("axis.toml")
+    assert "searches for 'dog', which is not in the prompt" in farm.rejection("search.toml")
+    assert "101 combinations; at most 100" in farm.rejection("big.toml")
+    assert "names a LoRA the job does not list" in farm.rejection("lora.toml")

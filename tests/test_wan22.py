@@ -355,9 +355,9 @@ def test_image_jobs_that_do_not_fit_the_release_are_rejected_with_the_fix(farm) 
     assert farm.run() == 0
     assert farm.files_in("done") == []
     # Refused at intake, before any GPU time is spent.
-    report = (farm.jobs / "rejected" / "t2v-image.toml.error.txt").read_text()
+    report = farm.rejection("t2v-image.toml")
     assert "takes no input image" in report and "remove image" in report
-    report = (farm.jobs / "rejected" / "i2v-no-image.toml.error.txt").read_text()
+    report = farm.rejection("i2v-no-image.toml")
     assert "needs `image`" in report and 'image = "start.png"' in report
 
 
@@ -379,21 +379,19 @@ def test_bad_video_inputs_are_rejected_with_the_fix(farm, tmp_path: Path) -> Non
     assert farm.run() == 0
     assert farm.files_in("done") == [] and not list(farm.outputs.rglob("*.mp4"))
 
-    def report(name: str) -> str:
-        return (farm.jobs / "rejected" / f"{name}.error.txt").read_text()
-
-    assert "needs 4k+1 frames" in report("frames.toml") and "use 5 or 9" in report("frames.toml")
+    frames = farm.rejection("frames.toml")
+    assert "needs 4k+1 frames" in frames and "use 5 or 9" in frames
     for name in ("dotdot.toml", "absolute.toml"):
-        text = report(name)
+        text = farm.rejection(name)
         assert "must be a path inside the inputs folder" in text
         assert 'How to fix: copy the image into the inputs folder' in text
-    text = report("symlink.toml")
+    text = farm.rejection("symlink.toml")
     assert "leads out of the inputs folder" in text and "copy the image itself" in text
-    text = report("width.toml")
+    text = farm.rejection("width.toml")
     assert "not a multiple of 16" in text and "use 64 or 80" in text
-    text = report("ti2v-width.toml")
+    text = farm.rejection("ti2v-width.toml")
     assert "not a multiple of 32" in text and "use 64 or 96" in text
-    assert "has no `guidance_2` setting" in report("guidance-2.toml")
+    assert "has no `guidance_2` setting" in farm.rejection("guidance-2.toml")
 
 
 def test_an_input_image_replaced_after_intake_is_not_rendered(t2v: Any, tmp_path: Path) -> None:
@@ -597,12 +595,12 @@ def test_a_lora_of_the_other_model_size_is_refused_at_intake(farm) -> None:
     assert sorted(farm.files_in("rejected")) == sorted(
         [f"{n}.toml{s}" for n in ("14b-on-5b", "5b-on-14b", "1.3b-on-14b")
          for s in ("", ".error.txt")])
-    report = (farm.jobs / "rejected" / "14b-on-5b.toml.error.txt").read_text()
+    report = farm.rejection("14b-on-5b.toml")
     assert "Wan 14B (2.1 or 2.2 A14B) LoRA" in report and "Wan 2.2 TI2V-5B" in report
     assert "it fits Wan 2.2 T2V-A14B and Wan 2.2 I2V-A14B" in report
-    report = (farm.jobs / "rejected" / "5b-on-14b.toml.error.txt").read_text()
+    report = farm.rejection("5b-on-14b.toml")
     assert "Wan 2.2 TI2V-5B LoRA" in report and "it fits Wan 2.2 TI2V-5B" in report
-    report = (farm.jobs / "rejected" / "1.3b-on-14b.toml.error.txt").read_text()
+    report = farm.rejection("1.3b-on-14b.toml")
     assert "Wan 2.1 1.3B LoRA" in report and "no Wan 2.2 release has that size" in report
 
 
