@@ -2,8 +2,9 @@
 
 Lifecycle (one filesystem, atomic renames):
 
-    jobs/NAME.toml --accepted--> jobs/processing/ --all renders ended--> jobs/done/ | failed/
-                   --invalid---> jobs/rejected/ + NAME.toml.error.txt
+    jobs/NAME.toml --taken--> jobs/.taking-DAEMON/ --accepted--> jobs/processing/
+                   --all renders ended--> jobs/done/ | failed/
+                   (--invalid--> jobs/rejected/ + NAME.toml.error.txt)
 
 The database row is written first and the file moved second; `reconcile()` at start-up
 repairs the gap a crash can leave between the two. Watcher events are only hints (inotify
@@ -23,6 +24,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 from PIL import Image
@@ -193,6 +195,16 @@ class Intake:
             twin = session.scalars(select(Job).where(
                 Job.content_hash == content_hash, Job.state.in_(UNFINISHED_JOB_STATES))).first()
             twin_info = (twin.id, twin.file_path, twin.file_name) if twin else None
+            unfiled = None if twin else session.scalars(select(Job.id).where(
+                Job.content_hash == content_hash, Job.file_name == path.name,
+                Job.state.in_((JOB_DONE, JOB_FAILED)),
+                Job.file_path.is_(None) | Job.file_path.contains(CLAIM_FOLDER_PREFIX))).first()
+        if unfiled is not None:
+            # This file is a finished job's own: a daemon died while taking it in, the others
+            # rendered the job, and the file came back to jobs/ from the dead daemon's claim
+            # folder. File it with its job instead of running it a second time.
+            self._file_finished(unfiled, taken)
+            return
         if twin_info is not None:
             twin_id, twin_path, twin_name = twin_info
             if twin_name == path.name and (twin_path is None or not Path(twin_path).exists()):
@@ -549,7 +561,9 @@ class Intake:
     def _accept(self, path: Path, content_hash: str, spec: JobSpec,
                 renders: list[RenderSpec], warnings: list[str]) -> int:
         with self.store.session() as session:
-            job = Job(name=path.stem, file_name=path.name, file_path=None,
+            # The file's place now is this daemon's claim folder: if the daemon dies before
+            # the move below, whoever ends the job files it from there.
+            job = Job(name=path.stem, file_name=path.name, file_path=str(path),
                       content_hash=content_hash, state=JOB_QUEUED, priority=spec.priority,
                       spec_json=spec.to_json(), warnings_json=json.dumps(warnings))
             session.add(job)
@@ -602,11 +616,20 @@ class Intake:
     def file_finished_job(self, job_id: int) -> None:
         """Move a finished job's file from processing/ to done/ or failed/ (with its error
         report), following the state the database already holds."""
+        self._file_finished(job_id, None)
+
+    def _file_finished(self, job_id: int, current: Path | None) -> None:
+        """File job `job_id`'s file, found at `current` (None: where its row says).
+        Several daemons may try at once (one ends the job, another repairs what a dead one
+        left): the first rename wins and the others find the file gone."""
         with self.store.session() as session:
             job = session.get(Job, job_id)
-            if job is None or job.state not in (JOB_DONE, JOB_FAILED) or job.file_path is None:
+            if job is None or job.state not in (JOB_DONE, JOB_FAILED):
                 return
-            current = Path(job.file_path)
+            if current is None:
+                if job.file_path is None:
+                    return
+                current = Path(job.file_path)
             folder = "done" if job.state == JOB_DONE else "failed"
             if current.parent == self.folder(folder) or not current.exists():
                 return
@@ -614,7 +637,10 @@ class Intake:
                         for r in job.renders if r.state == "failed"]
             file_name = job.file_name
         target = unique_destination(self.folder(folder), file_name, job_id)
-        os.replace(current, target)
+        try:
+            os.replace(current, target)
+        except FileNotFoundError:
+            return  # another daemon filed it, or put it back in jobs/ to be filed from there
         if folder == "failed":
             write_error_file(target, f"{file_name} (job {job_id}) failed.\n\n"
                              + "\n".join(failures) + "\n\nHow to fix: read each reason above; "
@@ -624,6 +650,21 @@ class Intake:
             job = session.get(Job, job_id)
             if job is not None:
                 job.file_path = str(target)
+
+    def file_stranded_jobs(self, older_than: float) -> list[int]:
+        """File the files of jobs that ended more than `older_than` seconds ago but whose
+        file is still in processing/ or a claim folder: the daemon that ended the job died
+        before it moved the file (a living one moves it at once). Returns the jobs filed."""
+        cutoff = utcnow() - timedelta(seconds=older_than)
+        processing = str(self.folder("processing")) + os.sep
+        with self.store.session() as session:
+            stranded = list(session.scalars(select(Job.id).where(
+                Job.state.in_((JOB_DONE, JOB_FAILED)), Job.finished_at <= cutoff,
+                Job.file_path.startswith(processing)
+                | Job.file_path.contains(os.sep + CLAIM_FOLDER_PREFIX))))
+        for job_id in stranded:
+            self.file_finished_job(job_id)
+        return stranded
 
     def reconcile(self) -> None:
         """Repair what a crash can leave between a database write and a file move."""

@@ -251,6 +251,7 @@ class Daemon:
                     self._job_finished(job_id)
                 if self.farm:
                     self._return_claims_of_lost_hosts()
+                    self.intake.file_stranded_jobs(older_than=self.config.lease_seconds)
             except Exception:
                 log.exception("heartbeat failed; will retry")
 
@@ -322,6 +323,13 @@ class Daemon:
         with self.store.session() as session:
             busy = session.scalars(select(Render.id).where(
                 Render.state.in_((RENDER_QUEUED, RENDER_RUNNING))).limit(1)).first()
+        if busy is None and self.farm:
+            # A file in another host's claim folder is work too: that host records it in a
+            # moment, or its lease runs out and the file comes back to jobs/ for us.
+            if any(self.config.paths.jobs.glob(f"{CLAIM_FOLDER_PREFIX}*/*")):
+                return False
+            # Before leaving, file what a dead host left: a job it ended but did not move.
+            self.intake.file_stranded_jobs(older_than=0)
         return busy is None
 
     def _intake_loop(self) -> None:

@@ -8,9 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from sqlalchemy import select, update
 
+from daemon.intake import CLAIM_FOLDER_PREFIX, Intake
+from daemon.runner import Daemon
 from daemon.scheduler import claim_next_batch
 from daemon.store import Render, Store
 from tests.conftest import REPO, sdxl_job
@@ -114,3 +118,72 @@ def test_first_sigterm_finishes_the_batch_and_exits_cleanly(farm) -> None:
     rows = _render_rows(farm)
     assert [r.state for r in rows] == ["done", "done"]  # the batch was finished, not dropped
     assert farm.files_in("done") == ["term.toml"]
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL at one point of the code (the process stops there)."""
+
+
+def _die(*_args: object) -> None:
+    raise _Killed
+
+
+def _die_while_taking_in(farm, monkeypatch) -> Path:  # type: ignore[no-untyped-def]
+    """A daemon named `dying` records claimed.toml as a job and is killed before it moves
+    the file out of its claim folder; returns where the file was left."""
+    farm.drop("claimed.toml", sdxl_job(count=1))
+    dying = Daemon(farm.config, plugins=farm.plugins, name="dying")
+    monkeypatch.setattr(dying.intake, "_move_accepted", _die)
+    with pytest.raises(_Killed):
+        dying.start()
+    dying.close()
+    left = farm.jobs / f"{CLAIM_FOLDER_PREFIX}dying" / "claimed.toml"
+    assert left.exists()
+    return left
+
+
+def test_a_job_recorded_by_a_daemon_killed_before_moving_its_file_is_filed_when_it_ends(
+        farm, monkeypatch) -> None:
+    left = _die_while_taking_in(farm, monkeypatch)
+    # Another daemon (on a farm: another host, before the dead one's lease runs out) renders
+    # the job; ending it files the job file from where the dead daemon left it.
+    assert farm.run() == 0
+    assert [r.state for r in _render_rows(farm)] == ["done"]
+    assert farm.files_in("done") == ["claimed.toml"]
+    assert not left.exists()
+    assert [h["state"] for h in farm.history()] == ["done"]
+
+
+def test_a_finished_jobs_file_coming_back_from_a_claim_folder_is_filed_not_run_again(
+        farm, monkeypatch, tmp_path) -> None:
+    left = _die_while_taking_in(farm, monkeypatch)
+    # The job ends while its file is on its way back to jobs/ (a living host returns a dead
+    # one's claims), so ending it finds nothing to move ...
+    aside = tmp_path / "in-transit.toml"
+    os.rename(left, aside)
+    assert farm.run() == 0
+    assert farm.files_in("done") == []
+    # ... then the file arrives in jobs/: it is the finished job's own file.
+    os.rename(aside, farm.jobs / "claimed.toml")
+    assert farm.run() == 0
+    assert farm.files_in("done") == ["claimed.toml"]
+    assert len(_render_rows(farm)) == 1  # rendered once, not queued again
+    assert len(farm.history()) == 1
+
+
+def test_a_job_ended_by_a_daemon_that_died_before_moving_its_file_is_filed_by_another(
+        farm, monkeypatch) -> None:
+    farm.drop("ended.toml", sdxl_job(count=1))
+    # The daemon ends the job in the database and dies before it moves the file.
+    monkeypatch.setattr(Intake, "file_finished_job", lambda self, job_id: None)
+    assert farm.run() == 0
+    monkeypatch.undo()
+    assert farm.files_in("processing") == ["ended.toml"]
+    survivor = farm.daemon()
+    # A job that ended a moment ago may still be on its way: its own daemon moves it.
+    assert survivor.intake.file_stranded_jobs(older_than=3600) == []
+    assert farm.files_in("processing") == ["ended.toml"]
+    assert len(survivor.intake.file_stranded_jobs(older_than=0)) == 1
+    assert farm.files_in("processing") == []
+    assert farm.files_in("done") == ["ended.toml"]
+    survivor.close()
