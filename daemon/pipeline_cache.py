@@ -124,6 +124,11 @@ class PipelineCache:
         self.promotions = self.demotions = self.evictions = 0
 
     @property
+    def moves(self) -> int:
+        """Pipelines moved between the device and the RAM tier so far, either way."""
+        return self.promotions + self.demotions
+
+    @property
     def has_ram_tier(self) -> bool:
         return self.device.type != "cpu" and self.ram_budget > 0
 

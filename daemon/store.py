@@ -201,6 +201,9 @@ class Batch(Base):
     pipeline_loads: Mapped[int] = mapped_column(Integer, default=0)
     lora_loads: Mapped[int] = mapped_column(Integer, default=0)
     lora_switches: Mapped[int] = mapped_column(Integer, default=0)
+    # Pipelines moved between the device and the RAM tier for this batch (either way): a
+    # move is not a load, but it is time the device waits.
+    tier_moves: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pipeline_seconds: Mapped[float] = mapped_column(default=0.0)  # inside the pipeline call
     wall_seconds: Mapped[float] = mapped_column(default=0.0)  # claim to last output recorded
     outcome: Mapped[str] = mapped_column(String(32), default="done")

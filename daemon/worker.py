@@ -112,6 +112,7 @@ class BatchFigures:
     pipeline_loads: int = 0
     lora_loads: int = 0
     lora_switches: int = 0
+    tier_moves: int = 0  # pipelines moved between the device and the RAM tier
     pipeline_seconds: float = 0.0
 
 
@@ -199,22 +200,28 @@ class Worker:
             raise RenderError(f"checkpoint {checkpoint!r} is not usable: {reason}")
         identity = self._identity(info)
         with self._lock:
+            moves = self._cache.moves
             cached = self._cache.get(checkpoint, identity, reserve)
+            figures.tier_moves += self._cache.moves - moves
             if cached is not None:
                 return cached
             pending = self._prefetching.pop(checkpoint, None)
             # Room first: the pipeline about to load, as its files' headers size it.
             incoming = (family.weights_cost(info.loaded(), self.dtype, self.offload)
                         if self.vram_budget else 0)
+            moves = self._cache.moves
             self._cache.make_room(keep=checkpoint, reserve=reserve, incoming=incoming)
+            figures.tier_moves += self._cache.moves - moves
         if pending is not None:
             pending.result()  # let the background read finish rather than read twice
         loaded = self._load(info, family)
         figures.pipeline_loads += 1
         self.pipeline_loads += 1
         with self._lock:
+            moves = self._cache.moves
             self._cache.add(checkpoint, loaded)
             self._cache.make_room(keep=checkpoint, reserve=reserve)
+            figures.tier_moves += self._cache.moves - moves
         return loaded
 
     def prefetch(self, checkpoint: str | None) -> None:

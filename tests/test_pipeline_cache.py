@@ -230,3 +230,34 @@ def test_the_old_budget_key_says_what_it_became(tmp_path) -> None:  # type: igno
 
     with pytest.raises(ConfigError, match="memory_budget_gb was renamed: use vram_budget_gb"):
         _config(tmp_path, worker={"memory_budget_gb": 22.0})
+
+
+def test_each_batch_records_the_pipelines_it_moved_between_the_tiers(make_farm, assets) -> None:  # type: ignore[no-untyped-def]
+    """A device with room for one pipeline and a RAM tier: checkpoints A, B, A in turn. B's
+    load sends A to RAM (one move), A's return sends B to RAM and brings A back (two moves,
+    and no third load); `lorafarm stats` sums them. The worker's cache is CUDA-labelled with
+    recorded moves, as in the tests above; the renders are real."""
+    from daemon.scheduler import claim_next_batch, stats
+
+    budget = _budget_gb(assets, renders=1.5)
+    farm = make_farm(worker={"max_batch": 4, "vram_budget_gb": budget, "ram_budget_gb": 10.0})
+    daemon = farm.daemon()
+    daemon.start()
+    worker = daemon.worker
+    moves = Moves()
+    worker._cache = PipelineCache(CUDA, max_pipelines=4, vram_budget_bytes=worker.vram_budget,
+                                  ram_budget_bytes=10 * 2**30, move=moves)
+    for n, checkpoint in enumerate(["tiny-sdxl", "tiny-sdxl-single", "tiny-sdxl"]):
+        farm.drop(f"job{n}.toml", sdxl_job(checkpoint=checkpoint, seed=n, count=1, steps=2))
+        daemon.intake.scan()
+        batch = claim_next_batch(daemon.store, max_batch=4, worker=worker.name)
+        assert [c.spec.checkpoint for c in batch] == [checkpoint]
+        worker.render(batch)
+    with daemon.store.session() as session:
+        rows = [(b.pipeline_loads, b.tier_moves)
+                for b in session.scalars(select(Batch).order_by(Batch.id))]
+    figures = stats(daemon.store)
+    daemon.close()
+    assert rows == [(1, 0), (1, 1), (0, 2)]
+    assert len(moves.log) == 3
+    assert (figures["pipeline_loads"], figures["tier_moves"]) == (2, 3)
