@@ -1,12 +1,13 @@
 """Pipeline parts kept as files of their own, as ComfyUI users have them, assembled into a
 diffusers pipeline.
 
-A ComfyUI install splits Flux.1 and Wan across folders: the diffusion model in
-models/diffusion_models (`flux1-dev.safetensors`), the text encoders in models/text_encoders
-(`clip_l.safetensors`, `t5xxl_fp16.safetensors`, `umt5_xxl_fp16.safetensors`) and the VAE in
-models/vae (`ae.safetensors`, `wan_2.1_vae.safetensors`). lorafarm builds the same pipeline from
-those files plus a diffusers *config folder* that then needs no weights at all: model_index.json,
-each component's config.json, the tokenizers and the scheduler.
+A ComfyUI install splits Flux.1, FLUX.2 [klein] and Wan across folders: the diffusion model in
+models/diffusion_models (`flux1-dev.safetensors`, `flux-2-klein-4b.safetensors`), the text
+encoders in models/text_encoders (`clip_l.safetensors`, `t5xxl_fp16.safetensors`,
+`qwen_3_4b.safetensors`, `umt5_xxl_fp16.safetensors`) and the VAE in models/vae
+(`ae.safetensors`, `flux2-vae.safetensors`, `wan_2.1_vae.safetensors`). lorafarm builds the same
+pipeline from those files plus a diffusers *config folder* that then needs no weights at all:
+model_index.json, each component's config.json, the tokenizers and the scheduler.
 
 Which file a component loads from (`choose_components`):
 
@@ -28,9 +29,18 @@ Loading (`load_components`): text encoders hold transformers' own key names, as 
 them, with or without a prefix (`text_model.` on CLIP, as transformers < 5.6 named it, or a
 full checkpoint's `text_encoders.clip_l.transformer.`); the prefix is matched against the
 model's names, and the model is built with transformers from the config folder's config.json
-and the file's tensors, refusing missing or unexpected tensors. VAEs go through diffusers' own
-single-file loader, which converts the original layouts (`ae.safetensors` is the LDM layout);
-diffusers 0.42 converts the Wan 2.1 VAE but not the Wan 2.2 one (TI2V-5B).
+(CLIPTextModel, T5EncoderModel, UMT5EncoderModel, Klein's Qwen3ForCausalLM) and the file's
+tensors, refusing missing or unexpected tensors. A weight the config ties to another (Qwen3-4B's
+`lm_head.weight` is its `model.embed_tokens.weight`; T5's `encoder.embed_tokens.weight`) may be
+left out of the file, as the released files leave it out; so may a causal LM's output head
+even where it is untied (Qwen3-8B), since pipelines read hidden states, not logits: the
+embeddings then stand in for it. VAEs go
+through diffusers' own single-file loader, which converts the original layouts
+(`ae.safetensors` is the LDM layout); diffusers 0.42 converts the Wan 2.1 VAE but not the Wan
+2.2 one (TI2V-5B). It has no single-file loader at all for the Flux 2 VAE
+(AutoencoderKLFlux2): such a VAE is taken from a file only in diffusers' own layout (its state
+dict's names), loaded as it is; an original-layout file (ComfyUI's `flux2-vae.safetensors`) is
+refused, and its weights stay in the config folder (vae/).
 """
 
 from __future__ import annotations
@@ -205,9 +215,20 @@ def _fit_problem(path_text: str, size: int, mtime_ns: int, base_text: str, compo
     except (OSError, ValueError, ImportError, AttributeError, TypeError) as exc:
         return f"cannot be checked: {base}/{component} is not a loadable component ({exc})"
     shapes = {key: info.shape for key, info in header.tensors.items()}
+    note = ""
     if expected.library == "transformers":
         renamed, unexpected = align_keys(shapes, expected.shapes)
         actual = {renamed[key]: shape for key, shape in shapes.items() if key in renamed}
+    elif single_file_mapping(expected.model_class) is None:
+        # Nothing to convert with: only the model's own names can fit, as they are.
+        actual = dict(shapes)
+        unexpected = [key for key in actual if key not in expected.shapes]
+        if unexpected:
+            name = expected.model_class.__name__
+            note = (f"; diffusers {_diffusers_version()} has no single-file loader for {name}, "
+                    f"so lorafarm takes it from a file only in diffusers' own layout ({name}'s "
+                    "state dict names), not in an original layout such as ComfyUI's: keep "
+                    f"that {component}'s weights in the config folder ({component}/)")
     else:
         try:
             actual = _converted_shapes(expected, shapes)
@@ -215,7 +236,50 @@ def _fit_problem(path_text: str, size: int, mtime_ns: int, base_text: str, compo
             return (f"is not in a layout diffusers converts to {expected.model_class.__name__} "
                     f"({type(exc).__name__}: {exc})")
         unexpected = [key for key in actual if key not in expected.shapes]
-    return _compare(actual, unexpected, expected, base / component)
+    problem = _compare(actual, unexpected, expected, base / component)
+    return problem + note if problem else None
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return str(diffusers.__version__)
+
+
+def single_file_mapping(model_class: type) -> str | None:
+    """The diffusers class whose single-file loader (and original-layout converter) serves
+    `model_class`, as diffusers' from_single_file looks it up; None where it has none."""
+    import diffusers
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    for name in SINGLE_FILE_LOADABLE_CLASSES:
+        loadable = getattr(diffusers, name, None)
+        if isinstance(loadable, type) and issubclass(model_class, loadable):
+            return name
+    return None
+
+
+def tied_weight_names(model: Any) -> frozenset[str]:
+    """The weights `model`'s config ties to another one (Qwen3-4B's `lm_head.weight` to its
+    embeddings, T5's `encoder.embed_tokens.weight` to `shared.weight`): transformers fills them
+    from the weight they are tied to, so a file may leave them out. A class may declare a tie
+    its config turns off (Qwen3-8B's untied LM head): that weight is a weight of its own."""
+    tied = getattr(model, "all_tied_weights_keys", None)  # the ties in force (transformers 5)
+    if tied is None:
+        tied = getattr(model, "_tied_weights_keys", None) or ()
+    return frozenset(tied)
+
+
+def unused_head_names(model: Any) -> frozenset[str]:
+    """A causal LM's output head (Klein's Qwen3): a pipeline reads a text encoder's hidden
+    states, never its logits, so a file may leave the head out even where the config does
+    not tie it (Qwen3-8B); the loader then fills it with the input embeddings."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None or getattr(head, "weight", None) is None:
+        return frozenset()
+    return frozenset(name for name, parameter in model.named_parameters(remove_duplicate=False)
+                     if parameter is head.weight)
 
 
 def _compare(actual: Mapping[str, tuple[int, ...]], unexpected: Sequence[str],
@@ -257,8 +321,7 @@ def _expected(base_text: str, component: str, config_mtime_ns: int) -> _Expected
         config = model_class.config_class.from_pretrained(str(folder))
         with torch.device("meta"):
             model = model_class(config)
-        tied = getattr(model, "_tied_weights_keys", None) or ()
-        optional = frozenset(tied if isinstance(tied, Mapping) else tied)
+        optional = tied_weight_names(model) | unused_head_names(model)
     else:
         config = dict(model_class.load_config(str(folder)))
         with torch.device("meta"):
@@ -328,10 +391,11 @@ def _converted_shapes(expected: _Expected,
     checkpoint = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
     if set(checkpoint) == set(expected.shapes):
         return dict(shapes)  # already in diffusers' layout: from_single_file converts nothing
-    mapping = SINGLE_FILE_LOADABLE_CLASSES.get(expected.model_class.__name__)
-    if mapping is None:
+    mapping_class = single_file_mapping(expected.model_class)
+    if mapping_class is None:
         raise ValueError(f"diffusers has no single-file loader for "
                          f"{expected.model_class.__name__}")
+    mapping = SINGLE_FILE_LOADABLE_CLASSES[mapping_class]
     converted = mapping["checkpoint_mapping_fn"](checkpoint=checkpoint, config=expected.config)
     return {key: tuple(tensor.shape) for key, tensor in converted.items()}
 
@@ -364,8 +428,11 @@ def load_component(path: Path, base: Path, component: str, dtype: torch.dtype) -
     library, model_class = component_class(base, component)
     if library == "transformers":
         return _load_text_encoder(path, base / component, model_class, dtype)
-    model = model_class.from_single_file(str(path), config=str(base), subfolder=component,
-                                         dtype=dtype, local_files_only=True)
+    if single_file_mapping(model_class) is None:
+        model = _load_diffusers_layout(path, base / component, model_class, dtype)
+    else:
+        model = model_class.from_single_file(str(path), config=str(base), subfolder=component,
+                                             dtype=dtype, local_files_only=True)
     # diffusers leaves a weight the file lacks on the meta device without an error.
     empty = [key for key, tensor in (*model.named_parameters(), *model.named_buffers())
              if tensor.device.type == "meta"]
@@ -373,6 +440,25 @@ def load_component(path: Path, base: Path, component: str, dtype: torch.dtype) -
         raise RenderError(f"{path.name} lacks {len(empty)} {component} weights (e.g. {empty[0]}) "
                           f"for the config in {base}/{component}")
     return model.eval().requires_grad_(False)
+
+
+def _load_diffusers_layout(path: Path, folder: Path, model_class: Any,
+                           dtype: torch.dtype) -> Any:
+    """A diffusers model from a file holding exactly its state dict (fit_problem checked the
+    names and shapes): built on the meta device from the folder's config, the file's tensors
+    then taking the place of the empty ones."""
+    from safetensors.torch import load_file
+
+    if getattr(model_class, "_keep_in_fp32_modules", None):
+        raise RenderError(f"{model_class.__name__} keeps modules in float32, which lorafarm "
+                          f"does not do for a file of its own ({path.name}); keep its weights "
+                          f"in the config folder ({folder})")
+    with torch.device("meta"):
+        model = model_class.from_config(model_class.load_config(str(folder)))
+    state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+             for key, tensor in load_file(str(path)).items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
 
 
 def _load_text_encoder(path: Path, folder: Path, model_class: Any, dtype: torch.dtype) -> Any:
@@ -392,8 +478,15 @@ def _load_text_encoder(path: Path, folder: Path, model_class: Any, dtype: torch.
              for key, tensor in state.items()}
     model, info = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
                                               output_loading_info=True)
-    tied = getattr(model, "_tied_weights_keys", None) or ()
-    missing = sorted(set(info.get("missing_keys", ())) - set(tied))
+    missing = set(info.get("missing_keys", ())) - tied_weight_names(model)
+    head = missing & unused_head_names(model)
+    if head:
+        # Only its logits would need it, and nothing reads them: the embeddings stand in, so
+        # that the model is whole and the same on every load.
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        log.info("%s has no %s; the input embeddings stand in (a pipeline reads the hidden "
+                 "states only)", path.name, ", ".join(sorted(head)))
+    missing = sorted(missing - head)
     wrong = sorted(set(info.get("unexpected_keys", ())) | {
         str(entry[0] if isinstance(entry, tuple) else entry)
         for entry in info.get("mismatched_keys", ())})

@@ -6,12 +6,17 @@ From any tiny diffusers pipeline (families/*_tiny.py) this writes:
   tokenizers and the scheduler (what a diffusers download holds minus the .safetensors);
 * text encoder files as ComfyUI has them (`clip_l.safetensors`: transformers' CLIP names under
   `text_model.`, plus the projection some saves carry; `t5xxl_fp16.safetensors` /
-  `umt5_xxl_fp16.safetensors`: transformers' names, without the tied embedding copy);
+  `umt5_xxl_fp16.safetensors` / Klein's `qwen_3_4b.safetensors`: transformers' names, without
+  the tied copies: T5's embedding copy, Qwen3-4B's LM head);
 * VAE files in the original layouts: the LDM layout of Flux's `ae.safetensors` and the Wan 2.1
-  layout of `wan_2.1_vae.safetensors`.
+  layout of `wan_2.1_vae.safetensors`;
+* the Flux 2 VAE (Klein) in the two layouts that matter to lorafarm: diffusers' own, which it
+  loads, and the original one of `flux2-vae.safetensors` (the LDM names plus the latent
+  batch-norm statistics), which diffusers 0.42 has no loader for and lorafarm refuses.
 
 diffusers converts the original VAE layouts on load but has no writer for them; the writers
-here are the inverses of its converters, and check themselves against them on every write.
+here are the inverses of its converters, and check themselves against them on every write
+(the Flux 2 one excepted: there is no converter to check it against).
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from families.components import tied_weight_names
+
 __all__ = [
     "save_config_folder",
+    "save_diffusers_model_file",
+    "save_flux2_vae_original_file",
     "save_flux_ae_file",
     "save_text_encoder_file",
     "save_wan_vae_file",
@@ -67,9 +76,10 @@ def save_text_encoder_file(model: torch.nn.Module, path: Path, *, prefix: str = 
     `prefix`: "text_model." writes CLIP the way clip_l.safetensors names it (transformers >=
     5.6 dropped that level from CLIPTextModel). `projection` adds a `text_projection.weight`, as
     some CLIP-L saves carry (the text model alone never uses it). Tied copies (T5's
-    `encoder.embed_tokens.weight`) are left out, as the released files leave them out.
+    `encoder.embed_tokens.weight`, Qwen3-4B's `lm_head.weight`) are left out, as the released
+    files leave them out.
     """
-    tied = getattr(model, "_tied_weights_keys", None) or ()
+    tied = tied_weight_names(model)
     tensors = {prefix + key: value for key, value in model.state_dict().items()
                if key not in tied}
     if projection:
@@ -80,23 +90,46 @@ def save_text_encoder_file(model: torch.nn.Module, path: Path, *, prefix: str = 
     return _write(tensors, path)
 
 
-def save_flux_ae_file(vae: torch.nn.Module, path: Path) -> Path:
-    """A diffusers AutoencoderKL in the original LDM layout, as Black Forest Labs ships Flux's
-    `ae.safetensors` (no prefix, no quant convs, 1x1-conv attention weights)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
+def _ldm_vae_tensors(state: dict[str, Tensor], levels: int) -> dict[str, Tensor]:
+    """A diffusers AutoencoderKL-style state dict under the original LDM names."""
     from families.sdxl_tiny import _vae_key_to_original
 
-    state = vae.state_dict()
-    levels = len(vae.config.block_out_channels)
     tensors: dict[str, Tensor] = {}
     for key, value in state.items():
         original = _vae_key_to_original(key, levels)
         if ".mid.attn_1." in original and original.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # the original attention is 1x1 convolutions
         tensors[original] = value
+    return tensors
+
+
+def save_flux_ae_file(vae: torch.nn.Module, path: Path) -> Path:
+    """A diffusers AutoencoderKL in the original LDM layout, as Black Forest Labs ships Flux's
+    `ae.safetensors` (no prefix, no quant convs, 1x1-conv attention weights)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    state = vae.state_dict()
+    tensors = _ldm_vae_tensors(state, len(vae.config.block_out_channels))
     _check_inverse(convert_ldm_vae_checkpoint(dict(tensors), dict(vae.config)), state)
     return _write(tensors, path)
+
+
+def save_diffusers_model_file(model: torch.nn.Module, path: Path) -> Path:
+    """A diffusers model's state dict as it is, one file (the Flux 2 VAE in the only layout
+    lorafarm takes it from as a file of its own)."""
+    return _write(dict(model.state_dict()), path)
+
+
+def save_flux2_vae_original_file(vae: torch.nn.Module, path: Path) -> Path:
+    """A diffusers AutoencoderKLFlux2 under original names, as `flux2-vae.safetensors`
+    holds it: the LDM names of Flux.1's `ae.safetensors` for the autoencoder, and the latent
+    batch-norm statistics as `bn.*`. For refusal tests: diffusers 0.42 has no converter to
+    check this layout against, nor one that would load it."""
+    state = vae.state_dict()
+    statistics = {key: value for key, value in state.items() if key.startswith("bn.")}
+    rest = {key: value for key, value in state.items() if key not in statistics}
+    return _write({**_ldm_vae_tensors(rest, len(vae.config.block_out_channels)), **statistics},
+                  path)
 
 
 def tiny_wan21_vae(seed: int = 0) -> torch.nn.Module:

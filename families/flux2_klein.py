@@ -12,6 +12,12 @@ never runs CFG whatever guidance scale it is given. The transformer weights have
 shapes in both, so a single file's variant is a guess from its name (BFL names the base
 `flux-2-klein-base-*.safetensors`).
 
+The Qwen3 text encoder and the VAE may be files of their own, as ComfyUI users keep them
+(models/text_encoders/qwen_3_4b.safetensors, models/vae/flux2-vae.safetensors), with a
+diffusers config folder that then lacks their weights (families/components.py). diffusers 0.42
+has no single-file loader for the Flux 2 VAE: a VAE file is taken only in diffusers' own layout,
+and ComfyUI's original-layout flux2-vae.safetensors is refused (its weights stay in vae/).
+
 The transformer-only file may also be a quantized GGUF file (`flux-2-klein-4b-Q8_0.gguf`, BFL
 key layout), loaded through diffusers' GGUF support with the same base folder, or an FP8
 safetensors file (float8_e4m3fn weights, kept so in memory; see families/quantized.py).
@@ -55,10 +61,23 @@ from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
 from daemon.safetensors_header import SafetensorsHeader
 from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
+from families.components import (
+    Component,
+    ComponentError,
+    choose_components,
+    load_components,
+)
 
 log = logging.getLogger(__name__)
 
 KLEIN_PIPELINE = "Flux2KleinPipeline"
+# The parts ComfyUI users keep as files of their own (models/text_encoders, models/vae).
+KLEIN_COMPONENTS = (
+    Component("text_encoder", "Qwen3 text encoder", "text_encoders"),  # qwen_3_4b.safetensors
+    # flux2-vae.safetensors is in the original layout, which diffusers 0.42 cannot load: only
+    # a file in diffusers' own layout fits (see families/components.py).
+    Component("vae", "Flux 2 VAE", "vae"),
+)
 DISTILLED, BASE = "distilled", "base"
 VARIANTS = (DISTILLED, BASE)
 
@@ -137,6 +156,7 @@ class Flux2KleinFamily(Family):
     sampler_kind = "flow"
     supports_negative_prompt = False
     reads_gguf = True  # BFL-layout GGUF transformers, with a diffusers folder as the base
+    component_files = tuple(c.name for c in KLEIN_COMPONENTS)  # qwen_3_4b, a diffusers VAE
     defaults = VARIANT_DEFAULTS[DISTILLED]  # the release most people run
 
     def defaults_for(self, variant: str | None) -> FamilyDefaults:
@@ -250,13 +270,18 @@ class Flux2KleinFamily(Family):
 
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
         if checkpoint.kind not in ("single_file", "gguf"):
-            return None
+            # Its own weights, unless a component file is named for it.
+            return _component_problem(checkpoint, checkpoint.path) if checkpoint.components \
+                else None
         where = f"[checkpoints.{checkpoint.name}] config"
         if checkpoint.config_path is None:
             return (f"{checkpoint.name!r} is a FLUX.2 [klein] transformer alone; the Qwen3 text "
                     "encoder, VAE and tokenizer come from a diffusers Klein folder of the same "
                     f'size (lorafarm never downloads one): set {where} = "path/to/klein-folder" '
-                    "in config.toml")
+                    "in config.toml. The folder's transformer weights are not needed, nor its "
+                    "text encoder weights where the Qwen3 encoder is a file of its own "
+                    "(ComfyUI's qwen_3_4b.safetensors: text_encoder in the same table, or found "
+                    "in the ComfyUI trees of paths.comfyui)")
         folder = checkpoint.config_path
         index_path = folder / "model_index.json"
         if not index_path.is_file():
@@ -270,10 +295,15 @@ class Flux2KleinFamily(Family):
         if not (folder / "transformer" / "config.json").is_file():
             return (f"the config folder {folder} has no transformer/config.json, which "
                     f"{checkpoint.name!r} needs to be built")
-        for component in ("text_encoder", "vae"):
-            if not any((folder / component).glob("*.safetensors")):
-                return (f"the config folder {folder} has no {component} weights "
-                        f"({component}/*.safetensors); {checkpoint.name!r} takes them from there")
+        problem = _component_problem(checkpoint, folder)
+        if problem:
+            return problem
+        for component in ("tokenizer", "scheduler"):
+            if not (folder / component).is_dir():
+                return (f"the config folder {folder} has no {component}/ folder, which "
+                        f"{checkpoint.name!r} needs (a config folder holds model_index.json, "
+                        "the component configs, tokenizer and scheduler; weights only for the "
+                        "parts that are not files of their own)")
         return None
 
     def apply_conventions(self, prompt: str, negative_prompt: str | None,
@@ -293,18 +323,25 @@ class Flux2KleinFamily(Family):
         # Klein and its Qwen3 encoder ship in bfloat16 and diffusers runs them so; float16
         # risks the overflow Flux.1 is known for. Not measured on real Klein weights here.
         dtype = self.bfloat16_for_float16(dtype)
+        base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
+        assert base is not None  # checked by missing_requirements
+        # Qwen3 and the VAE kept as files of their own (ComfyUI's qwen_3_4b, a diffusers VAE).
+        files = choose_components(checkpoint, base, KLEIN_COMPONENTS)
+        parts = load_components(base, files, dtype, checkpoint.name)
         if checkpoint.kind == "folder":
             pipe = Flux2KleinPipeline.from_pretrained(checkpoint.path, dtype=dtype,
-                                                      local_files_only=True)
+                                                      local_files_only=True, **parts)
         else:
-            assert checkpoint.config_path is not None  # checked by missing_requirements
             transformer = _load_single_file_transformer(checkpoint, dtype)
             # The folder lends everything but the transformer; the variant is the single
             # file's own, whatever the folder's model_index.json says.
             pipe = Flux2KleinPipeline.from_pretrained(
-                checkpoint.config_path, transformer=transformer, dtype=dtype,
-                local_files_only=True, is_distilled=checkpoint.variant != BASE)
+                base, transformer=transformer, dtype=dtype, local_files_only=True,
+                is_distilled=checkpoint.variant != BASE, **parts)
         pipe.set_progress_bar_config(disable=True)
+        # Which files the pipeline was assembled from (the model hash stays the transformer
+        # file's); logged by load_components as well.
+        pipe.lorafarm_components = {name: str(path) for name, path in files.items()}
         # Samplers are swapped per batch, each built from the checkpoint's own training
         # settings (shift, dynamic shifting), kept here untouched.
         pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
@@ -358,6 +395,15 @@ DEMO_BASE = "tiny-flux2-klein-base"
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _component_problem(checkpoint: LoadedCheckpoint, base: Path) -> str | None:
+    """What keeps Qwen3 and the VAE from loading (from `base` or files of their own)."""
+    try:
+        choose_components(checkpoint, base, KLEIN_COMPONENTS)
+    except ComponentError as exc:
+        return str(exc)
+    return None
 
 
 def _strip_prefix(name: str) -> str:
