@@ -305,6 +305,12 @@ class Family(ABC):
         frames = int(spec.extra.get("frames", 1))
         return int(0.9 * 2**30 * (spec.width * spec.height / 1024**2) * max(1, frames // 4 + 1))
 
+    def component_sources(self, checkpoint: LoadedCheckpoint) -> dict[str, Path]:
+        """The files the pipeline's parts load from instead of the config folder's weights
+        (see `component_files`): the named ones here; a family that pairs parts from the UI
+        trees by itself adds those. Headers only: `weights_cost` counts them."""
+        return dict(checkpoint.components)
+
     def weights_cost(self, checkpoint: LoadedCheckpoint, dtype: torch.dtype,
                      offload: str = "none") -> int:
         """Accelerator bytes the loaded checkpoint's weights hold while it renders: what is
@@ -315,7 +321,8 @@ class Family(ABC):
         sequential: about one block, taken as 0)."""
         from daemon.quantization import resident_weight_bytes
 
-        return resident_weight_bytes(checkpoint, dtype, offload)
+        return resident_weight_bytes(checkpoint, dtype, offload,
+                                     components=self.component_sources(checkpoint))
 
     def apply_offload(self, pipe: Any, mode: str, device: torch.device) -> list[str]:
         """Put the loaded pipeline into the configured memory tier (worker.offload) and return

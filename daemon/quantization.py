@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,42 +139,43 @@ def _file_bytes(path: Path, compute_bytes: int) -> int:
 
 
 def resident_weight_bytes(checkpoint: LoadedCheckpoint, dtype: torch.dtype,
-                          offload: str = "none") -> int:
+                          offload: str = "none",
+                          components: Mapping[str, Path] | None = None) -> int:
     """Accelerator bytes a loaded checkpoint's weights hold, from file headers (see
     `Family.weights_cost`); `dtype` is the compute dtype. 0 when the files cannot tell.
-    Named component files count instead of the config folder's; parts a family pairs from
-    the UI trees by itself are not known here (the measured size replaces this estimate
-    once the pipeline is loaded)."""
+    Component files (`components`, by default the named ones) count instead of the config
+    folder's weights."""
     compute_bytes = dtype.itemsize
+    files = checkpoint.components if components is None else components
     path, kind, config_path = checkpoint.path, checkpoint.kind, checkpoint.config_path
-    components: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     try:
         if kind == "folder":
             base: Path | None = path
         else:
             base = config_path
-            components["transformer"] = _file_bytes(path, compute_bytes)
+            sizes["transformer"] = _file_bytes(path, compute_bytes)
             if checkpoint.transformer_2 is not None:
-                components["transformer_2"] = _file_bytes(checkpoint.transformer_2,
-                                                          compute_bytes)
+                sizes["transformer_2"] = _file_bytes(checkpoint.transformer_2,
+                                                     compute_bytes)
         if base is not None and base.is_dir():
             for folder in sorted(p for p in base.iterdir() if p.is_dir()):
                 if kind != "folder" and folder.name in _DENOISERS:
                     continue  # replaced by the single file
-                if folder.name in checkpoint.components:
-                    continue  # replaced by a named component file (counted below)
-                files = sorted(folder.glob("*.safetensors"))
-                if files:
-                    components[folder.name] = sum(
+                if folder.name in files:
+                    continue  # replaced by a component file (counted below)
+                weights = sorted(folder.glob("*.safetensors"))
+                if weights:
+                    sizes[folder.name] = sum(
                         _stored_bytes(read_header(f), compute_bytes, keep_fp8=False)
-                        for f in files)
-        for name, file in checkpoint.components.items():
-            components[name] = _stored_bytes(read_header(file), compute_bytes, keep_fp8=False)
+                        for f in weights)
+        for name, file in files.items():
+            sizes[name] = _stored_bytes(read_header(file), compute_bytes, keep_fp8=False)
     except (GgufError, SafetensorsError, OSError) as exc:
         log.debug("weights of %s not known: %s", path, exc)
         return 0
     if offload == "model":
-        return max(components.values(), default=0)
+        return max(sizes.values(), default=0)
     if offload in ("group", "sequential"):
         return 0  # one block or layer at a time: small beside the activations
-    return sum(components.values())
+    return sum(sizes.values())

@@ -128,6 +128,31 @@ def choose_components(checkpoint: LoadedCheckpoint, base: Path,
     return chosen
 
 
+def component_problem(checkpoint: LoadedCheckpoint, base: Path,
+                      components: Sequence[Component]) -> str | None:
+    """What keeps `components` from loading, from `base` or files of their own; None when
+    nothing does (a family's missing_requirements)."""
+    try:
+        choose_components(checkpoint, base, components)
+    except ComponentError as exc:
+        return str(exc)
+    return None
+
+
+def component_sources(checkpoint: LoadedCheckpoint,
+                      components: Sequence[Component]) -> dict[str, Path]:
+    """The files `components` would load from (named, or paired from the UI trees), for
+    sizing the checkpoint before it loads; only the named ones when the choice cannot be
+    made (the load then says why)."""
+    base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
+    if base is None:
+        return dict(checkpoint.components)
+    try:
+        return choose_components(checkpoint, base, components)
+    except ComponentError:
+        return dict(checkpoint.components)
+
+
 def _where(name: str) -> str:
     return f"[checkpoints.{name}] in config.toml, or the sidecar {name}.toml"
 

@@ -61,8 +61,9 @@ from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
 from families.components import (
     Component,
-    ComponentError,
     choose_components,
+    component_problem,
+    component_sources,
     load_components,
 )
 from families.flux_bfl import (
@@ -210,11 +211,15 @@ class FluxFamily(Family):
             renamed[key] = tensor
         return renamed
 
+    def component_sources(self, checkpoint: LoadedCheckpoint) -> dict[str, Path]:
+        return component_sources(checkpoint, FLUX_COMPONENTS)
+
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
         if checkpoint.kind == "folder":
             # Its own weights, unless a component file is named for it.
-            return _component_problem(checkpoint, checkpoint.path) if checkpoint.components \
-                else None
+            if not checkpoint.components:
+                return None
+            return component_problem(checkpoint, checkpoint.path, FLUX_COMPONENTS)
         scaled = scaled_fp8_problem(checkpoint)
         if scaled:
             return scaled
@@ -241,7 +246,7 @@ class FluxFamily(Family):
         if not (base / "transformer" / "config.json").is_file():
             return (f"the config folder {base} has no transformer/config.json, which "
                     f"{checkpoint.name!r} needs to be built")
-        problem = _component_problem(checkpoint, base)
+        problem = component_problem(checkpoint, base, FLUX_COMPONENTS)
         if problem:
             return problem
         for component in ("tokenizer", "tokenizer_2", "scheduler"):
@@ -763,16 +768,6 @@ def encode_weighted_flux(pipe: Any, prompts: list[ParsedPrompt],
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _component_problem(checkpoint: LoadedCheckpoint, base: Path) -> str | None:
-    """What keeps the text encoders and VAE from loading (from `base` or files of their
-    own), or None."""
-    try:
-        choose_components(checkpoint, base, FLUX_COMPONENTS)
-    except ComponentError as exc:
-        return str(exc)
-    return None
 
 
 def _with_settings(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:

@@ -63,8 +63,9 @@ from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
 from families.components import (
     Component,
-    ComponentError,
     choose_components,
+    component_problem,
+    component_sources,
     load_components,
 )
 
@@ -268,11 +269,15 @@ class Flux2KleinFamily(Family):
         # encoder component, so a text-encoder weight has nothing to act on.
         return {"transformer": lora.strength}
 
+    def component_sources(self, checkpoint: LoadedCheckpoint) -> dict[str, Path]:
+        return component_sources(checkpoint, KLEIN_COMPONENTS)
+
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
         if checkpoint.kind not in ("single_file", "gguf"):
             # Its own weights, unless a component file is named for it.
-            return _component_problem(checkpoint, checkpoint.path) if checkpoint.components \
-                else None
+            if not checkpoint.components:
+                return None
+            return component_problem(checkpoint, checkpoint.path, KLEIN_COMPONENTS)
         where = f"[checkpoints.{checkpoint.name}] config"
         if checkpoint.config_path is None:
             return (f"{checkpoint.name!r} is a FLUX.2 [klein] transformer alone; the Qwen3 text "
@@ -295,7 +300,7 @@ class Flux2KleinFamily(Family):
         if not (folder / "transformer" / "config.json").is_file():
             return (f"the config folder {folder} has no transformer/config.json, which "
                     f"{checkpoint.name!r} needs to be built")
-        problem = _component_problem(checkpoint, folder)
+        problem = component_problem(checkpoint, folder, KLEIN_COMPONENTS)
         if problem:
             return problem
         for component in ("tokenizer", "scheduler"):
@@ -395,15 +400,6 @@ DEMO_BASE = "tiny-flux2-klein-base"
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _component_problem(checkpoint: LoadedCheckpoint, base: Path) -> str | None:
-    """What keeps Qwen3 and the VAE from loading (from `base` or files of their own)."""
-    try:
-        choose_components(checkpoint, base, KLEIN_COMPONENTS)
-    except ComponentError as exc:
-        return str(exc)
-    return None
 
 
 def _strip_prefix(name: str) -> str:

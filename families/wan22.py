@@ -80,8 +80,9 @@ from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
 from families.components import (
     Component,
-    ComponentError,
     choose_components,
+    component_problem,
+    component_sources,
     load_components,
 )
 
@@ -321,6 +322,9 @@ class Wan22Family(Family):
                                reason=f"original-layout single file: {what} (width {width}, "
                                       f"{in_channels} input channels)")
 
+    def component_sources(self, checkpoint: LoadedCheckpoint) -> dict[str, Path]:
+        return component_sources(checkpoint, WAN_COMPONENTS)
+
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
         if checkpoint.kind == "gguf":
             return _gguf_requirements(checkpoint)
@@ -331,8 +335,9 @@ class Wan22Family(Family):
                     "base: use the diffusers folder of this release (e.g. "
                     "Wan2.2-T2V-A14B-Diffusers)")
         # Its own weights, unless a component file is named for it.
-        return _component_problem(checkpoint, checkpoint.path) if checkpoint.components \
-            else None
+        if not checkpoint.components:
+            return None
+        return component_problem(checkpoint, checkpoint.path, WAN_COMPONENTS)
 
     def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
         layout = _wan_lora_layout(facts.module_keys)
@@ -838,16 +843,7 @@ def _gguf_requirements(checkpoint: LoadedCheckpoint) -> str | None:
             return (f"{path.name} ({found}) does not fit the {component} of the base folder "
                     f"{base.name} (width {width}, {config.get('in_channels')} input channels): "
                     "use the base folder of the same release and size")
-    return _component_problem(checkpoint, base)
-
-
-def _component_problem(checkpoint: LoadedCheckpoint, base: Path) -> str | None:
-    """What keeps UMT5 and the VAE from loading (from `base` or files of their own)."""
-    try:
-        choose_components(checkpoint, base, WAN_COMPONENTS)
-    except ComponentError as exc:
-        return str(exc)
-    return None
+    return component_problem(checkpoint, base, WAN_COMPONENTS)
 
 
 def _load_gguf_experts(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> dict[str, Any]:

@@ -293,3 +293,32 @@ def test_a_named_component_file_that_goes_away_makes_the_checkpoint_unusable(
         assert "ae.safetensors" in (after.reason or "") and "vae" in (after.reason or "")
     finally:
         daemon.close()
+
+
+def test_parts_paired_from_the_trees_count_in_the_size_estimate(assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Before a split checkpoint first loads, its size comes from headers: the text encoders
+    and VAE a family pairs from the ComfyUI tree by itself count like those in a complete
+    folder, so the first batch is sized for the whole pipeline, not the transformer alone."""
+    pipe = build_tiny_flux_pipeline("dev", seed=0)
+    comfy = _comfyui_flux_tree(tmp_path / "ComfyUI", pipe)
+    config_folder = save_config_folder(pipe, tmp_path / "FLUX.1-dev-configs")
+    models = comfy / "models"
+    split = LoadedCheckpoint(
+        name="flux1-dev", path=models / "diffusion_models" / "flux1-dev.safetensors",
+        kind="single_file", config_path=config_folder,
+        component_folders={"text_encoders": (models / "text_encoders",),
+                           "vae": (models / "vae",)})
+    folder = LoadedCheckpoint(name="tiny-flux-dev", path=assets.models / "tiny-flux-dev",
+                              kind="folder", config_path=None)
+    family = FluxDevFamily()
+    assert set(family.component_sources(split)) == {"text_encoder", "text_encoder_2", "vae"}
+    assert family.component_sources(folder) == {}
+    whole = family.weights_cost(folder, torch.float32)
+    transformer_alone = family.weights_cost(
+        LoadedCheckpoint(name="bare", path=split.path, kind="single_file",
+                         config_path=config_folder), torch.float32)
+    assert transformer_alone < 0.8 * whole  # the parts are a real share of the tiny model
+    # The same weights either way, up to what the files store beside them (CLIP's position
+    # ids and projection in ComfyUI's clip_l).
+    estimate = family.weights_cost(split, torch.float32)
+    assert abs(estimate - whole) / whole < 0.02, (estimate, whole)
