@@ -331,14 +331,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     # busy timeout makes the two take turns).
     store = Store.for_url(config.database_url)
     store.migrate()
-    registry = Registry(config, store, Plugins(config.plugins))
+    plugins = Plugins(config.plugins)
+    registry = Registry(config, store, plugins)
     infos = registry.scan()
     rows = []
     for info in infos:
         model_hash = registry.model_hash(info.name, wait=True) if info.state == "ok" else None
+        family = plugins.families.get(info.family) if info.family else None
+        # The files its parts load from instead of the config folder: named, or paired from
+        # the UI trees (what the daemon will assemble).
+        parts = (family.component_sources(info.loaded())
+                 if family is not None and info.state == "ok" else {})
         rows.append({"name": info.name, "family": info.family, "lineage": info.lineage,
                      "quantization": info.quantization,
                      "transformer_2": str(info.transformer_2) if info.transformer_2 else None,
+                     "components": {key: str(path) for key, path in sorted(parts.items())},
                      "kind": info.kind, "file": str(info.path), "hash": model_hash,
                      "state": info.state, "reason": info.reason})
     registry.close()
@@ -351,6 +358,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"{row['state']:<13} {row['quantization'] or '-':<11} {row['file']}")
             if row["transformer_2"]:
                 print(f"{'':<32} transformer_2: {row['transformer_2']}")
+            for key, path in row["components"].items():
+                print(f"{'':<32} {key}: {path}")
             if row["state"] != "ok":
                 print(f"{'':<32} {row['reason']}")
     return 0

@@ -6,6 +6,9 @@ the folders, the output files and the history.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -145,6 +148,16 @@ class Farm:
         from daemon.cli import history_records
 
         return history_records(self.config, limit=1000)
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """`lorafarm models --json` by checkpoint name, run in this process (its command
+        function: `main` would replace the logging handlers pytest relies on)."""
+        from daemon.cli import cmd_models
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cmd_models(argparse.Namespace(config=self.config.source, json=True)) == 0
+        return {row["name"]: row for row in json.loads(out.getvalue())}
 
     def files_in(self, folder: str) -> list[str]:
         path = self.jobs / folder

@@ -123,6 +123,13 @@ def test_flux_split_across_comfyui_folders_renders_as_the_diffusers_folder(
     model_hash = hashlib.sha256(transformer_file.read_bytes()).hexdigest()[:10]
     assert f"Model hash: {model_hash}" in Image.open(outputs["comfy.toml"]).info["parameters"]
     assert _snapshot(comfy) == before, "the ComfyUI tree was modified"
+    # `lorafarm models` says which files the split checkpoint is assembled from.
+    rows = farm.models()
+    assert rows["flux1-dev"]["components"] == {
+        "text_encoder": str(comfy / "models" / "text_encoders" / "clip_l.safetensors"),
+        "text_encoder_2": str(comfy / "models" / "text_encoders" / "t5xxl_fp16.safetensors"),
+        "vae": str(comfy / "models" / "vae" / "ae.safetensors")}
+    assert rows["tiny-flux-dev"]["components"] == {}
 
 
 def test_component_files_named_ambiguous_and_missing(make_farm, tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ same job, so "close" means close on the scale that matters. |diff| in 8-bit leve
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -40,7 +39,6 @@ from PIL import Image
 from safetensors.torch import save_file
 from sqlalchemy import select
 
-from daemon.cli import cmd_models
 from daemon.config import ConfigError, config_from_dict
 from daemon.family import LoadedCheckpoint, RenderError
 from daemon.lora_patching import AdapterState, apply_loras, count_patched_modules
@@ -131,19 +129,11 @@ def _render_specs(farm: Any) -> dict[str, dict[str, Any]]:
     return specs
 
 
-def _models(farm: Any, capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, Any]]:
-    """`lorafarm models --json`, run in this process (its command function: `main` would
-    replace the logging handlers pytest relies on)."""
-    capsys.readouterr()
-    assert cmd_models(argparse.Namespace(config=farm.config.source, json=True)) == 0
-    return {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-
-
 # --- Flux.1: GGUF Q8_0, Q4_0 and FP8 through the hot folder --------------------------------
 
 
 def test_quantized_flux_renders_close_to_the_original_with_the_quantization_recorded(
-        farm: Any, capsys: pytest.CaptureFixture[str]) -> None:
+        farm: Any) -> None:
     for checkpoint in (DEMO_DEV, Q8, Q4, DEMO_DEV_FP8, DEMO_DEV_BFL):
         farm.drop(f"{checkpoint}.toml", _flux_job(checkpoint))
     assert farm.run() == 0
@@ -174,7 +164,7 @@ def test_quantized_flux_renders_close_to_the_original_with_the_quantization_reco
     assert "Quantization" not in _infotext(pngs[DEMO_DEV])
     assert "quantization" not in specs[DEMO_DEV]["extra"]
 
-    rows = _models(farm, capsys)
+    rows = farm.models()
     assert rows[Q8]["kind"] == "gguf" and rows[Q8]["family"] == "flux-dev"
     assert "GGUF Q8_0 (Q8_0 " in rows[Q8]["reason"]
     assert rows[DEMO_DEV_FP8]["kind"] == "single_file"
@@ -368,7 +358,7 @@ def _hv_job(checkpoint: str, prompt: str = "a paper boat on a rainy street",
 
 
 def test_quantized_hunyuan_video_renders_close_to_the_original_with_a_lora(
-        farm: Any, capsys: pytest.CaptureFixture[str]) -> None:
+        farm: Any) -> None:
     lora = make_tiny_hunyuan_lora(
         build_tiny_hunyuan_video_pipeline(seed=0, heads=GGUF_HEADS).transformer, seed=5)
     write_hunyuan_lora(lora, farm.config.paths.loras / "paper.safetensors", "musubi")
@@ -409,7 +399,7 @@ def test_quantized_hunyuan_video_renders_close_to_the_original_with_a_lora(
     assert styled_job["renders"][0]["lora_patches"] == {"paper": {
         "transformer": lora.patched_modules("musubi"), "modules_in_file": len(lora.modules)}}
 
-    rows = _models(farm, capsys)
+    rows = farm.models()
     assert rows[HV_Q8]["family"] == "hunyuan-video" and rows[HV_Q8]["kind"] == "gguf"
     assert rows[HV_Q8]["quantization"] == "GGUF Q8_0"
     assert "HunyuanVideo transformer in the original layout, GGUF file" in rows[HV_Q8]["reason"]
@@ -520,7 +510,7 @@ def test_a_hunyuan_video_gguf_needs_a_base_folder_that_fits(assets: Any) -> None
 
 
 def test_config_toml_pairs_wan_experts_and_refuses_a_bad_second_expert(
-        make_farm: Any, assets: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        make_farm: Any, assets: Any, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     (models / DEMO_GGUF_BASE).symlink_to(assets.models / DEMO_GGUF_BASE,
@@ -540,7 +530,7 @@ def test_config_toml_pairs_wan_experts_and_refuses_a_bad_second_expert(
         "flux-folder": {"transformer_2": "pair-low-Q8_0.gguf"},
     })
 
-    rows = _models(farm, capsys)
+    rows = farm.models()
     pair = rows["pair-high-Q8_0"]
     assert pair["state"] == "ok" and pair["quantization"] == "GGUF Q8_0"
     assert pair["transformer_2"] == str((models / "pair-low-Q8_0.gguf").resolve())
@@ -591,7 +581,7 @@ def _gguf_of(tensors: dict[str, torch.Tensor], path: Path, architecture: str) ->
 
 
 def test_unusable_gguf_files_are_refused_with_the_reason(
-        make_farm: Any, assets: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        make_farm: Any, assets: Any, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     (models / DEMO_GGUF_BASE).symlink_to(assets.models / DEMO_GGUF_BASE, target_is_directory=True)
@@ -617,7 +607,7 @@ def test_unusable_gguf_files_are_refused_with_the_reason(
         f'config = "{DEMO_GGUF_BASE}"\ntransformer_2 = "nowhere.gguf"\n')
     farm = make_farm(paths={"models": str(models)})
 
-    rows = _models(farm, capsys)
+    rows = farm.models()
     assert rows["sd3-Q8_0"]["state"] == "unrecognised"
     assert "general.architecture = 'sd3'" in rows["sd3-Q8_0"]["reason"]
     assert ("GGUF transformers load for FLUX.1 [dev], FLUX.1 [schnell], FLUX.2 [klein], "
