@@ -121,6 +121,9 @@ class PipelineCache:
         self._move = move
         self.name = name
         self._entries: OrderedDict[str, CachedPipeline] = OrderedDict()
+        # The names, least recently used first, replaced whole on every change: other threads
+        # (the heartbeat) read it without the worker's lock, which a multi-GB move holds.
+        self.snapshot: tuple[str, ...] = ()
         self.promotions = self.demotions = self.evictions = 0
 
     @property
@@ -133,7 +136,10 @@ class PipelineCache:
         return self.device.type != "cpu" and self.ram_budget > 0
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self.snapshot)
+
+    def _changed(self) -> None:
+        self.snapshot = tuple(self._entries)
 
     def on_device(self) -> list[str]:
         return [name for name, entry in self._entries.items() if entry.tier == DEVICE_TIER]
@@ -160,6 +166,7 @@ class PipelineCache:
             self._drop(name)
             return None
         self._entries.move_to_end(name)
+        self._changed()
         self.make_room(keep=name, reserve=reserve)  # before it comes back, not after
         if entry.tier == RAM_TIER:
             self._move(entry.pipe, self.device)
@@ -174,6 +181,7 @@ class PipelineCache:
         entry.tier = DEVICE_TIER
         self._entries[name] = entry
         self._entries.move_to_end(name)
+        self._changed()
         log.info("%s: %s holds %.1f MB (%.1f MB on %s while it renders)", self.name, name,
                  entry.weights_bytes / 2**20, entry.resident_bytes / 2**20, self.device)
 
@@ -209,6 +217,7 @@ class PipelineCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._changed()
 
     # -- internals -----------------------------------------------------------------------
 
@@ -234,6 +243,7 @@ class PipelineCache:
 
     def _drop(self, name: str) -> None:
         self._entries.pop(name)
+        self._changed()
         self.evictions += 1
         log.info("%s: unloading %s to make room", self.name, name)
         if self.device.type == "cuda":

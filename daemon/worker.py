@@ -147,9 +147,9 @@ class Worker:
 
     @property
     def loaded_checkpoints(self) -> list[str]:
-        """Checkpoints this worker has loaded, on the device or in its RAM tier."""
-        with self._lock:
-            return self._cache.names()
+        """Checkpoints this worker has loaded, on the device or in its RAM tier. Lock-free:
+        the heartbeat asks while a pipeline may be moving between tiers under the lock."""
+        return list(self._cache.snapshot)
 
     @property
     def offload(self) -> str:

@@ -261,3 +261,28 @@ def test_each_batch_records_the_pipelines_it_moved_between_the_tiers(make_farm, 
     assert rows == [(1, 0), (1, 1), (0, 2)]
     assert len(moves.log) == 3
     assert (figures["pipeline_loads"], figures["tier_moves"]) == (2, 3)
+
+
+def test_the_loaded_list_answers_while_a_move_holds_the_worker_lock(make_farm) -> None:  # type: ignore[no-untyped-def]
+    """The heartbeat reports each worker's loaded checkpoints; a pipeline moving between
+    tiers (seconds for a real model) holds the worker's lock, and the heartbeat must not wait
+    behind it."""
+    import threading
+
+    from daemon.scheduler import claim_next_batch
+
+    farm = make_farm()
+    daemon = farm.daemon()
+    daemon.start()
+    farm.drop("one.toml", sdxl_job(count=1, steps=2))
+    daemon.intake.scan()
+    worker = daemon.worker
+    worker.render(claim_next_batch(daemon.store, max_batch=4, worker=worker.name))
+    answers: list[list[str]] = []
+    with worker._lock:  # as during a move
+        reader = threading.Thread(target=lambda: answers.append(worker.loaded_checkpoints))
+        reader.start()
+        reader.join(timeout=10)
+        answered = list(answers)  # before the lock is let go
+    daemon.close()
+    assert answered == [["tiny-sdxl"]]
