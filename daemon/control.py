@@ -254,21 +254,38 @@ def _move_job_file(config: Config, store: Store, job_id: int, file_name: str,
                    file_path: str | None, folder: str, report: str | None) -> Path | None:
     """Move the job's file into jobs/<folder>/ (writing `report` beside it) and record where
     it went. A file that is gone is not an error: the database is the source of truth."""
-    if not file_path:
-        return None
-    current = Path(file_path)
     target_dir = config.paths.jobs / folder
-    if not current.exists():
-        log.warning("job %d: its file %s is gone; the history still has the job",
-                    job_id, current)
-        return None
-    stale_error = current.with_name(current.name + ".error.txt")
-    if current.parent != target_dir:
+    target: Path | None = None
+    # Another daemon may move the file between our look and our move (taking it in, or
+    # filing it as the job ends): look again where the row says it went, once.
+    for attempt in range(2):
+        if attempt:
+            with store.session() as session:
+                job = session.get(Job, job_id)
+                if job is None or job.file_path == file_path:
+                    break
+                file_path = job.file_path
+        if not file_path:
+            return None
+        current = Path(file_path)
+        if not current.exists():
+            continue
+        stale_error = current.with_name(current.name + ".error.txt")
+        if current.parent == target_dir:
+            target = current
+            break
         target_dir.mkdir(parents=True, exist_ok=True)
-        target = unique_destination(target_dir, file_name, job_id)
-        os.replace(current, target)
-    else:
-        target = current
+        destination = unique_destination(target_dir, file_name, job_id)
+        try:
+            os.replace(current, destination)
+        except FileNotFoundError:
+            continue
+        target = destination
+        break
+    if target is None:
+        log.warning("job %d: its file %s is gone; the history still has the job",
+                    job_id, file_path)
+        return None
     if report is not None:
         write_error_file(target, report)
     elif stale_error.exists():

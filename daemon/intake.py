@@ -179,6 +179,9 @@ class Intake:
         raw = path.read_bytes()
         content_hash = hashlib.sha256(raw).hexdigest()
         error: JobFileError | None = None
+        spec: JobSpec | None = None
+        renders: list[RenderSpec] = []
+        warnings: list[str] = []
         try:
             spec, renders, warnings = self.parse(path.name, raw)
         except JobFileError as exc:
@@ -191,14 +194,34 @@ class Intake:
         taken = self._take_ownership(path)
         if taken is None:
             return
+        try:
+            self._settle(path, taken, raw, content_hash, spec, renders, warnings, error,
+                         result)
+        except Exception:
+            # The database went away mid-way, say: the file goes back to jobs/ for the next
+            # scan (which also finishes a row written before the failure), instead of waiting
+            # in the claim folder for this daemon's next start.
+            self._give_back(taken)
+            raise
+
+    def _settle(self, path: Path, taken: Path, raw: bytes, content_hash: str,
+                spec: JobSpec | None, renders: list[RenderSpec], warnings: list[str],
+                error: JobFileError | None, result: ScanResult) -> None:
+        """Decide what a taken file becomes: its unfinished twin's file, a finished job's
+        returning file, a rejection, or a new job."""
+        claims = str(self.jobs_dir / CLAIM_FOLDER_PREFIX)
         with self.store.session() as session:
             twin = session.scalars(select(Job).where(
                 Job.content_hash == content_hash, Job.state.in_(UNFINISHED_JOB_STATES))).first()
             twin_info = (twin.id, twin.file_path, twin.file_name) if twin else None
-            unfiled = None if twin else session.scalars(select(Job.id).where(
-                Job.content_hash == content_hash, Job.file_name == path.name,
-                Job.state.in_((JOB_DONE, JOB_FAILED)),
-                Job.file_path.is_(None) | Job.file_path.contains(CLAIM_FOLDER_PREFIX))).first()
+            # Recorded by a daemon that died before moving the file out of its claim folder.
+            returning = [(job_id, file_path) for job_id, file_path in session.execute(
+                select(Job.id, Job.file_path).where(
+                    Job.content_hash == content_hash, Job.file_name == path.name,
+                    Job.state.in_((JOB_DONE, JOB_FAILED)),
+                    Job.file_path.startswith(claims, autoescape=True)))]
+        unfiled = next((job_id for job_id, file_path in returning
+                        if not Path(file_path).exists()), None)
         if unfiled is not None:
             # This file is a finished job's own: a daemon died while taking it in, the others
             # rendered the job, and the file came back to jobs/ from the dead daemon's claim
@@ -219,8 +242,17 @@ class Intake:
         if error is not None:
             self._reject(taken, raw, error, result)
             return
+        assert spec is not None  # parsed, since there is no error
         job_id = self._accept(taken, content_hash, spec, renders, warnings)
         result.accepted.append(job_id)
+
+    def _give_back(self, taken: Path) -> None:
+        target = self.jobs_dir / taken.name
+        try:
+            if taken.exists() and not target.exists():
+                os.rename(taken, target)
+        except OSError:
+            log.exception("could not put %s back into %s", taken, self.jobs_dir)
 
     def _take_ownership(self, path: Path) -> Path | None:
         """Move the file into this daemon's hidden claim folder (an atomic rename within
@@ -582,7 +614,10 @@ class Intake:
 
     def _move_accepted(self, job_id: int, path: Path) -> None:
         target = unique_destination(self.folder("processing"), path.name, job_id)
-        os.replace(path, target)
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            return  # moved meanwhile (a cancel, or a daemon filing it): its row says where
         with self.store.session() as session:
             job = session.get(Job, job_id)
             if job is not None:
@@ -618,21 +653,21 @@ class Intake:
         report), following the state the database already holds."""
         self._file_finished(job_id, None)
 
-    def _file_finished(self, job_id: int, current: Path | None) -> None:
-        """File job `job_id`'s file, found at `current` (None: where its row says).
-        Several daemons may try at once (one ends the job, another repairs what a dead one
-        left): the first rename wins and the others find the file gone."""
+    def _file_finished(self, job_id: int, current: Path | None) -> bool:
+        """File job `job_id`'s file, found at `current` (None: where its row says); True
+        when this call moved it. Several daemons may try at once (one ends the job, another
+        repairs what a dead one left): the first rename wins and the others find it gone."""
         with self.store.session() as session:
             job = session.get(Job, job_id)
             if job is None or job.state not in (JOB_DONE, JOB_FAILED):
-                return
+                return False
             if current is None:
                 if job.file_path is None:
-                    return
+                    return False
                 current = Path(job.file_path)
             folder = "done" if job.state == JOB_DONE else "failed"
             if current.parent == self.folder(folder) or not current.exists():
-                return
+                return False
             failures = [f"render {r.index} (seed {r.seed}): {r.error}"
                         for r in job.renders if r.state == "failed"]
             file_name = job.file_name
@@ -640,7 +675,7 @@ class Intake:
         try:
             os.replace(current, target)
         except FileNotFoundError:
-            return  # another daemon filed it, or put it back in jobs/ to be filed from there
+            return False  # another daemon filed it, or put it back in jobs/ to be filed there
         if folder == "failed":
             write_error_file(target, f"{file_name} (job {job_id}) failed.\n\n"
                              + "\n".join(failures) + "\n\nHow to fix: read each reason above; "
@@ -650,21 +685,34 @@ class Intake:
             job = session.get(Job, job_id)
             if job is not None:
                 job.file_path = str(target)
+        return True
 
-    def file_stranded_jobs(self, older_than: float) -> list[int]:
+    def file_stranded_jobs(self, older_than: float) -> tuple[list[int], int]:
         """File the files of jobs that ended more than `older_than` seconds ago but whose
         file is still in processing/ or a claim folder: the daemon that ended the job died
-        before it moved the file (a living one moves it at once). Returns the jobs filed."""
+        before it moved the file (a living one, or a cancel, moves it at once). Returns the
+        jobs filed, and how many such files are younger than that (maybe still moving)."""
         cutoff = utcnow() - timedelta(seconds=older_than)
-        processing = str(self.folder("processing")) + os.sep
+        processing = self.folder("processing")
         with self.store.session() as session:
-            stranded = list(session.scalars(select(Job.id).where(
-                Job.state.in_((JOB_DONE, JOB_FAILED)), Job.finished_at <= cutoff,
-                Job.file_path.startswith(processing)
-                | Job.file_path.contains(os.sep + CLAIM_FOLDER_PREFIX))))
-        for job_id in stranded:
-            self.file_finished_job(job_id)
-        return stranded
+            rows = list(session.execute(select(Job.id, Job.file_path, Job.finished_at).where(
+                Job.state.in_((JOB_DONE, JOB_FAILED)),
+                Job.file_path.startswith(str(processing) + os.sep, autoescape=True)
+                | Job.file_path.startswith(str(self.jobs_dir / CLAIM_FOLDER_PREFIX),
+                                           autoescape=True))))
+        filed, waiting = [], 0
+        for job_id, file_path, finished_at in rows:
+            current = Path(file_path)
+            left_here = current.parent == processing or (
+                current.parent.parent == self.jobs_dir
+                and current.parent.name.startswith(CLAIM_FOLDER_PREFIX))
+            if not left_here or not current.exists():
+                continue  # another folder (LIKE ignores case on SQLite), or on its way
+            if finished_at is not None and finished_at > cutoff:
+                waiting += 1
+            elif self._file_finished(job_id, None):
+                filed.append(job_id)
+        return filed, waiting
 
     def reconcile(self) -> None:
         """Repair what a crash can leave between a database write and a file move."""

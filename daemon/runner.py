@@ -41,6 +41,10 @@ from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
 
+# How long a job may have ended with its file not yet filed before another daemon files it,
+# when leaving with --until-idle (the heartbeat waits lease_seconds).
+STRANDED_GRACE_SECONDS = 5.0
+
 
 class DaemonLockedError(RuntimeError):
     pass
@@ -328,8 +332,11 @@ class Daemon:
             # moment, or its lease runs out and the file comes back to jobs/ for us.
             if any(self.config.paths.jobs.glob(f"{CLAIM_FOLDER_PREFIX}*/*")):
                 return False
-            # Before leaving, file what a dead host left: a job it ended but did not move.
-            self.intake.file_stranded_jobs(older_than=0)
+            # Before leaving, file what a dead host left: a job it ended but did not move
+            # (after a grace, as a living host or a cancel moves its file at once).
+            _, waiting = self.intake.file_stranded_jobs(older_than=STRANDED_GRACE_SECONDS)
+            if waiting:
+                return False
         return busy is None
 
     def _intake_loop(self) -> None:

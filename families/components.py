@@ -149,7 +149,7 @@ def component_sources(checkpoint: LoadedCheckpoint,
         return dict(checkpoint.components)
     try:
         return choose_components(checkpoint, base, components)
-    except ComponentError:
+    except (ComponentError, OSError):
         return dict(checkpoint.components)
 
 
@@ -299,12 +299,15 @@ def unused_head_names(model: Any) -> frozenset[str]:
     """A causal LM's output head (Klein's Qwen3): a pipeline reads a text encoder's hidden
     states, never its logits, so a file may leave the head out even where the config does
     not tie it (Qwen3-8B); the loader then fills it with the input embeddings."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if head is None or getattr(head, "weight", None) is None:
+    output = getattr(model, "get_output_embeddings", None)
+    head = output() if callable(output) else None
+    if head is None:
         return frozenset()
-    return frozenset(name for name, parameter in model.named_parameters(remove_duplicate=False)
-                     if parameter is head.weight)
+    embeddings = model.get_input_embeddings()
+    # By module, not by parameter: a tied head's weight *is* the embeddings', which a file
+    # must still hold.
+    return frozenset(f"{name}.weight" for name, module in model.named_modules()
+                     if module is head and module is not embeddings)
 
 
 def _compare(actual: Mapping[str, tuple[int, ...]], unexpected: Sequence[str],

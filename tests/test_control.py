@@ -203,3 +203,23 @@ def test_bad_ids_and_states_are_clear_errors(farm: Farm, store: Store, capsys) -
     # Nothing was changed by the refused verbs.
     assert renders_of(store, queued) == [("queued", 0, None)]
     assert farm.files_in("processing") == ["queued.toml"]
+
+
+def test_cancel_finds_a_file_another_daemon_moved_meanwhile(farm: Farm, store: Store) -> None:
+    """Between cancel reading where the job's file is and moving it, another daemon moved
+    it (filing what a dead host left): cancel follows the row to where it went and still
+    writes its report there."""
+    [job_id], _ = accept(farm, ("moved.toml", sdxl_job(count=1)))
+    old_path = str(farm.jobs / "processing" / "moved.toml")
+    moved = farm.jobs / "failed" / "moved.toml"
+    moved.parent.mkdir(exist_ok=True)
+    (farm.jobs / "processing" / "moved.toml").rename(moved)
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.file_path = str(moved)
+    target = control._move_job_file(farm.config, store, job_id, "moved.toml", old_path,
+                                     "failed", "cancelled by the user\n")
+    assert target == moved
+    assert (farm.jobs / "failed" / "moved.toml.error.txt").read_text() == \
+        "cancelled by the user\n"

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from daemon.family import LoadedCheckpoint
+from daemon.family import LoadedCheckpoint, RenderError
 from families.components import choose_components, fit_problem, load_component
 from families.components_tiny import (
     save_config_folder,
@@ -231,3 +231,18 @@ def test_qwen3_lm_head_may_be_left_out_tied_or_not(klein: Any, tmp_path: Path) -
     save_file(body, str(tmp_path / "no-norm.safetensors"))
     problem = fit_problem(tmp_path / "no-norm.safetensors", untied, "text_encoder")
     assert problem is not None and "model.norm.weight" in problem
+
+
+def test_a_qwen3_file_without_its_embeddings_is_refused(klein: Any, tmp_path: Path) -> None:
+    """A left-out LM head is filled from the embeddings; left-out embeddings are not filled
+    from anything: such a file does not fit, whether the head is tied or not."""
+    config_folder = save_config_folder(klein, tmp_path / "configs")
+    state = klein.text_encoder.state_dict()
+    body = {key: value.clone() for key, value in state.items()
+            if key not in ("lm_head.weight", "model.embed_tokens.weight")}
+    save_file(body, str(tmp_path / "no-embeddings.safetensors"))
+    problem = fit_problem(tmp_path / "no-embeddings.safetensors", config_folder, "text_encoder")
+    assert problem is not None and "model.embed_tokens.weight" in problem
+    with pytest.raises(RenderError, match="model.embed_tokens.weight"):
+        load_component(tmp_path / "no-embeddings.safetensors", config_folder, "text_encoder",
+                       torch.float32)

@@ -181,9 +181,71 @@ def test_a_job_ended_by_a_daemon_that_died_before_moving_its_file_is_filed_by_an
     assert farm.files_in("processing") == ["ended.toml"]
     survivor = farm.daemon()
     # A job that ended a moment ago may still be on its way: its own daemon moves it.
-    assert survivor.intake.file_stranded_jobs(older_than=3600) == []
+    assert survivor.intake.file_stranded_jobs(older_than=3600) == ([], 1)
     assert farm.files_in("processing") == ["ended.toml"]
-    assert len(survivor.intake.file_stranded_jobs(older_than=0)) == 1
+    filed, waiting = survivor.intake.file_stranded_jobs(older_than=0)
+    assert len(filed) == 1 and waiting == 0
     assert farm.files_in("processing") == []
     assert farm.files_in("done") == ["ended.toml"]
     survivor.close()
+
+
+def test_a_returning_file_is_filed_with_its_finished_job_even_when_a_copy_is_queued(
+        farm, monkeypatch, tmp_path) -> None:
+    """The finished job's own file comes back while the user has queued the same content
+    under another name: it is filed with its job, not rejected as the copy's duplicate."""
+    left = _die_while_taking_in(farm, monkeypatch)
+    aside = tmp_path / "in-transit.toml"
+    os.rename(left, aside)
+    assert farm.run() == 0  # the job renders and ends; its file is on its way
+    daemon = farm.daemon()
+    daemon.start()
+    farm.drop("copy.toml", sdxl_job(count=1))  # same content, another name: a new run
+    assert len(daemon.intake.scan().accepted) == 1
+    os.rename(aside, farm.jobs / "claimed.toml")
+    result = daemon.intake.scan()
+    daemon.close()
+    assert result.rejected == [] and result.accepted == []
+    assert farm.files_in("done") == ["claimed.toml"]
+    assert farm.files_in("rejected") == []
+    assert farm.files_in("processing") == ["copy.toml"]
+
+
+def test_the_same_file_dropped_again_after_its_job_ended_runs_again(farm) -> None:
+    """Filing returning files must not swallow a re-run: a user drops a finished job's file
+    again (its name happening to contain the claim folder's prefix)."""
+    name = f"scene{CLAIM_FOLDER_PREFIX}off.toml"
+    farm.drop(name, sdxl_job(count=1))
+    assert farm.run() == 0
+    farm.drop(name, sdxl_job(count=1))
+    assert farm.run() == 0
+    assert len(farm.history()) == 2
+    assert len(_render_rows(farm)) == 2
+    assert len(farm.files_in("done")) == 2
+
+
+def test_a_file_whose_intake_fails_goes_back_to_jobs_and_is_taken_next_time(
+        farm, monkeypatch) -> None:
+    """The database fails mid-way through taking a file in: the file does not wait in the
+    daemon's claim folder (where an --until-idle farm would wait on it) but goes back to
+    jobs/, and the next scan takes it."""
+    daemon = farm.daemon()
+    daemon.start()
+    farm.drop("flaky.toml", sdxl_job(count=1))
+    real_accept = daemon.intake._accept
+    calls = []
+
+    def fail_once(*args):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("database went away")
+        return real_accept(*args)
+
+    monkeypatch.setattr(daemon.intake, "_accept", fail_once)
+    with pytest.raises(RuntimeError):
+        daemon.intake.scan()
+    assert (farm.jobs / "flaky.toml").exists()
+    assert not list(farm.jobs.glob(f"{CLAIM_FOLDER_PREFIX}*/*"))
+    assert len(daemon.intake.scan().accepted) == 1
+    daemon.close()
+    assert farm.files_in("processing") == ["flaky.toml"]
