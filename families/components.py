@@ -139,6 +139,19 @@ def component_problem(checkpoint: LoadedCheckpoint, base: Path,
     return None
 
 
+def missing_config_parts(base: Path, checkpoint_name: str, parts: Sequence[str],
+                         what: str = "config folder") -> str | None:
+    """The first of `parts` (tokenizer, scheduler, ... folders) that the diffusers config
+    folder `base` lacks, said as a reason; None when it has them all."""
+    for part in parts:
+        if not (base / part).is_dir():
+            return (f"the {what} {base} has no {part}/ folder, which {checkpoint_name!r} "
+                    f"needs (a {what} holds model_index.json, the component configs, "
+                    "tokenizers and scheduler; weights only for the parts that are not files "
+                    "of their own)")
+    return None
+
+
 def component_sources(checkpoint: LoadedCheckpoint,
                       components: Sequence[Component]) -> dict[str, Path]:
     """The files `components` would load from (named, or paired from the UI trees), for

@@ -65,6 +65,7 @@ from families.components import (
     component_problem,
     component_sources,
     load_components,
+    missing_config_parts,
 )
 from families.flux_bfl import (
     BflLayoutError,
@@ -249,13 +250,8 @@ class FluxFamily(Family):
         problem = component_problem(checkpoint, base, FLUX_COMPONENTS)
         if problem:
             return problem
-        for component in ("tokenizer", "tokenizer_2", "scheduler"):
-            if not (base / component).is_dir():
-                return (f"the config folder {base} has no {component}/ folder, which "
-                        f"{checkpoint.name!r} needs (a config folder holds model_index.json, "
-                        "the component configs, tokenizers and scheduler; weights only for "
-                        "the parts that are not files of their own)")
-        return None
+        return missing_config_parts(base, checkpoint.name,
+                                    ("tokenizer", "tokenizer_2", "scheduler"))
 
     def apply_conventions(self, prompt: str, negative_prompt: str | None,
                           enabled: bool) -> tuple[str, str, list[str]]:

@@ -67,6 +67,7 @@ from families.components import (
     component_problem,
     component_sources,
     load_components,
+    missing_config_parts,
 )
 
 log = logging.getLogger(__name__)
@@ -303,13 +304,7 @@ class Flux2KleinFamily(Family):
         problem = component_problem(checkpoint, folder, KLEIN_COMPONENTS)
         if problem:
             return problem
-        for component in ("tokenizer", "scheduler"):
-            if not (folder / component).is_dir():
-                return (f"the config folder {folder} has no {component}/ folder, which "
-                        f"{checkpoint.name!r} needs (a config folder holds model_index.json, "
-                        "the component configs, tokenizer and scheduler; weights only for the "
-                        "parts that are not files of their own)")
-        return None
+        return missing_config_parts(folder, checkpoint.name, ("tokenizer", "scheduler"))
 
     def apply_conventions(self, prompt: str, negative_prompt: str | None,
                           enabled: bool) -> tuple[str, str, list[str]]:

@@ -84,6 +84,7 @@ from families.components import (
     component_problem,
     component_sources,
     load_components,
+    missing_config_parts,
 )
 
 if TYPE_CHECKING:
@@ -801,12 +802,10 @@ def _gguf_requirements(checkpoint: LoadedCheckpoint) -> str | None:
         return (f"the base folder {base} of {checkpoint.name!r} is not a diffusers Wan folder "
                 f"(model_index.json: {index.get('_class_name') or 'missing'}); point config in "
                 f"{sidecar} at e.g. Wan2.2-T2V-A14B-Diffusers")
-    for component in ("tokenizer", "scheduler"):
-        if not (base / component).is_dir():
-            return (f"the base folder {base} has no {component}/ folder, which "
-                    f"{checkpoint.name!r} needs (a base folder holds model_index.json, the "
-                    "component configs, tokenizer and scheduler; weights only for the parts "
-                    "that are not files of their own)")
+    problem = missing_config_parts(base, checkpoint.name, ("tokenizer", "scheduler"),
+                                   what="base folder")
+    if problem:
+        return problem
     second = index.get("transformer_2")
     two_experts = isinstance(second, list) and bool(second) and second[0] is not None
     files = {"transformer": checkpoint.path}
