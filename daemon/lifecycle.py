@@ -174,11 +174,18 @@ def _job_ended(session, render: Render) -> bool:  # type: ignore[no-untyped-def]
 
 
 def _settle_job(session, job_id: int) -> int | None:  # type: ignore[no-untyped-def]
-    """End the job when none of its renders is queued or running; returns its id then."""
-    job = session.get(Job, job_id)
+    """End the job when none of its renders is queued or running; returns its id then.
+
+    The job row is locked first (PostgreSQL; SQLite has one writer anyway): two hosts ending
+    a job's last two renders at the same moment would each see the other's render still
+    running in its own transaction, and neither would end the job. With the lock, the second
+    waits for the first to commit and then sees both renders done. The job is locked before
+    the caller's render change is flushed, in the order a cancel takes the two rows."""
+    with session.no_autoflush:
+        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
     if job is None or job.state in (JOB_DONE, JOB_FAILED):
         return None
-    states = [r.state for r in job.renders]
+    states = list(session.scalars(select(Render.state).where(Render.job_id == job_id)))
     if any(s in (RENDER_QUEUED, RENDER_RUNNING) for s in states):
         return None
     job.state = JOB_FAILED if RENDER_FAILED in states else JOB_DONE

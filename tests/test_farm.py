@@ -132,6 +132,8 @@ def test_three_daemons_share_a_queue_and_one_dies_mid_batch(tmp_path: Path, asse
     # Two (three) daemons watched one folder: each file became exactly one job.
     jobs = _query(postgres_url, "SELECT file_name, count(*) FROM jobs GROUP BY file_name")
     assert len(jobs) == 22 and all(count == 1 for _, count in jobs)
+    # Every job ended, including those whose last renders two hosts finished at once.
+    assert _query(postgres_url, "SELECT DISTINCT state FROM jobs") == [("done",)]
     assert len(list((shared / "jobs" / "done").glob("*.toml"))) == 22, _logs(tmp_path)
     assert not list((shared / "jobs").glob(".taking-*/*"))  # no file left half taken
     hosts = dict(_query(postgres_url, "SELECT name, state FROM hosts"))

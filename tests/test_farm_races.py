@@ -1,6 +1,7 @@
-"""The quality gate's reseed on a farm: two hosts reseeding renders of one job at the same
-moment must not give the new renders the same index and seed (PostgreSQL, which runs
-transactions side by side; SQLite's single writer cannot race)."""
+"""Two hosts of a farm touching one job at the same moment (PostgreSQL, which runs
+transactions side by side; SQLite's single writer cannot race): reseeding two of its renders
+must not give the new renders the same index and seed, and ending its last two renders must
+end the job."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 
 from sqlalchemy import select
 
+from daemon.lifecycle import _settle_job, mark_done
 from daemon.postprocess import _queue_next_seed
 from daemon.spec import RenderSpec
 from daemon.store import Job, Render, Store
@@ -19,13 +21,14 @@ def _spec(seed: int) -> RenderSpec:
                       width=64, height=64)
 
 
-def test_concurrent_reseeds_of_one_job_get_distinct_indexes(postgres_url: str) -> None:
+def _job_with_two_running_renders(postgres_url: str) -> tuple[Store, int, int, int]:
     store = Store.for_url(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
     store.migrate()
     with store.session() as session:
         job = Job(name="night", file_name="night.toml", content_hash="x", state="running")
         session.add(job)
         session.flush()
+        job_id = job.id
         for index in range(2):
             spec = _spec(100 + index)
             session.add(Render(job_id=job.id, index=index, seed=spec.seed, state="running",
@@ -33,6 +36,11 @@ def test_concurrent_reseeds_of_one_job_get_distinct_indexes(postgres_url: str) -
                                batch_key=spec.batch_key(), spec_json=spec.to_json()))
     with store.session() as session:
         first_id, second_id = session.scalars(select(Render.id).order_by(Render.id)).all()
+    return store, job_id, first_id, second_id
+
+
+def test_concurrent_reseeds_of_one_job_get_distinct_indexes(postgres_url: str) -> None:
+    store, _, first_id, second_id = _job_with_two_running_renders(postgres_url)
 
     first_queued = threading.Event()
     release_first = threading.Event()
@@ -74,3 +82,34 @@ def test_concurrent_reseeds_of_one_job_get_distinct_indexes(postgres_url: str) -
     store.dispose()
     assert [row.index for row in rows] == [0, 1, 2, 3]
     assert len({row.seed for row in rows}) == 4, rows
+
+
+def test_two_hosts_ending_a_jobs_last_renders_at_once_end_the_job(postgres_url: str) -> None:
+    """Host A records render 1 done and, before it commits, host B records render 2 done.
+    Each transaction alone sees the other render still running; without the job row lock
+    neither ends the job, which then stays `running` with every render done (its file never
+    reaches done/). With it, B waits for A and ends the job."""
+    store, job_id, first_id, second_id = _job_with_two_running_renders(postgres_url)
+    ended: list[int | None] = []
+    b_done = threading.Event()
+
+    def host_b() -> None:
+        ended.append(mark_done(store, second_id, "/out/2.png", 0.1))
+        b_done.set()
+
+    with store.session() as session:  # host A's transaction
+        render = session.get(Render, first_id)
+        assert render is not None
+        render.state, render.output_path = "done", "/out/1.png"
+        assert _settle_job(session, job_id) is None  # render 2 is still running for A
+        other = threading.Thread(target=host_b)
+        other.start()
+        assert not b_done.wait(0.5), "host B did not wait for host A's transaction"
+    other.join(10)
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        state = job.state
+    store.dispose()
+    assert ended == [job_id]
+    assert state == "done"
