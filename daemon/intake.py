@@ -28,7 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import select, text
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -234,17 +234,25 @@ class Intake:
                 # The row was written but the daemon stopped before the move: finish it.
                 self._move_accepted(twin_id, taken)
                 return
-            self._reject(taken, raw, JobFileError(
-                f"the same job content is already queued as job {twin_id} ({twin_name}), "
-                "which has not finished", fix="wait for it to finish, or change the file "
-                "(e.g. its seed) to queue a new run"), result, duplicate_of=twin_id)
+            self._reject_duplicate(taken, raw, twin_id, twin_name, result)
             return
         if error is not None:
             self._reject(taken, raw, error, result)
             return
         assert spec is not None  # parsed, since there is no error
-        job_id = self._accept(taken, content_hash, spec, renders, warnings)
+        try:
+            job_id = self._accept(taken, content_hash, spec, renders, warnings)
+        except _QueuedMeanwhile as twin:
+            self._reject_duplicate(taken, raw, twin.job_id, twin.file_name, result)
+            return
         result.accepted.append(job_id)
+
+    def _reject_duplicate(self, taken: Path, raw: bytes, twin_id: int, twin_name: str,
+                          result: ScanResult) -> None:
+        self._reject(taken, raw, JobFileError(
+            f"the same job content is already queued as job {twin_id} ({twin_name}), "
+            "which has not finished", fix="wait for it to finish, or change the file "
+            "(e.g. its seed) to queue a new run"), result, duplicate_of=twin_id)
 
     def _give_back(self, taken: Path) -> None:
         target = self.jobs_dir / taken.name
@@ -593,6 +601,17 @@ class Intake:
     def _accept(self, path: Path, content_hash: str, spec: JobSpec,
                 renders: list[RenderSpec], warnings: list[str]) -> int:
         with self.store.session() as session:
+            if not self.store.is_sqlite:
+                # Another host may be taking a copy of this content right now, past the same
+                # twin check: one at a time per content, and look again (SQLite has one
+                # writer, so the check before this one cannot be overtaken there).
+                session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:content))"),
+                                {"content": content_hash})
+                twin = session.execute(select(Job.id, Job.file_name).where(
+                    Job.content_hash == content_hash,
+                    Job.state.in_(UNFINISHED_JOB_STATES))).first()
+                if twin is not None:
+                    raise _QueuedMeanwhile(twin.id, twin.file_name)
             # The file's place now is this daemon's claim folder: if the daemon dies before
             # the move below, whoever ends the job files it from there.
             job = Job(name=path.stem, file_name=path.name, file_path=str(path),
@@ -727,6 +746,14 @@ class Intake:
                 dropped = self.jobs_dir / file_name
                 if dropped.exists():
                     self._move_accepted(job_id, dropped)
+
+
+class _QueuedMeanwhile(Exception):
+    """Another host queued the same content between our twin check and our insert."""
+
+    def __init__(self, job_id: int, file_name: str) -> None:
+        super().__init__(job_id, file_name)
+        self.job_id, self.file_name = job_id, file_name
 
 
 class _WakeupHandler(FileSystemEventHandler):

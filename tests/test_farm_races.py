@@ -1,12 +1,15 @@
 """Two hosts of a farm touching one job at the same moment (PostgreSQL, which runs
 transactions side by side; SQLite's single writer cannot race): reseeding two of its renders
-must not give the new renders the same index and seed, and ending its last two renders must
-end the job."""
+must not give the new renders the same index and seed, ending its last two renders must end
+the job, and two copies of one job file taken at once are queued once."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from daemon.lifecycle import _settle_job, mark_done
@@ -113,3 +116,62 @@ def test_two_hosts_ending_a_jobs_last_renders_at_once_end_the_job(postgres_url: 
     store.dispose()
     assert ended == [job_id]
     assert state == "done"
+
+
+def test_two_hosts_taking_copies_of_one_job_at_once_queue_it_once(
+        postgres_url: str, assets: Any, plugins: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies of one job file (a.toml, b.toml) dropped into a shared jobs/ and taken by two
+    hosts at once: each finds no unfinished twin before the other has committed. Host A is
+    held inside its insert; host B must wait for it, look again, and reject its copy as a
+    duplicate instead of queueing the same content a second time."""
+    import daemon.intake as intake_module
+    from daemon.runner import Daemon
+    from tests.conftest import Farm, sdxl_job
+
+    monkeypatch.setenv("LORAFARM_DATABASE_URL", postgres_url)
+    shared = tmp_path / "jobs"
+    hosts = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        farm = Farm(tmp_path / name, assets, plugins, paths={"jobs": str(shared)})
+        hosts.append(Daemon(farm.config, plugins=plugins, name=f"host-{name}"))
+    dropper = farm  # either host's Farm drops into the shared jobs/
+    host_a, host_b = hosts
+    host_a.start()
+    host_b.start()
+
+    inside, release = threading.Event(), threading.Event()
+    real_add_event = intake_module.add_event
+
+    def held_add_event(session, kind, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if kind == "job_accepted" and threading.current_thread().name == "host-a":
+            inside.set()
+            release.wait(10)  # host A's transaction stays open: the race window
+        return real_add_event(session, kind, *args, **kwargs)
+
+    monkeypatch.setattr(intake_module, "add_event", held_add_event)
+    results: dict[str, Any] = {}
+
+    def scan(host: Daemon, key: str) -> None:
+        results[key] = host.intake.scan()
+
+    text = sdxl_job(count=1)
+    dropper.drop("a.toml", text)
+    one = threading.Thread(target=scan, args=(host_a, "a"), name="host-a")
+    one.start()
+    assert inside.wait(10)
+    dropper.drop("b.toml", text)
+    two = threading.Thread(target=scan, args=(host_b, "b"), name="host-b")
+    two.start()
+    two.join(0.5)
+    assert two.is_alive(), "host B did not wait for host A's insert"
+    release.set()
+    one.join(10)
+    two.join(10)
+    host_a.close()
+    host_b.close()
+    assert len(results["a"].accepted) == 1
+    assert results["b"].accepted == [] and results["b"].rejected == ["b.toml"]
+    report = (shared / "rejected" / "b.toml.error.txt").read_text()
+    assert "already queued as job" in report and "a.toml" in report
