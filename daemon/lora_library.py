@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from daemon.config import Config
 from daemon.family import LoraProbe
 from daemon.lora_probe import civitai_hashes, probe_lora_file
 from daemon.plugins import Plugins
-from daemon.registry import live_hosts
+from daemon.registry import live_hosts, lock_inventory
 from daemon.safetensors_header import SafetensorsError, read_header
 from daemon.store import Lora, Store, add_event, utcnow
 
@@ -98,13 +99,17 @@ class LoraLibrary:
         self.plugins = plugins
         self.root = config.paths.loras
         self.host = host  # the daemon whose loras/ folder this index describes
+        # The main thread (waiting to be idle) and the intake loop both scan: one at a time,
+        # or both insert a new file's row.
+        self._scan_lock = threading.Lock()
 
     # -- scanning --------------------------------------------------------------------------
 
     def scan(self) -> list[LoraInfo]:
         """Bring the library in line with the folder; returns every known LoRA."""
-        files = self._candidate_files()
-        with self.store.session() as session:
+        with self._scan_lock, self.store.session() as session:
+            lock_inventory(self.store, session, "loras", self.host)
+            files = self._candidate_files()
             rows = {row.path: row for row in session.scalars(
                 select(Lora).where(Lora.host == self.host))}
             seen: set[str] = set()

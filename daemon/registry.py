@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import tomllib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
 from daemon.config import COMPONENT_KEYS, CheckpointOverride, Config, component_path
 from daemon.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
@@ -80,6 +84,8 @@ class Registry:
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hasher")
         self._hash_jobs: dict[str, Future[str]] = {}
         self._lock = threading.Lock()
+        # One scan at a time in this process, as lock_inventory makes it across processes.
+        self._scan_lock = threading.Lock()
         # The last scan's view of this host's checkpoints (see `known`).
         self._last_scan: dict[str, CheckpointInfo] = {}
 
@@ -87,6 +93,19 @@ class Registry:
 
     def scan(self) -> list[CheckpointInfo]:
         """Index models/: recognise new or changed checkpoints, mark vanished ones missing."""
+        with self._scan_lock:
+            with self.store.session() as session:
+                lock_inventory(self.store, session, "checkpoints", self.host)
+                self._index(session, self._checkpoint_files())
+            infos = self.all()
+            self._last_scan = {info.name: info for info in infos}
+        for info in infos:
+            if info.state == "ok" and info.model_hash is None:
+                self._schedule_hash(info)
+        return infos
+
+    def _checkpoint_files(self) -> dict[str, tuple[Path, str]]:
+        """Checkpoint name -> (path, kind) of every checkpoint in the model folders."""
         found: dict[str, tuple[Path, str]] = {}
         # models/ first (its names win), then existing ComfyUI / A1111 trees, read in place.
         for models in self.config.paths.checkpoint_folders:
@@ -107,50 +126,47 @@ class Registry:
         # checkpoint of its own (a job naming it alone would render with one expert).
         for partner in _second_experts(found, self.config):
             found.pop(partner, None)
-        with self.store.session() as session:
-            rows = {row.name: row for row in session.scalars(
-                select(Checkpoint).where(Checkpoint.host == self.host))}
-            for name, (path, kind) in found.items():
-                stat = path.stat()
-                mtime = int(stat.st_mtime_ns)
-                size = stat.st_size if kind != "folder" else 0
-                row = rows.get(name)
-                # Headers are cheap to read, so recognition runs every scan (a config.toml
-                # override may have changed); the expensive hash survives an unchanged file.
-                unchanged = (row is not None and row.path == str(path) and row.mtime_ns == mtime
-                             and row.size_bytes == size)
-                info = self._refuse_foreign_components(name, path,
-                                                       self._recognise(name, path, kind))
-                if row is None:
-                    row = Checkpoint(name=name, host=self.host)
-                    session.add(row)
-                before = (row.family, row.lineage, row.state, row.reason, row.config_path,
-                          row.quantization, row.transformer_2)
-                row.path, row.kind, row.size_bytes, row.mtime_ns = str(path), kind, size, mtime
-                row.family, row.lineage, row.variant = info.family, info.lineage, info.variant
-                row.state, row.reason = info.state, info.reason
-                row.recognised_by = info.recognised_by
-                row.config_path = str(info.config_path) if info.config_path else None
-                row.quantization = info.quantization
-                row.transformer_2 = str(info.transformer_2) if info.transformer_2 else None
-                if not unchanged:
-                    row.sha256 = row.model_hash = None
-                after = (row.family, row.lineage, row.state, row.reason, row.config_path,
-                         row.quantization, row.transformer_2)
-                if not unchanged or after != before:
-                    row.updated_at = utcnow()
-                    add_event(session, "checkpoint_indexed", f"{name}: {info.state}",
-                              family=info.family, reason=info.reason)
-            for name, row in rows.items():
-                if name not in found and row.state != "missing":
-                    row.state, row.reason = "missing", f"{row.path} is gone"
-                    add_event(session, "checkpoint_missing", f"{name}: file is gone")
-        infos = self.all()
-        self._last_scan = {info.name: info for info in infos}
-        for info in infos:
-            if info.state == "ok" and info.model_hash is None:
-                self._schedule_hash(info)
-        return infos
+        return found
+
+    def _index(self, session: Session, found: dict[str, tuple[Path, str]]) -> None:
+        """Bring this host's checkpoint rows in line with the files found."""
+        rows = {row.name: row for row in session.scalars(
+            select(Checkpoint).where(Checkpoint.host == self.host))}
+        for name, (path, kind) in found.items():
+            stat = path.stat()
+            mtime = int(stat.st_mtime_ns)
+            size = stat.st_size if kind != "folder" else 0
+            row = rows.get(name)
+            # Headers are cheap to read, so recognition runs every scan (a config.toml
+            # override may have changed); the expensive hash survives an unchanged file.
+            unchanged = (row is not None and row.path == str(path) and row.mtime_ns == mtime
+                         and row.size_bytes == size)
+            info = self._refuse_foreign_components(name, path,
+                                                   self._recognise(name, path, kind))
+            if row is None:
+                row = Checkpoint(name=name, host=self.host)
+                session.add(row)
+            before = (row.family, row.lineage, row.state, row.reason, row.config_path,
+                      row.quantization, row.transformer_2)
+            row.path, row.kind, row.size_bytes, row.mtime_ns = str(path), kind, size, mtime
+            row.family, row.lineage, row.variant = info.family, info.lineage, info.variant
+            row.state, row.reason = info.state, info.reason
+            row.recognised_by = info.recognised_by
+            row.config_path = str(info.config_path) if info.config_path else None
+            row.quantization = info.quantization
+            row.transformer_2 = str(info.transformer_2) if info.transformer_2 else None
+            if not unchanged:
+                row.sha256 = row.model_hash = None
+            after = (row.family, row.lineage, row.state, row.reason, row.config_path,
+                     row.quantization, row.transformer_2)
+            if not unchanged or after != before:
+                row.updated_at = utcnow()
+                add_event(session, "checkpoint_indexed", f"{name}: {info.state}",
+                          family=info.family, reason=info.reason)
+        for name, row in rows.items():
+            if name not in found and row.state != "missing":
+                row.state, row.reason = "missing", f"{row.path} is gone"
+                add_event(session, "checkpoint_missing", f"{name}: file is gone")
 
     @dataclass(frozen=True)
     class _Recognition:
@@ -403,7 +419,9 @@ class Registry:
     def _schedule_hash(self, info: CheckpointInfo) -> Future[str]:
         with self._lock:
             job = self._hash_jobs.get(info.name)
-            if job is None or (job.done() and job.exception() is not None):
+            # Asked again after a job ended: it failed, or the file changed since (a finished
+            # job's digest may be the old file's), so hash again (cheap if it was recorded).
+            if job is None or job.done():
                 job = self._hasher.submit(self._compute_hash, info)
                 self._hash_jobs[info.name] = job
             return job
@@ -422,29 +440,60 @@ class Registry:
 
     def _compute_hash(self, info: CheckpointInfo) -> str:
         path = self.hashed_file(info)
-        stat = path.stat()
-        with self.store.session() as session:
-            cached = session.get(FileHash, str(path))
-            if (cached is not None and cached.size_bytes == stat.st_size
-                    and cached.mtime_ns == stat.st_mtime_ns):
-                digest = cached.sha256
-            else:
-                digest = None
-        if digest is None:
-            digest = sha256_file(path)
+        while True:
+            stat = path.stat()
             with self.store.session() as session:
-                session.merge(FileHash(path=str(path), size_bytes=stat.st_size,
-                                       mtime_ns=stat.st_mtime_ns, sha256=digest,
-                                       computed_at=utcnow()))
-        with self.store.session() as session:
-            row = session.scalars(select(Checkpoint).where(Checkpoint.host == self.host,
-                                                           Checkpoint.name == info.name)).first()
-            if row is not None and row.path == str(info.path):
-                row.sha256, row.model_hash = digest, digest[:10]
-        return digest[:10]
+                cached = session.get(FileHash, str(path))
+                fresh = cached is not None and (cached.size_bytes, cached.mtime_ns) == _stamp(stat)
+                digest = cached.sha256 if fresh else None
+            if digest is None:
+                digest = sha256_file(path)
+                with self.store.session() as session:
+                    _record_file_hash(self.store, session, path, stat, digest)
+            with self.store.session() as session:
+                # The digest is of the file as it was when hashing began: if it was replaced
+                # at the same path meanwhile (a new download), it belongs to no file there
+                # now and the new one is hashed instead.
+                if _stamp(path.stat()) != _stamp(stat):
+                    log.info("%s changed while it was hashed; hashing it again", path)
+                    continue
+                row = session.scalars(select(Checkpoint).where(
+                    Checkpoint.host == self.host, Checkpoint.name == info.name)).first()
+                if row is not None and row.path == str(info.path):
+                    row.sha256, row.model_hash = digest, digest[:10]
+            return digest[:10]
 
     def close(self) -> None:
         self._hasher.shutdown(wait=True, cancel_futures=True)
+
+
+def lock_inventory(store: Store, session: Session, inventory: str, host: str) -> None:
+    """Take turns with any other scan of this host's `inventory` ("checkpoints", "loras")
+    until `session` ends: two daemons on one machine under one inventory name, or `lorafarm
+    models` beside the daemon, would otherwise both insert a new file's row. PostgreSQL runs
+    their transactions side by side; SQLite's writers take turns already."""
+    if not store.is_sqlite:
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                        {"key": f"lorafarm {inventory} of {host}"})
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, int]:
+    """(size, mtime) of a file: what a cached or recorded hash is valid for."""
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _record_file_hash(store: Store, session: Session, path: Path, stat: os.stat_result,
+                      digest: str) -> None:
+    """Cache a file's sha256 for its (size, mtime). Hosts sharing models/ hash the same
+    file at once, so this is an upsert: the last to finish writes (both digests agree,
+    or the stat they are recorded with differs)."""
+    insert = sqlite_insert if store.is_sqlite else postgresql_insert
+    values = dict(path=str(path), size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                  sha256=digest, computed_at=utcnow())
+    statement = insert(FileHash).values(**values)
+    session.execute(statement.on_conflict_do_update(
+        index_elements=[FileHash.path],
+        set_={key: statement.excluded[key] for key in values if key != "path"}))
 
 
 def live_hosts(session: Any, config: Config) -> list[str]:
