@@ -36,6 +36,7 @@ from sqlalchemy import select
 
 from daemon.config import Config
 from daemon.intake import unique_destination, write_error_file
+from daemon.lifecycle import lock_job
 from daemon.store import (
     JOB_DONE,
     JOB_FAILED,
@@ -47,6 +48,7 @@ from daemon.store import (
     RENDER_QUEUED,
     RENDER_RUNNING,
     Job,
+    Render,
     Setting,
     Store,
     add_event,
@@ -152,16 +154,18 @@ def cancel_job(config: Config, store: Store, job_id: int | str, *,
         if job.state not in (JOB_QUEUED, JOB_RUNNING):
             raise ControlError(_ended_message(job, "cancel"))
         cancelled: list[int] = []
-        running: list[int] = []
-        for render in job.renders:
-            if render.state == RENDER_QUEUED:
-                render.state, render.error, render.finished_at = RENDER_CANCELLED, \
-                    CANCELLED_ERROR, now
-                cancelled.append(render.id)
-                add_event(session, "render_cancelled", CANCELLED_ERROR, job_id=job.id,
-                          render_id=render.id, by=by)
-            elif render.state == RENDER_RUNNING:
-                running.append(render.id)
+        # SKIP LOCKED: a render a host is claiming this instant is left to it (it runs, as
+        # a running render does after a cancel); waiting for it would deadlock, as that
+        # claim waits for the job row this cancel holds.
+        for render in session.scalars(select(Render).where(
+                Render.job_id == job.id, Render.state == RENDER_QUEUED)
+                .with_for_update(skip_locked=True)):
+            render.state, render.error, render.finished_at = RENDER_CANCELLED, \
+                CANCELLED_ERROR, now
+            cancelled.append(render.id)
+            add_event(session, "render_cancelled", CANCELLED_ERROR, job_id=job.id,
+                      render_id=render.id, by=by)
+        running = [r.id for r in job.renders if r.state == RENDER_RUNNING]
         # The job ends now, so `_settle_job` leaves it alone when the running renders end.
         job.state, job.error, job.finished_at = JOB_FAILED, CANCELLED_ERROR, now
         add_event(session, "job_cancelled", f"{job.file_name}: {CANCELLED_ERROR}",
@@ -232,7 +236,9 @@ def retry_job(config: Config, store: Store, job_id: int | str, *,
 # -- helpers -------------------------------------------------------------------------------
 
 def _get_job(session, job_id: int) -> Job:  # type: ignore[no-untyped-def]
-    job = session.get(Job, job_id)
+    """The job, locked (lifecycle.lock_job): a cancel or retry is one at a time per job,
+    and a host ending or re-queueing one of its renders sees it."""
+    job = lock_job(session, job_id)
     if job is None:
         newest = session.scalars(select(Job.id).order_by(Job.id.desc()).limit(1)).first()
         known = f"the newest job is {newest}" if newest else "there are no jobs yet"

@@ -38,12 +38,19 @@ def _holds(render: Render | None, worker: str | None) -> bool:
             and (worker is None or render.worker == worker))
 
 
+def _locked(session, render_id: int) -> Render | None:  # type: ignore[no-untyped-def]
+    """The render row, locked and read afresh: between a check of who holds it and the
+    write, another host's heartbeat may re-queue it and a third host claim it (PostgreSQL;
+    the lease recovery skips locked rows, so it passes over this one)."""
+    return session.get(Render, render_id, with_for_update=True, populate_existing=True)
+
+
 def mark_done(store: Store, render_id: int, output_path: str, seconds: float,
               lora_report: dict[str, dict[str, int]] | None = None,
               video: tuple[int, int] | None = None, worker: str | None = None) -> int | None:
     """Record a finished render; returns its job id when that job has now ended."""
     with store.session() as session:
-        render = session.get(Render, render_id)
+        render = _locked(session, render_id)
         if not _holds(render, worker):
             return None  # cancelled or lease lost meanwhile: not counted twice
         render.state, render.output_path, render.error = RENDER_DONE, output_path, None
@@ -60,7 +67,7 @@ def mark_failed(store: Store, render_id: int, error: str,
                 worker: str | None = None) -> int | None:
     """Record a render that cannot succeed; returns its job id when that job has now ended."""
     with store.session() as session:
-        render = session.get(Render, render_id)
+        render = _locked(session, render_id)
         if not _holds(render, worker):
             return None
         render.state, render.error, render.finished_at = RENDER_FAILED, error, utcnow()
@@ -69,14 +76,18 @@ def mark_failed(store: Store, render_id: int, error: str,
 
 
 def put_back(store: Store, render_ids: list[int], reason: str, *,
-             count_attempt: bool = False, max_attempts: int | None = None) -> list[int]:
+             count_attempt: bool = False, max_attempts: int | None = None,
+             worker: str | None = None) -> list[int]:
     """Return running renders to the queue (an abort, or a transient error such as a full
     disk). With `count_attempt`, a render that has used `max_attempts` ends failed instead.
-    Returns the ids of jobs that ended."""
+    `worker`: only renders it still holds (another host may have taken one over after this
+    one's lease ran out). Returns the ids of jobs that ended."""
     ended: list[int] = []
+    query = select(Render).where(Render.id.in_(render_ids), Render.state == RENDER_RUNNING)
+    if worker is not None:
+        query = query.where(Render.worker == worker)
     with store.session() as session:
-        for render in session.scalars(select(Render).where(Render.id.in_(render_ids),
-                                                           Render.state == RENDER_RUNNING)):
+        for render in session.scalars(query.with_for_update()):
             if count_attempt and max_attempts is not None and render.attempts >= max_attempts:
                 render.state, render.finished_at = RENDER_FAILED, utcnow()
                 render.error = f"{reason} (gave up after {render.attempts} attempts)"
@@ -148,29 +159,49 @@ def stale_outputs(store: Store, outputs: Path) -> list[Path]:
     file must not count, so start-up removes it."""
     from daemon.outputs import output_path
 
-    stale = []
+    found: dict[int, list[Path]] = {}
     with store.session() as session:
-        rows = session.execute(select(Render.job_id, Job.name, Render.index, Render.seed)
+        rows = session.execute(select(Render.id, Render.job_id, Job.name, Render.index,
+                                      Render.seed)
                                .join(Job, Job.id == Render.job_id)
                                .where(Render.state == RENDER_QUEUED)).all()
-    for job_id, job_name, index, seed in rows:
+    for render_id, job_id, job_name, index, seed in rows:
         for suffix in (".png", ".mp4"):
             path = output_path(outputs, job_id, job_name, index, seed, suffix)
             if path.exists():
-                stale.append(path)
-    return stale
+                found.setdefault(render_id, []).append(path)
+    if not found:
+        return []
+    # Looking at every file takes a while on a network share with a long queue; on a farm
+    # another host may have rendered and recorded one of them meanwhile: that file stays.
+    with store.session() as session:
+        still = set(session.scalars(select(Render.id).where(
+            Render.id.in_(list(found)), Render.state == RENDER_QUEUED)))
+    return [path for render_id, paths in found.items() if render_id in still
+            for path in paths]
 
 
 def _job_ended(session, render: Render) -> bool:  # type: ignore[no-untyped-def]
     """A render whose job has already ended (cancelled by the user while it ran) is not put
     back in the queue: it ends cancelled."""
-    job = session.get(Job, render.job_id)
+    # Locked: a cancel committing now must be seen, or the render would go back to the
+    # queue of a job that has ended.
+    job = lock_job(session, render.job_id)
     if job is None or job.state in (JOB_QUEUED, JOB_RUNNING):
         return False
     render.state, render.worker, render.finished_at = RENDER_CANCELLED, None, utcnow()
     add_event(session, "render_cancelled", f"its job is {job.state}", job_id=render.job_id,
               render_id=render.id)
     return True
+
+
+def lock_job(session, job_id: int) -> Job | None:  # type: ignore[no-untyped-def]
+    """The job row, locked and read afresh, before any change the caller has pending is
+    flushed. FOR NO KEY UPDATE: it orders settles, cancels and reseeds of one job, but does
+    not block a claim's foreign-key checks on its renders (those take KEY SHARE)."""
+    with session.no_autoflush:
+        return session.get(Job, job_id, with_for_update={"key_share": True},
+                           populate_existing=True)
 
 
 def _settle_job(session, job_id: int) -> int | None:  # type: ignore[no-untyped-def]
@@ -181,8 +212,7 @@ def _settle_job(session, job_id: int) -> int | None:  # type: ignore[no-untyped-
     running in its own transaction, and neither would end the job. With the lock, the second
     waits for the first to commit and then sees both renders done. The job is locked before
     the caller's render change is flushed, in the order a cancel takes the two rows."""
-    with session.no_autoflush:
-        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    job = lock_job(session, job_id)
     if job is None or job.state in (JOB_DONE, JOB_FAILED):
         return None
     states = list(session.scalars(select(Render.state).where(Render.job_id == job_id)))

@@ -106,7 +106,8 @@ class OutputWriter:
                 log.error("disk full writing %s; the render goes back to the queue", path)
                 for job_id in put_back(self.store, [claimed.render_id],
                                        f"disk full while writing {path.name}",
-                                       count_attempt=True, max_attempts=self.max_attempts):
+                                       count_attempt=True, max_attempts=self.max_attempts,
+                                       worker=claimed.worker):
                     self.on_job_finished(job_id)
                 return
             job = mark_failed(self.store, claimed.render_id,
@@ -115,7 +116,7 @@ class OutputWriter:
         else:
             if processed.scores or processed.tags or processed.gate:
                 # Before mark_done: a reseed's new render keeps the job open.
-                record_result(self.store, claimed.render_id, processed)
+                record_result(self.store, claimed.render_id, processed, worker=claimed.worker)
             frames = (len(item.result.frames), item.result.fps) if video else None
             job = mark_done(self.store, claimed.render_id, str(path), item.seconds,
                             lora_report=item.lora_report, video=frames, worker=claimed.worker)

@@ -26,14 +26,14 @@ from daemon.control import is_paused
 from daemon.grid import write_sweep_grid
 from daemon.hosts import forget_dead_inventories, heartbeat, register_host, stop_host
 from daemon.intake import CLAIM_FOLDER_PREFIX, Intake
-from daemon.lifecycle import recover_interrupted, stale_outputs
+from daemon.lifecycle import put_back, recover_interrupted, stale_outputs
 from daemon.lora_library import LoraLibrary
 from daemon.output_writer import OutputWriter
 from daemon.outputs import remove_leftover_temporaries
 from daemon.plugins import Plugins
 from daemon.registry import Registry, live_hosts
 from daemon.report import DrainWatch
-from daemon.scheduler import Inventory, claim_next_batch, peek_next_checkpoint
+from daemon.scheduler import ClaimedRender, Inventory, claim_next_batch, peek_next_checkpoint
 from daemon.spec import RenderSpec
 from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Store, add_event
 from daemon.web import WebHandle, WebStartError, create_app, serve_in_thread
@@ -229,12 +229,35 @@ class Daemon:
                 self._work.wait(timeout=0.5)
                 self._work.clear()
                 continue
-            worker.prefetch(peek_next_checkpoint(
-                self.store, [*worker.loaded_checkpoints, batch[0].spec.checkpoint]))
-            worker.render(batch, since=cycle_start)
+            try:
+                worker.prefetch(peek_next_checkpoint(
+                    self.store, [*worker.loaded_checkpoints, batch[0].spec.checkpoint]))
+                worker.render(batch, since=cycle_start)
+            except Exception:
+                # Rendering errors end renders failed inside render(); what gets here is the
+                # bookkeeping failing (the database went away, a deadlock victim). The batch
+                # goes back to the queue (the attempt counts) and this worker goes on: a dead
+                # worker thread would hold its renders, their leases kept fresh, forever.
+                log.exception("%s: a batch broke off; its renders go back to the queue",
+                              worker.name)
+                self._put_back_broken(batch)
+                self._stop.wait(timeout=1.0)
             busy_since = time.perf_counter()
             if worker.abort.is_set():
                 break
+
+    def _put_back_broken(self, batch: list[ClaimedRender]) -> None:
+        try:
+            self.writer.drain()  # what was rendered is recorded first
+            for job_id in put_back(self.store, [c.render_id for c in batch],
+                                   "its batch broke off (see the daemon log); queued again",
+                                   count_attempt=True,
+                                   max_attempts=self.config.worker.max_attempts,
+                                   worker=batch[0].worker):
+                self._job_finished(job_id)
+        except Exception:
+            log.exception("could not put the broken batch back; its renders stay running "
+                          "until this daemon restarts")
 
     def _inventory(self) -> Inventory:
         """What this host can render: a host is given only work whose files it has."""

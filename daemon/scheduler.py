@@ -23,12 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import exists, func, insert, select, update
 
 from daemon.spec import RenderSpec
 from daemon.store import (
     JOB_QUEUED,
     JOB_RUNNING,
+    RENDER_CANCELLED,
     RENDER_QUEUED,
     RENDER_RUNNING,
     Batch,
@@ -36,6 +37,7 @@ from daemon.store import (
     Job,
     Render,
     Store,
+    add_event,
     utcnow,
 )
 
@@ -140,6 +142,18 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
                 .order_by(Render.priority.desc(), Render.id)
                 .limit(size - len(candidate_ids)).with_for_update(skip_locked=True)).all()
         now = utcnow()
+        # A queued render of a job that has ended (cancelled meanwhile) is never rendered:
+        # it ends cancelled here, whatever path left it queued.
+        job_ended = exists().where(Job.id == Render.job_id,
+                                   Job.state.not_in((JOB_QUEUED, JOB_RUNNING)))
+        for render_id, job_id in session.execute(
+                update(Render).where(Render.id.in_(candidate_ids), job_ended,
+                                     (Render.state + "") == RENDER_QUEUED)
+                .values(state=RENDER_CANCELLED, finished_at=now,
+                        error="its job had ended before it ran")
+                .returning(Render.id, Render.job_id)).all():
+            add_event(session, "render_cancelled", "its job had ended before it ran",
+                      job_id=job_id, render_id=render_id)
         claimed_ids = session.scalars(
             update(Render)
             # `state || ''` keeps SQLite's planner on the primary key: without table

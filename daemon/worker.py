@@ -251,7 +251,7 @@ class Worker:
             self._render(batch, figures, savers=False)
         except BatchAborted:
             put_back(self.store, [c.render_id for c in batch],
-                     "aborted by a second stop signal; queued again")
+                     "aborted by a second stop signal; queued again", worker=batch[0].worker)
             outcome = "aborted"
         finally:
             record_batch(self.store, batch[0].batch_id, figures,

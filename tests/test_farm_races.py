@@ -1,21 +1,35 @@
 """Two hosts of a farm touching one job at the same moment (PostgreSQL, which runs
 transactions side by side; SQLite's single writer cannot race): reseeding two of its renders
 must not give the new renders the same index and seed, ending its last two renders must end
-the job, and two copies of one job file taken at once are queued once."""
+the job, two copies of one job file taken at once are queued once; a host whose lease ran out
+records nothing over the host that took its render over; a cancel racing a re-queue or a
+claim leaves nothing of the job to run, without a deadlock."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
-from daemon.lifecycle import _settle_job, mark_done
-from daemon.postprocess import _queue_next_seed
+import daemon.control as control
+import daemon.lifecycle as lifecycle
+from daemon.lifecycle import (
+    _settle_job,
+    mark_done,
+    mark_failed,
+    put_back,
+    recover_interrupted,
+    stale_outputs,
+)
+from daemon.postprocess import PostProcessResult, _queue_next_seed, record_result
+from daemon.scheduler import claim_next_batch
 from daemon.spec import RenderSpec
-from daemon.store import Job, Render, Store
+from daemon.store import Job, Render, Store, utcnow
 
 
 def _spec(seed: int) -> RenderSpec:
@@ -175,3 +189,228 @@ def test_two_hosts_taking_copies_of_one_job_at_once_queue_it_once(
     assert results["b"].accepted == [] and results["b"].rejected == ["b.toml"]
     report = (shared / "rejected" / "b.toml.error.txt").read_text()
     assert "already queued as job" in report and "a.toml" in report
+
+
+# --- a host whose lease ran out, cancels, reseeds ----------------------------------------
+
+CONFIG = SimpleNamespace(paths=SimpleNamespace(jobs=Path("/nonexistent-jobs")))  # no files
+RESEED = PostProcessResult(scores={"aesthetic": 0.1}, gate="reseed", gate_reason="low",
+                           gate_score=0.1)
+
+
+def _farm_job(postgres_url: str, renders: list[tuple[str, str | None]], *,
+              job_state: str = "running", stale: bool = True) -> tuple[Store, int, list[int]]:
+    """A job with renders in the given (state, worker) pairs; `stale`: their leases ran out
+    an hour ago, as a dead host's do."""
+    store = Store.for_url(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
+    store.migrate()
+    beat = utcnow() - dt.timedelta(hours=1) if stale else utcnow()
+    ids = []
+    with store.session() as session:
+        job = Job(name="night", file_name="night.toml", content_hash="x", state=job_state)
+        session.add(job)
+        session.flush()
+        for index, (state, worker) in enumerate(renders):
+            spec = _spec(100 + index)
+            render = Render(job_id=job.id, index=index, seed=spec.seed, state=state,
+                            attempts=1 if worker else 0, priority=0, checkpoint="tiny",
+                            worker=worker, heartbeat_at=beat, batch_key=spec.batch_key(),
+                            spec_json=spec.to_json())
+            session.add(render)
+            session.flush()
+            ids.append(render.id)
+        job_id = job.id
+    return store, job_id, ids
+
+
+def _state(store: Store, render_id: int) -> tuple[str, str | None]:
+    with store.session() as session:
+        render = session.get(Render, render_id)
+        assert render is not None
+        return render.state, render.worker
+
+
+def _job_state(store: Store, job_id: int) -> str:
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.state
+
+
+def test_a_render_being_recorded_is_not_taken_over_meanwhile(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host A, whose lease has just run out, is recording its render as failed. Host B's
+    heartbeat must not hand that render to host C in the middle of it (C's success would
+    then be overwritten by A's stale failure): the render row is locked while A records."""
+    store, job_id, (mine,) = _farm_job(postgres_url, [("running", "A/w0")])
+    inside, release = threading.Event(), threading.Event()
+    real_settle = lifecycle._settle_job
+
+    def held_settle(session, settled_job):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "host-a":
+            inside.set()
+            release.wait(10)
+        return real_settle(session, settled_job)
+
+    monkeypatch.setattr(lifecycle, "_settle_job", held_settle)
+    host_a = threading.Thread(target=mark_failed, args=(store, mine, "A: CUDA error"),
+                              kwargs={"worker": "A/w0"}, name="host-a")
+    host_a.start()
+    assert inside.wait(10)
+    requeued, _ = recover_interrupted(store, 3, lease_seconds=60)  # host B's heartbeat
+    claimed = claim_next_batch(store, 4, worker="C/w0")
+    release.set()
+    host_a.join(10)
+    assert requeued == [] and claimed == []
+    assert _state(store, mine) == ("failed", "A/w0")
+    assert _job_state(store, job_id) == "failed"
+    store.dispose()
+
+
+def test_a_late_host_puts_back_or_scores_only_renders_it_still_holds(
+        postgres_url: str) -> None:
+    """A's lease ran out and C took its render over. A's put-back (disk full, second stop
+    signal) and A's post-processing result must leave C's render alone: no second run, no
+    second reseed."""
+    store, job_id, (render,) = _farm_job(postgres_url, [("running", "A/w0")])
+    recover_interrupted(store, 3, lease_seconds=60)
+    assert [c.render_id for c in claim_next_batch(store, 4, worker="C/w0")] == [render]
+    put_back(store, [render], "aborted by a second stop signal", worker="A/w0")
+    assert _state(store, render) == ("running", "C/w0")
+    assert record_result(store, render, RESEED, worker="A/w0") is None
+    assert record_result(store, render, RESEED, worker="C/w0") is not None
+    with store.session() as session:
+        count = len(session.scalars(select(Render.id).where(Render.job_id == job_id)).all())
+    store.dispose()
+    assert count == 2  # one reseed, C's
+
+
+def test_a_render_requeued_while_its_job_is_cancelled_does_not_run(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host B's heartbeat is putting a dead host's render back in the queue when the user
+    cancels the job. The cancel waits for it and then cancels the re-queued render; nothing
+    of the job is claimed afterwards."""
+    store, job_id, (render, _) = _farm_job(postgres_url, [("running", "A/w0"),
+                                                          ("queued", None)])
+    inside, release = threading.Event(), threading.Event()
+    real_ended = lifecycle._job_ended
+
+    def held_ended(session, row):  # type: ignore[no-untyped-def]
+        ended = real_ended(session, row)
+        inside.set()
+        release.wait(10)
+        return ended
+
+    monkeypatch.setattr(lifecycle, "_job_ended", held_ended)
+    heartbeat = threading.Thread(target=recover_interrupted, args=(store, 3),
+                                 kwargs={"lease_seconds": 60})
+    heartbeat.start()
+    assert inside.wait(10)
+    result: dict[str, Any] = {}
+    cancel = threading.Thread(
+        target=lambda: result.setdefault("cancel", control.cancel_job(CONFIG, store, job_id)))
+    cancel.start()
+    cancel.join(0.5)
+    assert cancel.is_alive(), "the cancel did not wait for the heartbeat's re-queue"
+    release.set()
+    heartbeat.join(10)
+    cancel.join(10)
+    assert "2 queued render(s) cancelled" in result["cancel"].message
+    assert _state(store, render)[0] == "cancelled"
+    assert claim_next_batch(store, 4, worker="C/w0") == []
+    store.dispose()
+
+
+def test_a_reseed_after_a_cancel_queues_nothing(postgres_url: str) -> None:
+    """A render left running by a cancel finishes below the quality gate: the job has ended,
+    so no new seed is queued (it would run in a cancelled job, and nothing would end it)."""
+    store, job_id, (render,) = _farm_job(postgres_url, [("running", "A/w0")], stale=False)
+    control.cancel_job(CONFIG, store, job_id)
+    assert record_result(store, render, RESEED, worker="A/w0") is None
+    assert mark_done(store, render, "/out/a.png", 1.0, worker="A/w0") is None
+    assert _job_state(store, job_id) == "failed"
+    assert claim_next_batch(store, 4, worker="B/w0") == []
+    store.dispose()
+
+
+def test_a_queued_render_of_an_ended_job_is_cancelled_not_claimed(postgres_url: str) -> None:
+    """Whatever left it queued, a render of a job that has ended is never rendered: the
+    claim ends it cancelled and hands out the next work instead."""
+    store, job_id, (render,) = _farm_job(postgres_url, [("queued", None)], job_state="failed",
+                                         stale=False)
+    assert claim_next_batch(store, 4, worker="C/w0") == []
+    assert _state(store, render) == ("cancelled", None)
+    store.dispose()
+
+
+def test_a_cancel_and_a_claim_at_once_neither_deadlock_nor_overwrite(
+        postgres_url: str) -> None:
+    """Host C is claiming the job's first render (it holds the render row and is about to
+    mark the job running) when the user cancels. The cancel does not wait for C's render
+    (that would deadlock: C waits for the job row) but leaves it to C, as it leaves running
+    renders; it cancels the other one. C's render is not overwritten."""
+    store, job_id, (first, second) = _farm_job(postgres_url, [("queued", None),
+                                                              ("queued", None)],
+                                               job_state="queued", stale=False)
+    at_job_update, go = threading.Event(), threading.Event()
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def hold(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "claim" and statement.startswith("UPDATE jobs"):
+            at_job_update.set()
+            go.wait(10)
+
+    outcome: dict[str, Any] = {}
+
+    def run(key: str, call: Any) -> None:
+        try:
+            outcome[key] = call()
+        except Exception as exc:  # noqa: BLE001 - the assertion below reports it
+            outcome[key] = exc
+
+    claim = threading.Thread(target=run, name="claim", args=(
+        "claim", lambda: claim_next_batch(store, 1, worker="C/w0")))
+    claim.start()
+    assert at_job_update.wait(10)
+    cancel = threading.Thread(target=run, args=(
+        "cancel", lambda: control.cancel_job(CONFIG, store, job_id)))
+    cancel.start()
+    cancel.join(10)
+    go.set()
+    claim.join(10)
+    assert not isinstance(outcome.get("cancel"), Exception), outcome
+    assert not isinstance(outcome.get("claim"), Exception), outcome
+    assert [c.render_id for c in outcome["claim"]] == [first]
+    assert "1 queued render(s) cancelled" in outcome["cancel"].message
+    assert _state(store, first) == ("running", "C/w0")
+    assert _state(store, second)[0] == "cancelled"
+    assert _job_state(store, job_id) == "failed"
+    store.dispose()
+
+
+def test_start_up_keeps_the_output_of_a_render_another_host_finished_meanwhile(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host starting looks for output files of queued renders (left by a crash before the
+    render was recorded) to remove them. Looking takes a while on a share; another host
+    renders and records one of those renders meanwhile: its output is not removed."""
+    import daemon.outputs as outputs_module
+
+    store, _, (render,) = _farm_job(postgres_url, [("queued", None)], job_state="queued",
+                                    stale=False)
+    real_path = outputs_module.output_path
+    finished: list[Path] = []
+
+    def path_while_another_host_finishes(*args: Any) -> Path:
+        path = real_path(*args)
+        if not finished:  # host C renders and records it while this host looks
+            assert [c.render_id for c in claim_next_batch(store, 1, worker="C/w0")] == [render]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"png")
+            mark_done(store, render, str(path), 1.0, worker="C/w0")
+            finished.append(path)
+        return path
+
+    monkeypatch.setattr(outputs_module, "output_path", path_while_another_host_finishes)
+    assert stale_outputs(store, tmp_path / "outputs") == []
+    assert _state(store, render)[0] == "done"
+    store.dispose()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -249,3 +250,34 @@ def test_a_file_whose_intake_fails_goes_back_to_jobs_and_is_taken_next_time(
     assert len(daemon.intake.scan().accepted) == 1
     daemon.close()
     assert farm.files_in("processing") == ["flaky.toml"]
+
+
+def test_a_batch_whose_bookkeeping_fails_goes_back_to_the_queue(farm, monkeypatch) -> None:
+    """Recording a batch fails outside the render itself (the database went away): the
+    worker thread lives on, the batch goes back to the queue with the attempt counted, and
+    the job is rendered on the next try instead of hanging with its renders `running`."""
+    from daemon.worker import Worker
+
+    farm.drop("once.toml", sdxl_job(count=2))
+    real_render = Worker.render
+    calls = []
+
+    def broken_once(self, batch, since=None):  # type: ignore[no-untyped-def]
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("the database went away")
+        return real_render(self, batch, since=since)
+
+    monkeypatch.setattr(Worker, "render", broken_once)
+    daemon = farm.daemon()
+    runner = threading.Thread(target=lambda: daemon.run(until_idle=True))
+    runner.start()
+    runner.join(60)
+    if runner.is_alive():
+        daemon.stop()
+        runner.join(30)
+        raise AssertionError("the daemon hung after the broken batch")
+    rows = _render_rows(farm)
+    assert [r.state for r in rows] == ["done", "done"]
+    assert [r.attempts for r in rows] == [2, 2]
+    assert farm.files_in("done") == ["once.toml"]
