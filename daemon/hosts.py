@@ -13,12 +13,12 @@ from typing import Any
 from sqlalchemy import delete, select, update
 
 from daemon.config import Config
-from daemon.store import RENDER_RUNNING, Checkpoint, Host, Lora, Render, Store, utcnow
+from daemon.store import RENDER_RUNNING, Checkpoint, Host, Lora, Render, Store, lease_now
 
 
 def register_host(store: Store, name: str, devices: list[str]) -> None:
     with store.session() as session:
-        now = utcnow()
+        now = lease_now(session)
         session.merge(Host(name=name, hostname=socket.gethostname(), pid=os.getpid(),
                            devices_json=json.dumps(devices), loaded_json="{}",
                            current_batch=None, state="running", started_at=now,
@@ -27,8 +27,8 @@ def register_host(store: Store, name: str, devices: list[str]) -> None:
 
 def heartbeat(store: Store, name: str, loaded: dict[str, list[str]]) -> None:
     """One heartbeat: the host row, and the lease of every render this daemon holds."""
-    now = utcnow()
     with store.session() as session:
+        now = lease_now(session)
         held = session.scalars(select(Render.batch_id).where(
             Render.state == RENDER_RUNNING, Render.worker.startswith(f"{name}/"))).all()
         session.execute(update(Host).where(Host.name == name).values(
@@ -55,7 +55,7 @@ def forget_dead_inventories(store: Store, config: Config, keep: str, *, lone: bo
             hosts = set(session.scalars(gone)) | set(session.scalars(
                 select(Lora.host).where(Lora.host != keep).distinct()))
         else:
-            cutoff = utcnow() - dt.timedelta(seconds=config.lease_seconds)
+            cutoff = lease_now(session) - dt.timedelta(seconds=config.lease_seconds)
             alive = set(session.scalars(select(Host.name).where(Host.heartbeat_at >= cutoff,
                                                                 Host.state == "running")))
             known = set(session.scalars(select(Checkpoint.host).distinct())) | set(
@@ -68,8 +68,8 @@ def forget_dead_inventories(store: Store, config: Config, keep: str, *, lone: bo
 
 
 def host_records(store: Store, config: Config) -> list[dict[str, Any]]:
-    cutoff = utcnow() - dt.timedelta(seconds=config.lease_seconds)
     with store.session() as session:
+        cutoff = lease_now(session) - dt.timedelta(seconds=config.lease_seconds)
         rows = session.scalars(select(Host).order_by(Host.name)).all()
         return [{"name": h.name, "hostname": h.hostname, "pid": h.pid,
                  "devices": json.loads(h.devices_json), "loaded": json.loads(h.loaded_json),

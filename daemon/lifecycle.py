@@ -26,6 +26,7 @@ from daemon.store import (
     Render,
     Store,
     add_event,
+    lease_now,
     utcnow,
 )
 
@@ -122,11 +123,12 @@ def recover_interrupted(store: Store, max_attempts: int, *, holder_prefix: str |
     conditions = []
     if holder_prefix is not None:
         conditions.append(Render.worker.startswith(holder_prefix))
-    if lease_seconds is not None:
-        conditions.append(Render.heartbeat_at < utcnow() - dt.timedelta(seconds=lease_seconds))
-    if conditions:
-        query = query.where(or_(*conditions))
     with store.session() as session:
+        if lease_seconds is not None:
+            cutoff = lease_now(session) - dt.timedelta(seconds=lease_seconds)
+            conditions.append(Render.heartbeat_at < cutoff)
+        if conditions:
+            query = query.where(or_(*conditions))
         stale = session.scalars(query.with_for_update(skip_locked=True)).all()
         for render in stale:
             if render.attempts >= max_attempts:

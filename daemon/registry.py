@@ -36,7 +36,7 @@ from daemon.gguf_header import TEXT_ARCHITECTURES, GgufError, read_gguf_header
 from daemon.plugins import Plugins
 from daemon.quantization import checkpoint_quantization
 from daemon.safetensors_header import SafetensorsError, read_header, sha256_file
-from daemon.store import Checkpoint, FileHash, Host, Store, add_event, utcnow
+from daemon.store import Checkpoint, FileHash, Host, Store, add_event, lease_now, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +498,7 @@ def _record_file_hash(store: Store, session: Session, path: Path, stat: os.stat_
 
 def live_hosts(session: Any, config: Config) -> list[str]:
     """Hosts of the farm that heartbeat within the lease time."""
-    cutoff = utcnow() - dt.timedelta(seconds=config.lease_seconds)
+    cutoff = lease_now(session) - dt.timedelta(seconds=config.lease_seconds)
     return list(session.scalars(select(Host.name).where(Host.heartbeat_at >= cutoff,
                                                         Host.state == "running")))
 

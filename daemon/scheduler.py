@@ -38,6 +38,7 @@ from daemon.store import (
     Render,
     Store,
     add_event,
+    lease_now,
     utcnow,
 )
 
@@ -141,7 +142,7 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
                 select(Render.id).where(*same_key, Render.priority < head.priority)
                 .order_by(Render.priority.desc(), Render.id)
                 .limit(size - len(candidate_ids)).with_for_update(skip_locked=True)).all()
-        now = utcnow()
+        now = lease_now(session)  # the new attempts' leases start now
         # A queued render of a job that has ended (cancelled meanwhile) is never rendered:
         # it ends cancelled here, whatever path left it queued.
         job_ended = exists().where(Job.id == Render.job_id,
@@ -216,7 +217,7 @@ def record_progress(store: Store, render_ids: list[int], step: int, total: int,
                                              Render.state == RENDER_RUNNING,
                                              Render.worker == worker)
                         .values(progress_step=step, progress_total=total,
-                                heartbeat_at=utcnow()))
+                                heartbeat_at=lease_now(session)))
 
 
 def record_batch(store: Store, batch_id: int, figures: BatchFigures, wall_seconds: float,

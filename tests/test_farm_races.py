@@ -414,3 +414,21 @@ def test_start_up_keeps_the_output_of_a_render_another_host_finished_meanwhile(
     assert stale_outputs(store, tmp_path / "outputs") == []
     assert _state(store, render)[0] == "done"
     store.dispose()
+
+
+def test_leases_are_judged_by_the_databases_clock(postgres_url: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host B's clock runs an hour ahead of host A's. A render A heartbeats now is not taken
+    from it by B's lease check: leases are written and judged by the database's clock."""
+    import daemon.hosts as hosts_module
+    import daemon.scheduler as scheduler_module
+
+    store, _, (render,) = _farm_job(postgres_url, [("running", "A/w0")])  # lease ran out
+    hosts_module.heartbeat(store, "A", {})  # host A renews it
+    ahead = utcnow() + dt.timedelta(hours=1)
+    for module in (lifecycle, hosts_module, scheduler_module):
+        monkeypatch.setattr(module, "utcnow", lambda: ahead, raising=False)
+    requeued, _ = recover_interrupted(store, 3, lease_seconds=60)  # host B's heartbeat
+    assert requeued == []
+    assert _state(store, render) == ("running", "A/w0")
+    store.dispose()
