@@ -152,16 +152,32 @@ def missing_config_parts(base: Path, checkpoint_name: str, parts: Sequence[str],
     return None
 
 
+def config_base(checkpoint: LoadedCheckpoint) -> Path:
+    """The diffusers folder a checkpoint's pipeline is built from: its own, or for a
+    transformer file the config folder named for it (missing_requirements made sure)."""
+    base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
+    assert base is not None, f"{checkpoint.name} has no config folder"
+    return base
+
+
+def assemble(checkpoint: LoadedCheckpoint, components: Sequence[Component],
+             dtype: torch.dtype) -> tuple[Path, dict[str, Path], dict[str, Any]]:
+    """(config folder, the files the components come from, the loaded parts to hand to
+    from_pretrained) for a family whose parts may be files of their own."""
+    base = config_base(checkpoint)
+    files = choose_components(checkpoint, base, components)
+    return base, files, load_components(base, files, dtype, checkpoint.name)
+
+
 def component_sources(checkpoint: LoadedCheckpoint,
                       components: Sequence[Component]) -> dict[str, Path]:
     """The files `components` would load from (named, or paired from the UI trees), for
     sizing the checkpoint before it loads; only the named ones when the choice cannot be
     made (the load then says why)."""
-    base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
-    if base is None:
+    if checkpoint.kind != "folder" and checkpoint.config_path is None:
         return dict(checkpoint.components)
     try:
-        return choose_components(checkpoint, base, components)
+        return choose_components(checkpoint, config_base(checkpoint), components)
     except (ComponentError, OSError):
         return dict(checkpoint.components)
 

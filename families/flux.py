@@ -61,10 +61,9 @@ from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
 from families.components import (
     Component,
-    choose_components,
+    assemble,
     component_problem,
     component_sources,
-    load_components,
     missing_config_parts,
 )
 from families.flux_bfl import (
@@ -277,11 +276,8 @@ class FluxFamily(Family):
         self.require_loadable(checkpoint)
         # Flux.1 (and its T5) overflow in float16 and draw black or NaN images.
         dtype = self.bfloat16_for_float16(dtype)
-        base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
-        assert base is not None  # checked by missing_requirements
         # Text encoders and VAE kept as files of their own (ComfyUI's clip_l, t5xxl, ae).
-        files = choose_components(checkpoint, base, FLUX_COMPONENTS)
-        parts = load_components(base, files, dtype, checkpoint.name)
+        base, files, parts = assemble(checkpoint, FLUX_COMPONENTS, dtype)
         if checkpoint.kind == "folder":
             pipe = FluxPipeline.from_pretrained(checkpoint.path, dtype=dtype,
                                                 local_files_only=True, **parts)

@@ -63,10 +63,9 @@ from daemon.samplers import make_scheduler
 from daemon.spec import LoraUse, RenderSpec
 from families.components import (
     Component,
-    choose_components,
+    assemble,
     component_problem,
     component_sources,
-    load_components,
     missing_config_parts,
 )
 
@@ -323,11 +322,8 @@ class Flux2KleinFamily(Family):
         # Klein and its Qwen3 encoder ship in bfloat16 and diffusers runs them so; float16
         # risks the overflow Flux.1 is known for. Not measured on real Klein weights here.
         dtype = self.bfloat16_for_float16(dtype)
-        base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
-        assert base is not None  # checked by missing_requirements
         # Qwen3 and the VAE kept as files of their own (ComfyUI's qwen_3_4b, a diffusers VAE).
-        files = choose_components(checkpoint, base, KLEIN_COMPONENTS)
-        parts = load_components(base, files, dtype, checkpoint.name)
+        base, files, parts = assemble(checkpoint, KLEIN_COMPONENTS, dtype)
         if checkpoint.kind == "folder":
             pipe = Flux2KleinPipeline.from_pretrained(checkpoint.path, dtype=dtype,
                                                       local_files_only=True, **parts)
