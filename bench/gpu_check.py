@@ -155,7 +155,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a machine with an NVIDIA GPU")
         sys.exit(2)
-    from daemon.cli import quiet_libraries
+    from daemon.console import quiet_libraries
 
     quiet_libraries()
     device = torch.cuda.get_device_name(0)

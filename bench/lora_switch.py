@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from diffusers import StableDiffusionXLPipeline  # noqa: E402
 
-from daemon.cli import quiet_libraries  # noqa: E402
+from daemon.console import quiet_libraries  # noqa: E402
 from daemon.lora_patching import AdapterState, apply_loras  # noqa: E402
 from daemon.spec import LoraUse  # noqa: E402
 from families.sdxl import SDXLFamily  # noqa: E402

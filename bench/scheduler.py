@@ -45,8 +45,8 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionXLPipeline  # noqa: E402
 from sqlalchemy import insert, select, update  # noqa: E402
 
-from daemon.cli import quiet_libraries  # noqa: E402
 from daemon.config import config_from_dict  # noqa: E402
+from daemon.console import quiet_libraries  # noqa: E402
 from daemon.plugins import Plugins  # noqa: E402
 from daemon.runner import Daemon  # noqa: E402
 from daemon.scheduler import claim_next_batch, stats  # noqa: E402

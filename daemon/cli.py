@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -28,32 +27,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(json_lines=getattr(args, "log_json", False),
                       verbose=getattr(args, "verbose", False))
-    # The libraries log loudly about things that are expected here (e.g. no CUDA).
-    quiet_libraries()
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
         print(f"lorafarm: config error: {exc}", file=sys.stderr)
         return 2
-
-
-def quiet_libraries() -> None:
-    """The libraries log loudly about what is expected here (no CUDA, no torchvision) and draw
-    progress bars per component; the daemon reports progress itself."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    # watchdog logs a harmless error when its inotify thread is stopped mid-read.
-    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
+    except BrokenPipeError:
+        # `lorafarm history --json | head`: the reader has all it wanted. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafarm", description="LoRA render daemon")
+    parser.add_argument("--version", action="version", version=f"lorafarm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
@@ -105,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorafarm")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        from daemon import __version__
+
+        return __version__
+
+
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG),
                         help="config file (./config.toml)")
@@ -140,9 +140,11 @@ def run_daemon(config: Config, *, until_idle: bool, live: bool = False,
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.console import quiet_libraries
     from daemon.demo import write_demo
     from daemon.plugins import Plugins
 
+    quiet_libraries()
     plugins = Plugins()
     config_path = write_demo(args.dir, plugins)
     print(f"demo written: {config_path}")
@@ -168,10 +170,9 @@ def _reader(config: Config):  # type: ignore[no-untyped-def]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sqlalchemy import func, select
-
-    from daemon.runner import daemon_pid
-    from daemon.store import Job, Render
+    from daemon.overview import state_counts
+    from daemon.state_lock import daemon_pid
+    from daemon.web_address import page_answers, status_url
 
     config = load_config(args.config)
     store = _reader(config)
@@ -179,24 +180,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     jobs: dict[str, int] = {}
     if store is not None:
         with store.session() as session:
-            renders = dict(session.execute(select(Render.state, func.count())
-                                           .group_by(Render.state)).all())
-            jobs = dict(session.execute(select(Job.state, func.count())
-                                        .group_by(Job.state)).all())
-    from daemon.web import status_url
-
-    pid = daemon_pid(config)
-    page = status_url(config) if config.web.enabled else None
+            renders, jobs = state_counts(session)
+        store.dispose()
+    pid = daemon_pid(config.paths.state)
+    # The page exists only while a daemon serves it: name it then, and say whether it answers.
+    page = status_url(config) if config.web.enabled and pid is not None else None
+    serving = page is not None and page_answers(page)
     status = {"daemon": {"running": pid is not None, "pid": pid}, "page": page,
-              "config": str(config.source), "jobs": jobs, "renders": renders}
+              "page_answers": serving, "config": str(config.source), "jobs": jobs,
+              "renders": renders}
     if args.json:
         print(json.dumps(status, indent=2))
+        return 0
+    if pid is None:
+        print(f"daemon:  not running (no daemon holds {config.paths.state})")
     else:
-        print(f"daemon: {'running (pid ' + str(pid) + ')' if pid else 'not running'}")
-        if page:
-            print(f"page:    {page}")
-        print(f"jobs:    {_counts(jobs)}")
-        print(f"renders: {_counts(renders)}")
+        print(f"daemon:  running (pid {pid})")
+    if page is not None:
+        print(f"page:    {page}" + ("" if serving else "  (not answering)"))
+    print(f"jobs:    {_counts(jobs)}")
+    print(f"renders: {_counts(renders)}")
     return 0
 
 
@@ -218,84 +221,18 @@ def _min_score(text: str) -> tuple[str | None, float]:
 
 def history_records(config: Config, limit: int = 50, *, tags: tuple[str, ...] = (),
                     min_score: tuple[str | None, float] | None = None) -> list[dict[str, Any]]:
-    """The newest `limit` jobs with their renders; with `tags` / `min_score`, only renders
-    whose post-processing results match (and only jobs that have such a render)."""
-    from sqlalchemy import select
-
-    from daemon.store import Job, Render, RenderScore
+    """`lorafarm history --json`'s records (see daemon.overview.history_records); an empty
+    list before the first daemon has created the database."""
+    from daemon.overview import history_records as query
 
     store = _reader(config)
     if store is None:
         return []
-    records = []
-    with store.session() as session:
-        matching = None
-        keep: set[int] = set()
-        if tags or min_score is not None:
-            matching = select(Render.id)
-            for tag in tags:
-                matching = matching.where(Render.id.in_(select(RenderScore.render_id).where(
-                    RenderScore.kind == "tag", RenderScore.name == tag)))
-            if min_score is not None:
-                name, least = min_score
-                scored = select(RenderScore.render_id).where(RenderScore.kind == "score",
-                                                             RenderScore.value >= least)
-                if name is not None:
-                    scored = scored.where(RenderScore.name == name)
-                matching = matching.where(Render.id.in_(scored))
-        jobs = select(Job).order_by(Job.id.desc()).limit(limit)
-        if matching is not None:
-            jobs = jobs.where(Job.id.in_(select(Render.job_id).where(Render.id.in_(matching))))
-            keep = set(session.scalars(matching))
-        for job in session.scalars(jobs):
-            renders = [r for r in job.renders if matching is None or r.id in keep]
-            results = _render_results(session, [r.id for r in renders])
-            records.append({
-                "id": job.id, "name": job.name, "file": job.file_name,
-                "file_path": job.file_path, "state": job.state, "priority": job.priority,
-                "error": job.error, "warnings": job.warnings,
-                "created_at": job.created_at.isoformat(timespec="seconds") + "Z",
-                "finished_at": (job.finished_at.isoformat(timespec="seconds") + "Z"
-                                if job.finished_at else None),
-                "job": json.loads(job.spec_json) if job.spec_json else None,
-                "renders": [_render_record(r, results.get(r.id, [])) for r in renders],
-            })
-    store.dispose()
-    return records
-
-
-def _render_results(session: Any, render_ids: list[int]) -> dict[int, list[Any]]:
-    from sqlalchemy import select
-
-    from daemon.store import RenderScore
-
-    rows: dict[int, list[Any]] = {}
-    if render_ids:
-        for row in session.scalars(select(RenderScore).where(
-                RenderScore.render_id.in_(render_ids)).order_by(RenderScore.id)):
-            rows.setdefault(row.render_id, []).append(row)
-    return rows
-
-
-def _render_record(render: Any, results: list[Any]) -> dict[str, Any]:
-    spec = json.loads(render.spec_json)
-    by_kind: dict[str, dict[str, float]] = {"score": {}, "tag": {}, "gate": {}}
-    for row in results:
-        by_kind.setdefault(row.kind, {})[row.name] = row.value
-    gate = by_kind["gate"]
-    return {"index": render.index, "seed": render.seed, "state": render.state,
-            "attempts": render.attempts, "output": render.output_path, "error": render.error,
-            "prompt": spec["prompt"], "loras": spec.get("loras", []),
-            "lora_patches": json.loads(render.lora_report_json)
-            if render.lora_report_json else None,
-            "frames": render.frames, "fps": render.fps,
-            "quantization": spec.get("extra", {}).get("quantization"),
-            # Post-processing ([[postprocess]]): scorer numbers, tagger tags with their
-            # confidence, and the quality gate's verdict.
-            "scores": by_kind["score"], "tags": by_kind["tag"],
-            "flagged": "flagged" in gate or "reseeded" in gate,
-            "reseeded": "reseeded" in gate,
-            "reseed_of": int(gate["reseed_of"]) if "reseed_of" in gate else None}
+    try:
+        with store.session() as session:
+            return query(session, limit, tags=tags, min_score=min_score)
+    finally:
+        store.dispose()
 
 
 def _print_history(config: Config, *, as_json: bool, limit: int, tags: tuple[str, ...] = (),
@@ -306,27 +243,45 @@ def _print_history(config: Config, *, as_json: bool, limit: int, tags: tuple[str
         return
     if not records:
         print("no jobs yet")
+        return
+    rows: list[list[object]] = []
     for job in records:
-        print(f"job {job['id']:>4}  {job['state']:<9} {job['file']}")
+        rows.append([f"job {job['id']}", job["state"], "", job["file"]])
         if job["error"]:
-            print("           " + job["error"].replace("\n", "\n           "))
+            rows += [["", "", "", line] for line in job["error"].splitlines()]
         for r in job["renders"]:
-            where = r["output"] or r["error"] or ""
-            print(f"   #{r['index']:<3} seed {r['seed']:<11} {r['state']:<8} {where}")
+            rows.append([f"  #{r['index']}", r["state"], r["seed"],
+                         r["output"] or r["error"] or ""])
             if r["scores"] or r["tags"] or r["flagged"]:
                 found = [f"{k} {v:.3f}" for k, v in r["scores"].items()] + list(r["tags"])
                 mark = "  [reseeded]" if r["reseeded"] else "  [flagged]" if r["flagged"] \
                     else ""
-                print(f"        {', '.join(found)}{mark}")
+                rows.append(["", "", "", f"{', '.join(found)}{mark}"])
+    print(format_table(["JOB", "STATE", "SEED", "OUTPUT / ERROR"], rows))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Rows under their headers, each column as wide as its widest cell (the last column is
+    not padded, so long paths do not push the others out of line)."""
+    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row]
+                                          for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers) - 1)]
+    lines = []
+    for row in cells:
+        padded = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*padded, row[-1]]).rstrip())
+    return "\n".join(lines)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from daemon.console import quiet_libraries
     from daemon.plugins import Plugins
     from daemon.registry import Registry
     from daemon.store import Store
 
     config = load_config(args.config)
     config.ensure_folders()
+    quiet_libraries()  # the family plugins bring diffusers in: recognising needs them
     # Scanning writes the index: use a writer store (the daemon may be running; SQLite's
     # busy timeout makes the two take turns).
     store = Store.for_url(config.database_url)
@@ -352,16 +307,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     store.dispose()
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['name']:<32} {row['family'] or '?':<12} {row['hash'] or '-':<11} "
-                  f"{row['state']:<13} {row['quantization'] or '-':<11} {row['file']}")
-            if row["transformer_2"]:
-                print(f"{'':<32} transformer_2: {row['transformer_2']}")
-            for key, path in row["components"].items():
-                print(f"{'':<32} {key}: {path}")
-            if row["state"] != "ok":
-                print(f"{'':<32} {row['reason']}")
+        return 0
+    if not rows:
+        print(f"no checkpoints in {', '.join(str(p) for p in config.paths.checkpoint_folders)}")
+        return 0
+    table: list[list[object]] = []
+    for row in rows:
+        table.append([row["name"], row["family"] or "?", row["state"], row["hash"],
+                      row["quantization"], row["file"]])
+        notes = ([f"transformer_2: {row['transformer_2']}"] if row["transformer_2"] else [])
+        notes += [f"{key}: {path}" for key, path in row["components"].items()]
+        notes += [row["reason"]] if row["state"] != "ok" and row["reason"] else []
+        table += [["", "", "", "", "", f"  {note}"] for note in notes]
+    print(format_table(["NAME", "FAMILY", "STATE", "HASH", "QUANTIZED", "FILE"], table))
     return 0
 
 
@@ -378,10 +336,11 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         return 0
     if not records:
         print("no hosts yet")
-    for host in records:
-        loaded = sorted({c for names in host["loaded"].values() for c in names})
-        print(f"{host['name']:<32} {host['state']:<20} heartbeat {host['last_heartbeat']}  "
-              f"batch {host['current_batch'] or '-'}  loaded: {', '.join(loaded) or '-'}")
+        return 0
+    rows = [[host["name"], host["state"], host["last_heartbeat"], host["current_batch"],
+             ", ".join(sorted({c for names in host["loaded"].values() for c in names})) or "-"]
+            for host in records]
+    print(format_table(["HOST", "STATE", "HEARTBEAT", "BATCH", "LOADED"], rows))
     return 0
 
 
@@ -411,18 +370,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
-    for key, value in figures.items():
-        print(f"{key.replace('_', ' '):<20} {value if value is not None else '-'}")
+    print(format_table(["FIGURE", "VALUE"],
+                       [[key.replace("_", " "), value] for key, value in figures.items()]))
     return 0
 
 
 def cmd_loras(args: argparse.Namespace) -> int:
+    from daemon.console import quiet_libraries
     from daemon.lora_library import LoraLibrary
     from daemon.plugins import Plugins
     from daemon.store import Store
 
     config = load_config(args.config)
     config.ensure_folders()
+    quiet_libraries()  # the family plugins bring diffusers in: recognising needs them
     store = Store.for_url(config.database_url)
     store.migrate()
     infos = LoraLibrary(config, store, Plugins(config.plugins)).scan()
@@ -432,14 +393,15 @@ def cmd_loras(args: argparse.Namespace) -> int:
         return 0
     if not infos:
         print(f"no LoRAs in {config.paths.loras}")
+        return 0
+    rows: list[list[object]] = []
     for info in infos:
-        print(f"{info.name:<28} {info.family or '?':<10} {info.lineage or '?':<12} "
-              f"{info.layout or '?':<10} r{info.rank or '?':<4} {info.autov3 or '-':<13} "
-              f"{info.state}")
-        if info.state != "ok" or info.lineage_source:
-            print(f"{'':<28} {info.reason if info.state != 'ok' else info.lineage_source}")
-        if info.triggers:
-            print(f"{'':<28} triggers: {', '.join(info.triggers)}")
+        rows.append([info.name, info.family or "?", info.lineage or "?", info.layout or "?",
+                     info.rank, info.autov3, info.state])
+        notes = [info.reason if info.state != "ok" else info.lineage_source]
+        notes += [f"triggers: {', '.join(info.triggers)}"] if info.triggers else []
+        rows += [["", "", "", "", "", "", f"  {note}"] for note in notes if note]
+    print(format_table(["NAME", "FAMILY", "LINEAGE", "LAYOUT", "RANK", "AUTOV3", "STATE"], rows))
     return 0
 
 

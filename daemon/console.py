@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 from sqlalchemy import func, select
 
 from daemon.scheduler import stats
 from daemon.store import RENDER_RUNNING, Job, Render, Store
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -49,6 +50,22 @@ def configure_logging(*, json_lines: bool, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def quiet_libraries() -> None:
+    """The libraries log loudly about what is expected here (no CUDA, no torchvision) and draw
+    progress bars per component; the daemon reports progress itself. Imports diffusers and
+    transformers: only for commands that render or load models."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # watchdog logs a harmless error when its inotify thread is stopped mid-read.
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
+
+
 def snapshot(store: Store) -> dict[str, Any]:
     """What is running (with step progress), what is queued, and the ETA."""
     with store.session() as session:
@@ -64,6 +81,7 @@ def snapshot(store: Store) -> dict[str, Any]:
 
 
 def render_table(state: dict[str, Any]) -> Table:
+    from rich.table import Table
     figures = state["stats"]
     counts = state["counts"]
     eta = figures.get("eta_seconds")
@@ -85,6 +103,8 @@ class LiveDisplay:
     """A rich Live table refreshed twice a second from the database, on its own thread."""
 
     def __init__(self, store: Store, console: Console | None = None) -> None:
+        from rich.console import Console
+
         self.store = store
         self.console = console or Console(stderr=True)
         self._stop = threading.Event()
@@ -98,6 +118,8 @@ class LiveDisplay:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        from rich.live import Live
+
         with Live(console=self.console, refresh_per_second=2, transient=False) as live:
             while not self._stop.wait(0.5):
                 try:

@@ -37,12 +37,14 @@ from sqlalchemy import select
 from daemon.config import Config
 from daemon.intake import unique_destination, write_error_file
 from daemon.lifecycle import lock_job
+from daemon.overview import is_paused_in
 from daemon.store import (
     JOB_DONE,
     JOB_FAILED,
     JOB_QUEUED,
     JOB_REJECTED,
     JOB_RUNNING,
+    PAUSED_KEY,
     RENDER_CANCELLED,
     RENDER_FAILED,
     RENDER_QUEUED,
@@ -57,7 +59,6 @@ from daemon.store import (
 
 log = logging.getLogger(__name__)
 
-PAUSED_KEY = "paused"
 CANCELLED_ERROR = "cancelled by the user"
 
 
@@ -110,8 +111,7 @@ def parse_job_id(text: str | int) -> int:
 def is_paused(store: Store) -> bool:
     """True while the daemon must not claim new renders (running ones still finish)."""
     with store.session() as session:
-        setting = session.get(Setting, PAUSED_KEY)
-        return setting is not None and setting.value == "1"
+        return is_paused_in(session)
 
 
 def pause(store: Store, *, by: str = "cli") -> ControlResult:

@@ -24,11 +24,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from daemon.control import PAUSED_KEY
 from daemon.store import (
     JOB_FAILED,
     JOB_QUEUED,
     JOB_RUNNING,
+    PAUSED_KEY,
     RENDER_DONE,
     RENDER_FAILED,
     RENDER_QUEUED,
@@ -52,6 +52,7 @@ def iso(value: dt.datetime | None) -> str | None:
 
 
 def is_paused_in(session: Session) -> bool:
+    """True while the daemon must not claim new renders (running ones still finish)."""
     setting = session.get(Setting, PAUSED_KEY)
     return setting is not None and setting.value == "1"
 
@@ -296,26 +297,34 @@ def history(session: Session, outputs: Path, *, limit: int = 50,
 
 # -- one job -------------------------------------------------------------------------------
 
+def _score_rows(session: Session, render_ids: list[int]) -> dict[int, list[RenderScore]]:
+    """Each render's [[postprocess]] rows (scores, tags, gate verdicts), most confident
+    first: the one read both the page and `lorafarm history` group from."""
+    rows: dict[int, list[RenderScore]] = {}
+    if render_ids:
+        for row in session.scalars(select(RenderScore).where(
+                RenderScore.render_id.in_(render_ids)).order_by(RenderScore.value.desc(),
+                                                                 RenderScore.id)):
+            rows.setdefault(row.render_id, []).append(row)
+    return rows
+
+
 def _post_processing(session: Session, render_ids: list[int]) -> dict[int, dict[str, Any]]:
     """What [[postprocess]] said about each render: scores by label, tags (most confident
     first) and the quality gate's verdict ("flagged", "reseeded", or a render id for a
     reseed's replacement)."""
     judged: dict[int, dict[str, Any]] = {}
-    if not render_ids:
-        return judged
-    rows = session.scalars(select(RenderScore).where(RenderScore.render_id.in_(render_ids))
-                           .order_by(RenderScore.value.desc()))
-    for row in rows:
-        entry = judged.setdefault(row.render_id, {"scores": {}, "tags": [], "gate": None})
-        if row.kind == "score":
-            entry["scores"][row.name] = round(row.value, 4)
-        elif row.kind == "tag":
-            entry["tags"].append(row.name)
-        elif row.kind == "gate":
-            entry["gate"] = (f"reseed of render {int(row.value)}" if row.name == "reseed_of"
-                             else row.name)
+    for render_id, rows in _score_rows(session, render_ids).items():
+        entry = judged.setdefault(render_id, {"scores": {}, "tags": [], "gate": None})
+        for row in rows:
+            if row.kind == "score":
+                entry["scores"][row.name] = round(row.value, 4)
+            elif row.kind == "tag":
+                entry["tags"].append(row.name)
+            elif row.kind == "gate":
+                entry["gate"] = (f"reseed of render {int(row.value)}"
+                                 if row.name == "reseed_of" else row.name)
     return judged
-
 
 
 def job_detail(session: Session, outputs: Path, job_id: int) -> dict[str, Any] | None:
@@ -402,3 +411,64 @@ def busy_seconds(session: Session, since: dt.datetime) -> float:
 
 def pipeline_loads(session: Session) -> int:
     return int(session.scalar(select(func.sum(Batch.pipeline_loads))) or 0)
+
+
+# -- `lorafarm history` ----------------------------------------------------------------------
+
+def history_records(session: Session, limit: int = 50, *, tags: tuple[str, ...] = (),
+                    min_score: tuple[str | None, float] | None = None) -> list[dict[str, Any]]:
+    """The newest `limit` jobs with their renders (`lorafarm history --json`); with `tags` /
+    `min_score`, only renders whose post-processing results match (and only jobs that have
+    such a render)."""
+    matching = None
+    keep: set[int] = set()
+    if tags or min_score is not None:
+        matching = select(Render.id)
+        for tag in tags:
+            matching = matching.where(Render.id.in_(select(RenderScore.render_id).where(
+                RenderScore.kind == "tag", RenderScore.name == tag)))
+        if min_score is not None:
+            name, least = min_score
+            scored = select(RenderScore.render_id).where(RenderScore.kind == "score",
+                                                         RenderScore.value >= least)
+            if name is not None:
+                scored = scored.where(RenderScore.name == name)
+            matching = matching.where(Render.id.in_(scored))
+    jobs = select(Job).order_by(Job.id.desc()).limit(limit)
+    if matching is not None:
+        jobs = jobs.where(Job.id.in_(select(Render.job_id).where(Render.id.in_(matching))))
+        keep = set(session.scalars(matching))
+    records = []
+    for job in session.scalars(jobs):
+        renders = [r for r in job.renders if matching is None or r.id in keep]
+        results = _score_rows(session, [r.id for r in renders])
+        records.append({
+            "id": job.id, "name": job.name, "file": job.file_name,
+            "file_path": job.file_path, "state": job.state, "priority": job.priority,
+            "error": job.error, "warnings": job.warnings,
+            "created_at": iso(job.created_at), "finished_at": iso(job.finished_at),
+            "job": json.loads(job.spec_json) if job.spec_json else None,
+            "renders": [_render_record(r, results.get(r.id, [])) for r in renders],
+        })
+    return records
+
+
+def _render_record(render: Render, results: list[RenderScore]) -> dict[str, Any]:
+    spec = json.loads(render.spec_json)
+    by_kind: dict[str, dict[str, float]] = {"score": {}, "tag": {}, "gate": {}}
+    for row in results:
+        by_kind.setdefault(row.kind, {})[row.name] = row.value
+    gate = by_kind["gate"]
+    return {"index": render.index, "seed": render.seed, "state": render.state,
+            "attempts": render.attempts, "output": render.output_path, "error": render.error,
+            "prompt": spec["prompt"], "loras": spec.get("loras", []),
+            "lora_patches": json.loads(render.lora_report_json)
+            if render.lora_report_json else None,
+            "frames": render.frames, "fps": render.fps,
+            "quantization": spec.get("extra", {}).get("quantization"),
+            # Post-processing ([[postprocess]]): scorer numbers, tagger tags with their
+            # confidence, and the quality gate's verdict.
+            "scores": by_kind["score"], "tags": by_kind["tag"],
+            "flagged": "flagged" in gate or "reseeded" in gate,
+            "reseeded": "reseeded" in gate,
+            "reseed_of": int(gate["reseed_of"]) if "reseed_of" in gate else None}

@@ -8,20 +8,18 @@ SQLite wants a single writer, and two daemons would render everything twice.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from types import FrameType
-from typing import IO
 
 from sqlalchemy import select
 
 from daemon.config import Config
+from daemon.console import quiet_libraries
 from daemon.control import is_paused
 from daemon.grid import write_sweep_grid
 from daemon.hosts import forget_dead_inventories, heartbeat, register_host, stop_host
@@ -35,6 +33,7 @@ from daemon.registry import Registry, live_hosts
 from daemon.report import DrainWatch
 from daemon.scheduler import ClaimedRender, Inventory, claim_next_batch, peek_next_checkpoint
 from daemon.spec import RenderSpec
+from daemon.state_lock import DaemonLockedError, StateLock
 from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Store, add_event
 from daemon.web import WebHandle, WebStartError, create_app, serve_in_thread
 from daemon.worker import Worker
@@ -46,8 +45,7 @@ log = logging.getLogger(__name__)
 STRANDED_GRACE_SECONDS = 5.0
 
 
-class DaemonLockedError(RuntimeError):
-    pass
+__all__ = ["Daemon", "DaemonLockedError"]
 
 
 class Daemon:
@@ -60,8 +58,6 @@ class Daemon:
                  name: str | None = None) -> None:
         # Nothing may ever be downloaded at run time: make the hub client refuse.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from daemon.cli import quiet_libraries
-
         quiet_libraries()
         self.config = config
         self.plugins = plugins or Plugins(config.plugins)
@@ -88,7 +84,7 @@ class Daemon:
         self._work = threading.Event()
         self._aborted = False
         self._signals = 0
-        self._lock_file: IO[str] | None = None
+        self._state_lock = StateLock(config.paths.state)
         self._threads: list[threading.Thread] = []
         self._closed = False
         self.web: WebHandle | None = None
@@ -399,39 +395,7 @@ class Daemon:
     # -- single-owner lock -----------------------------------------------------------------
 
     def _acquire_lock(self) -> None:
-        path = Path(self.config.paths.state) / "daemon.lock"
-        handle = path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            handle.close()
-            raise DaemonLockedError(
-                f"another lorafarm daemon is already running on {self.config.paths.state}; "
-                "stop it first (or use another config with its own state folder)") from exc
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._lock_file = handle
+        self._state_lock.acquire()
 
     def _release_lock(self) -> None:
-        if self._lock_file is not None:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
-
-
-def daemon_pid(config: Config) -> int | None:
-    """The pid of the daemon running on this config's state folder, or None."""
-    path = Path(config.paths.state) / "daemon.lock"
-    if not path.exists():
-        return None
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            text = handle.read().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return None
+        self._state_lock.release()

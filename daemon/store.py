@@ -238,6 +238,9 @@ class Host(Base):
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
+PAUSED_KEY = "paused"  # Setting: "1" while no new renders are claimed
+
+
 class Setting(Base):
     """Small daemon-wide switches that the CLI and the status page set (e.g. paused)."""
 

@@ -51,7 +51,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from daemon import control, overview
 from daemon.config import Config
 from daemon.metrics import build_registry
+from daemon.state_lock import daemon_pid
 from daemon.store import Store
+from daemon.web_address import URL_FILE, page_url, status_url  # noqa: F401 (re-exported)
 from daemon.web_templates import CSS, SCRIPT, TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,6 @@ SERVED_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".mp4", ".webm", ".
                    ".json", ".txt"}
 THUMB_SIZE = 256
 THUMB_CACHE_ENTRIES = 512  # ~20 KB each: a few MB for a night's gallery
-URL_FILE = "web.url"  # in the state folder while the page is served (port 0 picks one)
 
 
 def is_loopback(host: str) -> bool:
@@ -375,9 +376,7 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 
 
 def _daemon_state(config: Config) -> dict[str, Any]:
-    from daemon.runner import daemon_pid
-
-    pid = daemon_pid(config)
+    pid = daemon_pid(config.paths.state)
     return {"running": pid is not None, "pid": pid}
 
 
@@ -494,28 +493,4 @@ def serve_in_thread(config: Config, app: Starlette, *, start_timeout: float = 10
     log.info("status page: %s", url)
     return WebHandle(url=url, port=bound_port, server=server, thread=thread, app=app,
                      url_file=url_file)
-
-
-def page_url(host: str, port: int) -> str:
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.gethostname()  # a wildcard bind is reached by the machine's name
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/"
-
-
-def status_url(config: Config) -> str:
-    """The status page's address for `lorafarm status`: the one the running daemon wrote
-    (it knows the port when port 0 picked one), else the one config.toml gives. Without
-    the token: `?token=` from config.toml [web] has to be added for a non-loopback bind."""
-    from daemon.runner import daemon_pid
-
-    url_file = config.paths.state / URL_FILE
-    try:
-        written = url_file.read_text(encoding="utf-8").strip()
-    except OSError:
-        written = ""
-    # A file left by a daemon that died names a port nobody listens on any more.
-    if written and daemon_pid(config) is not None:
-        return written
-    return page_url(config.web.host, config.web.port)
 

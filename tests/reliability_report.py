@@ -87,8 +87,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
-    from daemon.cli import quiet_libraries
     from daemon.config import config_from_dict
+    from daemon.console import quiet_libraries
     from daemon.demo import write_demo
     from daemon.plugins import Plugins
     from daemon.runner import Daemon

@@ -59,3 +59,62 @@ def test_a_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     result = lorafarm("status", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown setting worker.max_bach; did you mean worker.max_batch?" in result.stderr
+
+
+def test_read_only_verbs_are_instant_quiet_and_tabular(tmp_path: Path, farm) -> None:
+    """history, status, stats and hosts read the database only: no torch, diffusers or family
+    plugin is imported (that is what made them take seconds); a closed pipe ends quietly;
+    tables have headers; `--version` answers."""
+    from tests.conftest import sdxl_job
+
+    farm.drop("one.toml", sdxl_job(count=1))
+    assert farm.run() == 0
+    config = str(farm.config.source)
+    probe = ("import sys, contextlib, io\n"
+             "from daemon.cli import main\n"
+             "for verb in ('history', 'status', 'stats', 'hosts'):\n"
+             "    with contextlib.redirect_stdout(io.StringIO()):\n"
+             f"        assert main([verb, '--config', {config!r}]) == 0\n"
+             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'families',\n"
+             "                     'daemon.plugins', 'daemon.runner') if m in sys.modules]\n"
+             "print(','.join(heavy) or 'none')\n")
+    imported = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, text=True,
+                              capture_output=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "none"
+
+    # `| head -1`: the reader closes the pipe early; no BrokenPipeError traceback.
+    piped = subprocess.run(f"{sys.executable} -m daemon.cli history --json --config "
+                           f"{config} | head -1", shell=True, cwd=tmp_path, text=True,
+                           capture_output=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert piped.stdout == "[\n" and "Traceback" not in piped.stderr, piped.stderr
+
+    history = lorafarm("history", "--config", config, cwd=tmp_path).stdout.splitlines()
+    assert history[0].split() == ["JOB", "STATE", "SEED", "OUTPUT", "/", "ERROR"]
+    # Columns line up: every render row's state starts where the header's STATE does.
+    state_column = history[0].index("STATE")
+    assert all(line[state_column:].startswith("done") for line in history[1:])
+
+    status = lorafarm("status", "--config", config, cwd=tmp_path).stdout
+    assert "not running" in status and "page:" not in status  # no page without a daemon
+
+    version = lorafarm("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("lorafarm ")
+
+
+def test_status_names_the_page_only_while_a_daemon_serves_it(make_farm) -> None:
+    farm = make_farm(web={"enabled": True, "port": 0})
+    daemon = farm.daemon()
+    daemon.start()
+    try:
+        status = json.loads(lorafarm("status", "--json", "--config", str(farm.config.source),
+                                     cwd=farm.root).stdout)
+        assert status["daemon"]["running"] is True
+        assert status["page"] == daemon.web.url and status["page_answers"] is True
+    finally:
+        daemon.close()
+    status = json.loads(lorafarm("status", "--json", "--config", str(farm.config.source),
+                                 cwd=farm.root).stdout)
+    assert status["daemon"]["running"] is False and status["page"] is None
