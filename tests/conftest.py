@@ -220,6 +220,25 @@ def started_daemon(tmp_path_factory: pytest.TempPathFactory, assets: Assets,
     daemon.close()
 
 
+# -- markers ------------------------------------------------------------------------------
+
+# Test modules whose tests start real lorafarm processes (each pays ~5 s of imports).
+PROCESS_MODULES = ("test_cli", "test_fault_injection", "test_recovery", "test_farm")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by what it needs (see [tool.pytest.ini_options] markers)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if "postgres_url" in fixtures:
+            item.add_marker(pytest.mark.postgres)
+        if module == "test_browser":
+            item.add_marker(pytest.mark.browser)
+        if module in PROCESS_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 # -- PostgreSQL ---------------------------------------------------------------------------
 
 POSTGRES_ADMIN_URL = os.environ.get("LORAFARM_TEST_POSTGRES_URL",
