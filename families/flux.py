@@ -40,25 +40,28 @@ from typing import Any
 import torch
 from PIL import Image
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
+    ParsedPrompt,
     Progress,
     RenderError,
+    RenderSpec,
+    SafetensorsHeader,
+    hookimpl,
+    make_scheduler,
+    parse_prompt,
     quantization_fields,
     read_json_object,
+    to_compel_conjunction,
 )
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import ParsedPrompt, parse_prompt, to_compel_conjunction
-from daemon.safetensors_header import SafetensorsHeader
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
 from families.components import (
     Component,
     assemble,
@@ -127,6 +130,8 @@ class FluxFamily(Family):
 
     architecture = ARCHITECTURE
     sampler_kind = "flow"
+    # A1111 weights reach CLIP and T5 through compel (prompt_conditioning).
+    prompt_weighting = "a1111"
     supports_negative_prompt = False  # unless the job sets true_cfg
     supports_true_cfg = True  # FluxPipeline's true_cfg_scale
     reads_gguf = True  # city96's GGUF transformers, BFL layout

@@ -44,23 +44,25 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
     Progress,
     RenderError,
+    RenderSpec,
+    SafetensorsHeader,
+    hookimpl,
+    make_scheduler,
+    strip_explicit_weights,
+    unweighted_notes,
 )
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
-from daemon.safetensors_header import SafetensorsHeader
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
 from families.components import (
     Component,
     assemble,
@@ -155,6 +157,8 @@ class Flux2KleinFamily(Family):
     architecture = "flux2"
     display_name = "FLUX.2 [klein]"
     sampler_kind = "flow"
+    # Qwen3 reads no weights: strip_explicit_weights text, and unweighted_notes says so.
+    prompt_weighting = "stripped"
     supports_negative_prompt = False
     reads_gguf = True  # BFL-layout GGUF transformers, with a diffusers folder as the base
     component_files = tuple(c.name for c in KLEIN_COMPONENTS)  # qwen_3_4b, a diffusers VAE

@@ -58,27 +58,32 @@ from typing import Any
 
 import torch
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
+    GgufError,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
     Progress,
     RenderedVideo,
     RenderError,
+    RenderSpec,
+    SafetensorsError,
+    SafetensorsHeader,
+    hookimpl,
+    make_scheduler,
     quantization_fields,
+    read_gguf_header,
+    read_header,
     read_json_object,
+    strip_explicit_weights,
+    unweighted_notes,
 )
-from daemon.gguf_header import GgufError, read_gguf_header
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
-from daemon.safetensors_header import SafetensorsError, SafetensorsHeader, read_header
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
 
 HUNYUAN_VIDEO_PIPELINE = "HunyuanVideoPipeline"
 HUNYUAN_VIDEO15_PIPELINE = "HunyuanVideo15Pipeline"
@@ -675,6 +680,8 @@ class _HunyuanBase(Family):
     transformer-only LoRAs, VAE tiling and slicing."""
 
     sampler_kind = "flow"
+    # Its LLM encoders read no weights: stripped text, and unweighted_notes says so.
+    prompt_weighting = "stripped"
     produces = "video"
     pipeline_class_name: str
     version: str

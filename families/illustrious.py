@@ -7,8 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from daemon import hookimpl
-from daemon.family import DemoAssets, FamilyDefaults
+from daemon.plugin_api import DemoAssets, FamilyDefaults, hookimpl
 from families.pony import _lineage_demo
 from families.sdxl import SDXLFamily
 from families.sdxl_lineage import ILLUSTRIOUS

@@ -14,22 +14,25 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
+    ParsedPrompt,
     Progress,
+    RenderSpec,
+    SafetensorsHeader,
+    hookimpl,
+    make_scheduler,
+    parse_prompt,
+    to_compel_conjunction,
 )
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import ParsedPrompt, parse_prompt, to_compel_conjunction
-from daemon.safetensors_header import SafetensorsHeader
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
 from families.sdxl_lineage import guess_lineage
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
@@ -49,6 +52,9 @@ class SDXLFamily(Family):
     sampler_kind = "eps"
     defaults = FamilyDefaults(width=1024, height=1024, steps=25, cfg=6.0, sampler="DPM++ 2M",
                               schedule="Karras")
+    # A1111 weights and BREAK are encoded through compel (encode_weighted_sdxl); the base
+    # apply_conventions warns about what compel cannot read (unbalanced brackets, editing).
+    prompt_weighting = "a1111"
 
     # -- recognition -----------------------------------------------------------------------
 
@@ -140,16 +146,6 @@ class SDXLFamily(Family):
         pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
         # Loaded on the CPU already; `.to("cpu")` would only warn about fp32 modules.
         return pipe if device.type == "cpu" else pipe.to(device)
-
-    def apply_conventions(self, prompt: str, negative_prompt: str | None,
-                          enabled: bool) -> tuple[str, str, list[str]]:
-        """The family's default negative, plus what A1111 syntax in either prompt cannot do
-        here (unbalanced brackets, prompt editing); the weights themselves are applied at
-        render time through compel, on the text as written."""
-        prompt, negative, notes = super().apply_conventions(prompt, negative_prompt, enabled)
-        for which, text in (("prompt", prompt), ("negative_prompt", negative)):
-            notes.extend(f"{which}: {warning}" for warning in parse_prompt(text).warnings)
-        return prompt, negative, notes
 
     def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
                      progress: Progress | None = None) -> list[Image.Image]:

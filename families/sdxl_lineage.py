@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from daemon.lora_probe import tag_frequency
+from daemon.plugin_api import tag_frequency
 
 SDXL, PONY, ILLUSTRIOUS = "sdxl", "pony", "illustrious"
 LINEAGES = (SDXL, PONY, ILLUSTRIOUS)

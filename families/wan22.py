@@ -58,26 +58,29 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image, ImageOps
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
+    GgufError,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
     RenderedVideo,
     RenderError,
+    RenderSpec,
+    SafetensorsHeader,
+    hookimpl,
+    make_scheduler,
     quantization_fields,
+    read_gguf_header,
     read_json_object,
+    strip_explicit_weights,
+    unweighted_notes,
 )
-from daemon.gguf_header import GgufError, read_gguf_header
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
-from daemon.safetensors_header import SafetensorsHeader
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
 from families.components import (
     Component,
     choose_components,
@@ -88,7 +91,7 @@ from families.components import (
 )
 
 if TYPE_CHECKING:
-    from daemon.family import Progress
+    from daemon.plugin_api import Progress
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +214,8 @@ class Wan22Family(Family):
     architecture = "wan"
     display_name = "Wan 2.2"
     sampler_kind = "flow"
+    # UMT5 reads no weights: strip_explicit_weights text, and unweighted_notes says so.
+    prompt_weighting = "stripped"
     produces = "video"
     takes_image = True
     reads_gguf = True  # original-layout GGUF experts, with a diffusers folder as the base
