@@ -24,6 +24,26 @@ if TYPE_CHECKING:
 CLIP_SKIP_LEVELS = (1, 2)
 
 
+class _TextModelView:
+    """The text encoder as compel 2.5 expects it: compel normalises the penultimate layer
+    with `text_encoder.text_model.final_layer_norm`, where transformers 5's CLIPTextModel
+    keeps `final_layer_norm` on the model itself. Everything else goes to the encoder."""
+
+    def __init__(self, encoder: Any) -> None:
+        self._encoder = encoder
+        self.text_model = encoder
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._encoder(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+
+def _with_text_model(encoder: Any) -> Any:
+    return encoder if hasattr(encoder, "text_model") else _TextModelView(encoder)
+
+
 def a1111_prompt_warnings(prompt: str, negative_prompt: str) -> list[str]:
     """What A1111 syntax in either prompt cannot do through compel (an unbalanced bracket,
     prompt editing), for a family's `apply_conventions`."""
@@ -52,7 +72,7 @@ def encode_clip_prompts(pipe: Any, specs: list[RenderSpec], clip_skip: int | Non
     device = pipe._execution_device
     # Built per batch, not cached: the text encoder changes when a LoRA with text-encoder
     # weights is applied, and compel caches its encoding of the empty chunk.
-    compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
+    compel = Compel(tokenizer=pipe.tokenizer, text_encoder=_with_text_model(pipe.text_encoder),
                     truncate_long_prompts=False, returned_embeddings_type=layer,
                     device=str(device))
     empty = compel.conditioning_provider.empty_z.to(device)

@@ -20,7 +20,7 @@ class PonyFamily(SDXLFamily):
     name = "pony"
     display_name = "Pony Diffusion (SDXL)"
     lineage = PONY
-    # Community settings for Pony V6 XL (REFERENCE.md section 7). "Clip skip 2" is what
+    # The settings Pony V6 XL's model card recommends. "Clip skip 2" is what
     # diffusers' SDXL pipeline does by default, so it is recorded, not passed on.
     defaults = FamilyDefaults(width=1024, height=1024, steps=25, cfg=7.0, sampler="Euler a",
                               schedule=None, clip_skip=2)

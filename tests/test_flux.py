@@ -475,7 +475,7 @@ def test_each_layout_patches_the_expected_modules_and_changes_the_image(
 
 def test_diffusers_loads_nothing_from_original_lora_A_files_without_the_rename(
         dev: FluxPipeline, tmp_path: Path) -> None:
-    """The silent no-op REFERENCE.md warns about: `diffusion_model.*.lora_A` Flux.1 files patch
+    """A silent no-op worth a test: `diffusion_model.*.lora_A` Flux.1 files patch
     no module in diffusers 0.42, without an error. `lora_for_loading` renames them."""
     path = write_lora(make_tiny_flux_lora(dev, seed=2, text_encoder_modules=()),
                       tmp_path / "comfy.safetensors", "original_lora_A")
