@@ -186,7 +186,7 @@ class LoadedCheckpoint:
     transformer_2: Path | None = None  # a GGUF pair's second (low-noise) expert file
     # Component files named for this checkpoint (config.toml / sidecar `text_encoder`,
     # `text_encoder_2`, `vae`), already found on disk; they replace the config folder's
-    # weights for those components (see families/components.py).
+    # weights for those components (see families/shared/components.py).
     components: dict[str, Path] = field(default_factory=dict)
     # The UI trees' folders of such files, by kind ("text_encoders", "vae"): where a family
     # may pair a component the config folder lacks weights for (Paths.component_folders).
@@ -254,7 +254,7 @@ class Family(ABC):
     # Loads quantized `.gguf` transformers (probe_checkpoint may claim kind "gguf" sources).
     reads_gguf: bool = False
     # Pipeline components it can take from files of their own (config.toml / sidecar keys
-    # `text_encoder`, `text_encoder_2`, `vae`; see families/components.py).
+    # `text_encoder`, `text_encoder_2`, `vae`; see families/shared/components.py).
     component_files: tuple[str, ...] = ()
     # What the family does with A1111 weighting `(word:1.3)` and BREAK in prompts:
     # "a1111": it encodes them (a CLIP encoder family calls `encode_clip_prompts` in

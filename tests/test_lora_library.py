@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from daemon.lora_library import LoraLibrary, LoraLookupError
 from daemon.store import Store
-from families.sdxl_tiny_loras import (
+from families.sdxl.tiny_loras import (
     make_tiny_lora,
     write_diffusers,
     write_flux_like,

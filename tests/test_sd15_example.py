@@ -11,7 +11,7 @@ import numpy as np
 from lorafarm_sd15.tiny import build_tiny_sd15_pipeline, write_kohya_lora
 from PIL import Image
 
-from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
+from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 from plugins.a1111_metadata import parse_infotext
 
 

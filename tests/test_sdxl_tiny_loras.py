@@ -22,8 +22,8 @@ from peft.utils.error import NoMatchingPeftModuleError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from families.sdxl_tiny import build_tiny_sdxl_pipeline
-from families.sdxl_tiny_loras import (
+from families.sdxl.tiny import build_tiny_sdxl_pipeline
+from families.sdxl.tiny_loras import (
     LORA_COMPONENTS,
     LoraWeights,
     TinyLora,

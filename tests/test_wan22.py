@@ -34,7 +34,17 @@ from daemon.lora_probe import probe_lora_file
 from daemon.outputs import read_spec
 from daemon.safetensors_header import read_header
 from daemon.spec import LoraUse, RenderSpec
-from families.wan22 import (
+from families.wan22.tiny import (
+    LORA_LAYOUTS,
+    TINY_WIDTHS,
+    build_tiny_wan_pipeline,
+    make_tiny_wan_lora,
+    save_tiny_wan_folder,
+    write_real_size_wan_lora,
+    write_tiny_input_image,
+    write_wan_lora,
+)
+from families.wan22.wan22 import (
     DEMO_CHECKPOINTS,
     DEMO_GGUF_PAIRS,
     DEMO_IMAGE,
@@ -47,16 +57,6 @@ from families.wan22 import (
     demo_job,
     expert_of,
     lora_pair_name,
-)
-from families.wan22_tiny import (
-    LORA_LAYOUTS,
-    TINY_WIDTHS,
-    build_tiny_wan_pipeline,
-    make_tiny_wan_lora,
-    save_tiny_wan_folder,
-    write_real_size_wan_lora,
-    write_tiny_input_image,
-    write_wan_lora,
 )
 
 torch.set_num_threads(1)  # one thread: faster and far steadier for models this small

@@ -44,8 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from families.sdxl_tiny import build_tiny_sdxl_pipeline, diffusers_unet_key_to_original
-from families.tiny_files import save_safetensors_atomically as _save_atomically
+from families.sdxl.tiny import build_tiny_sdxl_pipeline, diffusers_unet_key_to_original
+from families.shared.tiny_files import save_safetensors_atomically as _save_atomically
 
 __all__ = [
     "LORA_COMPONENTS",

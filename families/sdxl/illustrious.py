@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon.plugin_api import DemoAssets, FamilyDefaults, hookimpl
-from families.pony import _lineage_demo
-from families.sdxl import SDXLFamily
-from families.sdxl_lineage import ILLUSTRIOUS
+from families.sdxl.lineage import ILLUSTRIOUS
+from families.sdxl.pony import _lineage_demo
+from families.sdxl.sdxl import SDXLFamily
 
 ILLUSTRIOUS_QUALITY_TAGS = ("masterpiece", "best quality", "good quality")
 ILLUSTRIOUS_NEGATIVE = ("worst quality, bad quality, low quality, lowres, bad anatomy, "

@@ -33,7 +33,7 @@ from daemon.plugin_api import (
     parse_prompt,
     to_compel_conjunction,
 )
-from families.sdxl_lineage import guess_lineage
+from families.sdxl.lineage import guess_lineage
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 # Keys only an SDXL original-layout file has: the OpenCLIP-G second text encoder of the
@@ -200,7 +200,7 @@ class SDXLFamily(Family):
     # -- demo ------------------------------------------------------------------------------
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.sdxl_tiny import (
+        from families.sdxl.tiny import (
             build_tiny_sdxl_pipeline,
             save_tiny_sdxl_config_folder,
             save_tiny_sdxl_folder,

@@ -33,7 +33,7 @@ file's shapes, or for sizes no release has (tiny test models) from the base fold
 The UMT5 encoder and the VAE may be files of their own, as ComfyUI users keep them
 (models/text_encoders/umt5_xxl_fp16.safetensors, models/vae/wan_2.1_vae.safetensors): named
 with `text_encoder` / `vae` in the sidecar or config.toml, or paired from the ComfyUI trees
-when the base folder lacks their weights (families/components.py). The base folder then
+when the base folder lacks their weights (families/shared/components.py). The base folder then
 needs no weights. diffusers 0.42 converts the Wan 2.1 VAE's original layout (the A14B
 releases') but not the Wan 2.2 VAE's (TI2V-5B): that one stays in the base folder.
 
@@ -81,7 +81,7 @@ from daemon.plugin_api import (
     strip_explicit_weights,
     unweighted_notes,
 )
-from families.components import (
+from families.shared.components import (
     Component,
     choose_components,
     component_problem,
@@ -530,7 +530,7 @@ class Wan22Family(Family):
     # -- demo ------------------------------------------------------------------------------
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.wan22_tiny import (
+        from families.wan22.tiny import (
             build_tiny_wan_pipeline,
             save_tiny_wan_folder,
             save_tiny_wan_transformer_gguf,
@@ -857,7 +857,7 @@ def _load_gguf_experts(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> dict
     are). They compute in the dtype the transformers would have (bfloat16 for float16)."""
     from diffusers import WanTransformer3DModel
 
-    from families.quantized import load_gguf_model, load_gguf_state_dict
+    from families.shared.quantized import load_gguf_model, load_gguf_state_dict
 
     assert checkpoint.config_path is not None
     compute = component_dtypes(dtype)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.plugin_api import DemoAssets, FamilyDefaults, hookimpl
-from families.sdxl import SDXLFamily
-from families.sdxl_lineage import PONY
+from families.sdxl.lineage import PONY
+from families.sdxl.sdxl import SDXLFamily
 
 PONY_QUALITY_TAGS = ("score_9", "score_8_up", "score_7_up", "score_6_up", "score_5_up",
                      "score_4_up")
@@ -46,7 +46,7 @@ class PonyFamily(SDXLFamily):
 def _lineage_demo(family: SDXLFamily, models_dir: Path, name: str, seed: int, title: str,
                   prompt: str) -> DemoAssets:
     """A single-file tiny checkpoint whose metadata names its lineage, as users have them."""
-    from families.sdxl_tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_single_file
+    from families.sdxl.tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_single_file
 
     save_tiny_sdxl_single_file(build_tiny_sdxl_pipeline(seed=seed),
                                models_dir / f"{name}.safetensors",

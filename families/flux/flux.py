@@ -17,7 +17,7 @@ weights decide dev vs schnell (`guidance_in` keys), whichever base it is paired 
 The transformer file may be quantized, in the same BFL layout: a GGUF file
 (`flux1-dev-Q8_0.gguf`, city96's), which stays quantized in memory and is dequantized layer by
 layer, or an FP8 safetensors file (`flux1-dev-fp8.safetensors`, weights in float8_e4m3fn),
-computed in bfloat16 on a GPU and float32 on the CPU (see families/quantized.py). Both need
+computed in bfloat16 on a GPU and float32 on the CPU (see families/shared/quantized.py). Both need
 the same base folder; LoRAs load on top of either, unfused.
 
 Prompts are natural language, encoded by CLIP-L (pooled) and T5 (up to 512 tokens on dev, 256
@@ -62,20 +62,20 @@ from daemon.plugin_api import (
     read_json_object,
     to_compel_conjunction,
 )
-from families.components import (
+from families.flux.bfl import (
+    BflLayoutError,
+    bfl_to_diffusers,
+    is_transformer_key,
+    strip_bfl_prefix,
+)
+from families.shared.components import (
     Component,
     assemble,
     component_problem,
     component_sources,
     missing_config_parts,
 )
-from families.flux_bfl import (
-    BflLayoutError,
-    bfl_to_diffusers,
-    is_transformer_key,
-    strip_bfl_prefix,
-)
-from families.quantized import (
+from families.shared.quantized import (
     float8_dtype_of,
     load_fp8_model,
     load_gguf_model,
@@ -405,7 +405,7 @@ class FluxDevFamily(FluxFamily):
                               schedule=None, size_multiple=16, guidance=3.5, cfg_fixed=1.0)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.flux_tiny import (
+        from families.flux.tiny import (
             build_tiny_flux_pipeline,
             build_tiny_flux_transformer,
             save_tiny_flux_folder,
@@ -451,7 +451,7 @@ class FluxSchnellFamily(FluxFamily):
                               schedule=None, size_multiple=16, guidance=None, cfg_fixed=1.0)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.flux_tiny import build_tiny_flux_pipeline, save_tiny_flux_folder
+        from families.flux.tiny import build_tiny_flux_pipeline, save_tiny_flux_folder
 
         save_tiny_flux_folder(build_tiny_flux_pipeline("schnell", seed=0),
                               models_dir / DEMO_SCHNELL)
@@ -508,7 +508,7 @@ def load_bfl_transformer(path: Path, base: Path, dtype: torch.dtype, *, gguf: bo
     """A BFL-layout Flux.1 transformer file as a diffusers FluxTransformer2DModel, its config
     from the base folder's transformer/config.json, depth and guidance from the file itself.
 
-    The keys are converted here (see families.flux_bfl for why not by diffusers) and the
+    The keys are converted here (see families.flux.bfl for why not by diffusers) and the
     converted state dict goes through diffusers' single-file loader (meta-device init, dtype).
     A GGUF file (`gguf`) stays quantized (GGUFLinear layers computing in `dtype`); an FP8
     file keeps its float8 weights (Float8Linear layers computing in `dtype`).

@@ -14,13 +14,14 @@ shapes in both, so a single file's variant is a guess from its name (BFL names t
 
 The Qwen3 text encoder and the VAE may be files of their own, as ComfyUI users keep them
 (models/text_encoders/qwen_3_4b.safetensors, models/vae/flux2-vae.safetensors), with a
-diffusers config folder that then lacks their weights (families/components.py). diffusers 0.42
-has no single-file loader for the Flux 2 VAE: a VAE file is taken only in diffusers' own layout,
-and ComfyUI's original-layout flux2-vae.safetensors is refused (its weights stay in vae/).
+diffusers config folder that then lacks their weights (families/shared/components.py).
+diffusers 0.42 has no single-file loader for the Flux 2 VAE: a VAE file is taken only in
+diffusers' own layout, and ComfyUI's original-layout flux2-vae.safetensors is refused (its
+weights stay in vae/).
 
 The transformer-only file may also be a quantized GGUF file (`flux-2-klein-4b-Q8_0.gguf`, BFL
 key layout), loaded through diffusers' GGUF support with the same base folder, or an FP8
-safetensors file (float8_e4m3fn weights, kept so in memory; see families/quantized.py).
+safetensors file (float8_e4m3fn weights, kept so in memory; see families/shared/quantized.py).
 
 Model size (Klein 4B, hidden width 3072, or 9B, width 4096) is reported as the *lineage* of
 checkpoints and LoRAs: a LoRA only loads into the size it was trained on, and the core's
@@ -63,7 +64,7 @@ from daemon.plugin_api import (
     strip_explicit_weights,
     unweighted_notes,
 )
-from families.components import (
+from families.shared.components import (
     Component,
     assemble,
     component_problem,
@@ -78,7 +79,7 @@ KLEIN_PIPELINE = "Flux2KleinPipeline"
 KLEIN_COMPONENTS = (
     Component("text_encoder", "Qwen3 text encoder", "text_encoders"),  # qwen_3_4b.safetensors
     # flux2-vae.safetensors is in the original layout, which diffusers 0.42 cannot load: only
-    # a file in diffusers' own layout fits (see families/components.py).
+    # a file in diffusers' own layout fits (see families/shared/components.py).
     Component("vae", "Flux 2 VAE", "vae"),
 )
 DISTILLED, BASE = "distilled", "base"
@@ -374,7 +375,7 @@ class Flux2KleinFamily(Family):
     # -- demo ------------------------------------------------------------------------------
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.flux2_klein_tiny import build_tiny_klein_pipeline, save_tiny_klein_folder
+        from families.flux2_klein.tiny import build_tiny_klein_pipeline, save_tiny_klein_folder
 
         save_tiny_klein_folder(build_tiny_klein_pipeline(seed=0, distilled=True),
                                models_dir / DEMO_DISTILLED)
@@ -601,7 +602,7 @@ def _load_single_file_transformer(checkpoint: LoadedCheckpoint, dtype: torch.dty
     )
     from safetensors.torch import load_file
 
-    from families.quantized import (
+    from families.shared.quantized import (
         float8_dtype_of,
         load_fp8_model,
         load_gguf_model,

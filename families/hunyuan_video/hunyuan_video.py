@@ -428,7 +428,7 @@ def transformer_file_requirements(checkpoint: LoadedCheckpoint) -> str | None:
     """What a transformer-only HunyuanVideo checkpoint still needs (a base folder that fits
     it), or None when it can load. Reads headers and configs only."""
     name = checkpoint.name
-    from families.quantized import scaled_fp8_problem
+    from families.shared.quantized import scaled_fp8_problem
 
     scaled = scaled_fp8_problem(checkpoint)
     if scaled:
@@ -522,7 +522,7 @@ def load_hunyuan_transformer(path: Path, base: Path, dtype: torch.dtype, *,
     from diffusers import HunyuanVideoTransformer3DModel
     from safetensors import safe_open
 
-    from families.quantized import (
+    from families.shared.quantized import (
         check_complete,
         float8_dtype_of,
         load_fp8_model,
@@ -876,7 +876,7 @@ class HunyuanVideoFamily(_HunyuanBase):
         return fields + super().infotext_fields(spec)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.hunyuan_video_tiny import (
+        from families.hunyuan_video.tiny import (
             GGUF_HEADS,
             build_tiny_hunyuan_video_pipeline,
             save_tiny_folder,
@@ -961,7 +961,7 @@ class HunyuanVideo15Family(_HunyuanBase):
         return self._frames(result, specs)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.hunyuan_video_tiny import (
+        from families.hunyuan_video.tiny import (
             build_tiny_hunyuan_video15_pipeline,
             save_tiny_folder,
         )
