@@ -142,3 +142,39 @@ def test_loaded_checkpoint_says_where_weights_and_configs_come_from(tmp_path: Pa
                                   kind="single_file", config_path=tmp_path / "cfg")
     assert (single.folder, single.weights_file, single.config_folder) == (
         None, tmp_path / "s.safetensors", tmp_path / "cfg")
+
+
+def _families_graph() -> dict[str, set[str]]:
+    """Module -> the `families` modules it imports anywhere (lazy imports included)."""
+    graph: dict[str, set[str]] = {}
+    for path in (REPO / "families").rglob("*.py"):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        graph[module] = {node.module for node in ast.walk(tree)
+                         if isinstance(node, ast.ImportFrom) and node.level == 0
+                         and (node.module or "").startswith("families.")}
+    return graph
+
+
+def test_no_import_cycles_in_families_and_builders_never_import_their_family() -> None:
+    graph = _families_graph()
+    family_modules = {m for m in graph if "register_families" in
+                      (REPO / (m.replace(".", "/") + ".py")).read_text(encoding="utf-8")}
+    assert len(family_modules) >= 7
+    builders = {m for m in graph if m.rsplit(".", 1)[-1].startswith("tiny")
+                or m.endswith("_tiny")}
+    assert {m for m in builders if graph[m] & family_modules} == set()
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            module, trail = stack.pop()
+            for imported in graph.get(module, ()):
+                if imported == start:
+                    return [*trail, start]
+                if imported not in trail:
+                    stack.append((imported, [*trail, imported]))
+        return None
+
+    cycles = [cycle for module in sorted(graph) if (cycle := cycle_from(module))]
+    assert cycles == []

@@ -44,6 +44,7 @@ from families.wan22.tiny import (
     write_tiny_input_image,
     write_wan_lora,
 )
+from families.wan22.variants import WAN_NEGATIVE_PROMPT
 from families.wan22.wan22 import (
     DEMO_CHECKPOINTS,
     DEMO_GGUF_PAIRS,
@@ -52,7 +53,6 @@ from families.wan22.wan22 import (
     T2V_A14B,
     TI2V_5B,
     VARIANTS,
-    WAN_NEGATIVE_PROMPT,
     Wan22Family,
     demo_job,
     expert_of,

@@ -68,6 +68,7 @@ from families.flux.bfl import (
     is_transformer_key,
     strip_bfl_prefix,
 )
+from families.flux.settings import SCHEDULER_SETTINGS
 from families.shared.components import (
     Component,
     assemble,
@@ -90,18 +91,6 @@ FLUX_PIPELINES = ("FluxPipeline",)
 # The family Flux.1 LoRAs are filed under: nothing in a LoRA says whether it was trained on
 # dev or schnell, and both families share the architecture, so the choice is only a label.
 LORA_FAMILY = "flux-dev"
-
-# The scheduler settings FLUX.1-dev and -schnell ship with (scheduler_config.json). dev shifts
-# its sigmas by image size (mu from the image token count); schnell was distilled for 1-4
-# unshifted steps. Applied over a single file's base folder, which may be the other variant.
-SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
-    "dev": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
-            "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-            "max_image_seq_len": 4096},
-    "schnell": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
-                "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                "max_image_seq_len": 4096},
-}
 
 # The parts ComfyUI users keep as files of their own (models/text_encoders, models/vae).
 FLUX_COMPONENTS = (

@@ -48,7 +48,7 @@ from transformers import (
 )
 
 from families.flux.bfl import ModuleGroup, diffusers_to_bfl, module_groups, split_sizes
-from families.flux.flux import SCHEDULER_SETTINGS
+from families.flux.settings import SCHEDULER_SETTINGS
 from families.shared.quantized_tiny import write_fp8_safetensors, write_gguf
 
 __all__ = [

@@ -50,7 +50,7 @@ from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from families.shared.quantized_tiny import write_gguf
 from families.shared.tiny_files import save_safetensors_atomically as _save_atomically
-from families.wan22.wan22 import I2V_A14B, T2V_A14B, TI2V_5B, VARIANT_SETTINGS
+from families.wan22.variants import I2V_A14B, T2V_A14B, TI2V_5B, VARIANT_SETTINGS
 
 __all__ = [
     "LORA_LAYOUTS",
