@@ -60,7 +60,8 @@ from daemon.plugin_api import (
     RenderSpec,
     SafetensorsHeader,
     hookimpl,
-    make_scheduler,
+    remember_scheduler_config,
+    sampling_arguments,
     strip_explicit_weights,
     unweighted_notes,
 )
@@ -345,30 +346,24 @@ class Flux2KleinFamily(Family):
         pipe.lorafarm_components = {name: str(path) for name, path in files.items()}
         # Samplers are swapped per batch, each built from the checkpoint's own training
         # settings (shift, dynamic shifting), kept here untouched.
-        pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
+        remember_scheduler_config(pipe)
         return pipe if device.type == "cpu" else pipe.to(device)
 
     def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
                      progress: Progress | None = None) -> list[Image.Image]:
         first = specs[0]
-        pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
-                                        first.schedule, kind=self.sampler_kind)
-        # CPU generators: the same seed gives the same noise on any device, and one generator
-        # per render keeps each image independent of its batch.
-        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         # A distilled pipeline never runs CFG; it only warns about a scale above 1 on every
         # call. The base variant runs real CFG against the empty prompt at spec.cfg.
         guidance = 1.0 if pipe.config.is_distilled else first.cfg
         result = pipe(
             # keyword: the first positional is `image`; A1111 weights read as plain text
             prompt=[strip_explicit_weights(spec.prompt)[0] for spec in specs],
-            num_inference_steps=first.steps,
             guidance_scale=guidance,
             width=first.width,
             height=first.height,
-            generator=generators,
             output_type="pil",
-            callback_on_step_end=progress.callback if progress else None,
+            # The job's sampler and steps, one CPU generator per render, the step callback.
+            **sampling_arguments(pipe, specs, progress, self.sampler_kind),
         )
         return list(result.images)
 

@@ -72,11 +72,14 @@ from daemon.plugin_api import (
     RenderError,
     RenderSpec,
     SafetensorsHeader,
+    cpu_generators,
     hookimpl,
-    make_scheduler,
+    job_scheduler,
     quantization_fields,
     read_gguf_header,
     read_json_object,
+    remember_scheduler_config,
+    step_callback,
     strip_explicit_weights,
     unweighted_notes,
 )
@@ -390,7 +393,7 @@ class Wan22Family(Family):
         pipe.set_progress_bar_config(disable=True)
         # Samplers and flow shift are set per batch, each built from the checkpoint's own
         # scheduler settings, kept here untouched.
-        pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
+        remember_scheduler_config(pipe)
         # One video at a time through the VAE: a batch costs no more VAE memory than one
         # video, and a video's pixels do not depend on its batch.
         pipe.vae.enable_slicing()
@@ -406,14 +409,13 @@ class Wan22Family(Family):
         extra = first.extra
         image = _load_input_image(first)
         runner = _pipeline_for(pipe, image is not None)
-        base = dict(pipe.lorafarm_scheduler_config)
-        if extra.get("flow_shift") is not None:
-            base["flow_shift"] = float(extra["flow_shift"])
-        runner.scheduler = make_scheduler(base, first.sampler, first.schedule,
-                                          kind=self.sampler_kind)
+        shift = extra.get("flow_shift")
+        runner.scheduler = job_scheduler(
+            pipe, first, self.sampler_kind,
+            overrides={"flow_shift": float(shift)} if shift is not None else None)
         # CPU generators: the same seed gives the same noise on any device, and one generator
         # per render keeps each video independent of its batch.
-        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+        generators = cpu_generators(specs)
         kwargs: dict[str, Any] = {
             # UMT5 has no prompt weighting: A1111 weights are read as plain text.
             "prompt": [strip_explicit_weights(spec.prompt)[0] for spec in specs],
@@ -425,7 +427,7 @@ class Wan22Family(Family):
             "guidance_scale": first.cfg,
             "generator": generators,
             "output_type": "pil",
-            "callback_on_step_end": progress.callback if progress else None,
+            "callback_on_step_end": step_callback(progress),
         }
         if runner.config.boundary_ratio is not None:
             kwargs["guidance_scale_2"] = float(extra.get("guidance_2", first.cfg))
