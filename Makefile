@@ -11,7 +11,9 @@ DEMO_DIR  ?= demo
 
 .PHONY: demo test venv lint clean bench reliability browser
 
-$(BIN)/.installed: pyproject.toml
+# The example family package (examples/lorafarm-sd15) is installed the way a third-party
+# plugin is: tests render its Stable Diffusion 1.5 checkpoints.
+$(BIN)/.installed: pyproject.toml examples/lorafarm-sd15/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
@@ -19,6 +21,7 @@ $(BIN)/.installed: pyproject.toml
 		$(BIN)/pip install --quiet $(TORCH_CPU); \
 	fi
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e examples/lorafarm-sd15
 	touch $@
 
 venv: $(BIN)/.installed
@@ -43,7 +46,7 @@ reliability: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m tests.reliability_report --trials 20 --fuzz 2000
 
 lint: venv
-	$(BIN)/ruff check daemon families plugins tests bench
+	$(BIN)/ruff check daemon families plugins tests bench examples
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -38,7 +38,7 @@ def full_size_sdxl(dtype: torch.dtype):  # type: ignore[no-untyped-def]
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from families.sdxl_tiny import _tiny_clip_tokenizer  # the in-memory byte-level tokenizer
+    from families.sdxl.tiny import _tiny_clip_tokenizer  # the in-memory byte-level tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

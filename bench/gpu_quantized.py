@@ -10,7 +10,7 @@ denoising step and the seconds per step (transformer forward at `--size`, 512 te
 * bf16: the transformer as diffusers loads it;
 * fp8 layerwise: diffusers' `enable_layerwise_casting(storage_dtype=float8_e4m3fn,
   compute_dtype=bfloat16)` (norms, embeddings and the output projection stay bfloat16);
-* fp8 lorafarm: what lorafarm loads an FP8 file as (families/quantized.py: every Linear kept
+* fp8 lorafarm: what lorafarm loads an FP8 file as (families/shared/quantized.py: every Linear kept
   in float8 bytes, widened per forward; LoRAs keep their own precision on top);
 * gguf Q8_0: diffusers' GGUF loader (`from_single_file(..., quantization_config=
   GGUFQuantizationConfig(compute_dtype=bfloat16))`), GGUFLinear dequantizing per forward.
@@ -161,7 +161,7 @@ def main() -> None:
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
     from daemon.console import quiet_libraries
-    from families.quantized import load_fp8_model, load_gguf_model
+    from families.shared.quantized import load_fp8_model, load_gguf_model
 
     quiet_libraries()
     check_q8_0_against_gguf()

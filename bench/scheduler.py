@@ -52,8 +52,8 @@ from daemon.runner import Daemon  # noqa: E402
 from daemon.scheduler import claim_next_batch, stats  # noqa: E402
 from daemon.spec import RenderSpec  # noqa: E402
 from daemon.store import Batch, Job, Render, Store  # noqa: E402
-from families.sdxl_tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_folder  # noqa: E402
-from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original  # noqa: E402
+from families.sdxl.tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_folder  # noqa: E402
+from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original  # noqa: E402
 
 CHECKPOINTS = ("model-a", "model-b", "model-c")
 LORA_SETS: tuple[tuple[str, ...], ...] = ((), ("ink",), ("wash",), ("ink", "wash"))

@@ -9,9 +9,12 @@ loading, rendering and metadata path.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from daemon.plugins import Plugins
+
+log = logging.getLogger(__name__)
 
 DEMO_CONFIG_HEAD = """\
 # lorafarm demo configuration, written by `lorafarm demo`.
@@ -50,6 +53,10 @@ def write_demo(directory: Path, plugins: Plugins) -> Path:
     sample_jobs: dict[str, str] = {}
     for family in plugins.families.values():
         assets = family.build_demo(models, configs)
+        if assets is None:
+            log.info("the %s family has no demo checkpoints (no build_demo); skipped",
+                     family.display_name)
+            continue
         overrides.update(assets.checkpoint_overrides)
         sample_jobs.update(assets.jobs)
     lines = [DEMO_CONFIG_HEAD]

@@ -3,7 +3,8 @@
 A Family is one object per model family (SDXL, Pony, Flux.1 dev, ...), registered through
 the `register_families` hook. The core never imports a family module directly: it asks every
 registered family to recognise a checkpoint, then hands renders of that checkpoint to the
-family that recognised it.
+family that recognised it. Plugins import all of this from `daemon.plugin_api`;
+docs/writing-a-family.md is the guide.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.config import OFFLOAD_MODES
 from daemon.gguf_header import GgufHeader
 from daemon.lora_probe import LoraFacts
+from daemon.prompt_weights import parse_prompt
 from daemon.safetensors_header import SafetensorsHeader
 
 if TYPE_CHECKING:
@@ -70,7 +72,9 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class FamilyDefaults:
-    """What a job gets for every key it leaves out (REFERENCE.md section 7)."""
+    """What a job gets for every key it leaves out: the settings the model's makers (or, for
+    community models, the settings most of its users) render with. docs/writing-a-family.md
+    says where to find them."""
 
     width: int
     height: int
@@ -79,7 +83,7 @@ class FamilyDefaults:
     sampler: str  # A1111 name
     schedule: str | None
     negative_prompt: str = ""
-    clip_skip: int | None = None
+    clip_skip: int | None = None  # A1111's "Clip skip"; see Family.clip_skip_levels
     size_multiple: int = 8  # width and height must be multiples of this
     guidance: float | None = None  # embedded (distilled) guidance, e.g. Flux.1 dev 3.5
     # Video families: frame count and rate; a clip must have frame_step * k + 1 frames.
@@ -163,23 +167,50 @@ class LoraProbe:
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
-    """What the worker hands a family to load a pipeline from."""
+    """What the worker hands a family to load a pipeline from.
+
+    Where weights and configs come from depends on `kind`; the properties say it plainly:
+    a diffusers folder (`folder`) holds both; a single file (`weights_file`, a .safetensors
+    or .gguf) holds weights only, and its configs come from `config_folder`, a local
+    diffusers folder the user names in config.toml (`config = "..."`), or None when unset.
+    `path` and `config_path` are the raw fields behind them.
+    """
 
     name: str
-    path: Path
+    path: Path  # the folder (kind "folder") or the file (kind "single_file" / "gguf")
     kind: str  # "folder" | "single_file" | "gguf"
-    config_path: Path | None  # local diffusers config folder for single files
+    config_path: Path | None  # single files only: the config folder set in config.toml
     lineage: str | None = None
     variant: str | None = None
     quantization: str | None = None  # "GGUF Q8_0", "FP8 e4m3fn"; None: stored as released
     transformer_2: Path | None = None  # a GGUF pair's second (low-noise) expert file
     # Component files named for this checkpoint (config.toml / sidecar `text_encoder`,
     # `text_encoder_2`, `vae`), already found on disk; they replace the config folder's
-    # weights for those components (see families/components.py).
+    # weights for those components (see families/shared/components.py).
     components: dict[str, Path] = field(default_factory=dict)
     # The UI trees' folders of such files, by kind ("text_encoders", "vae"): where a family
     # may pair a component the config folder lacks weights for (Paths.component_folders).
     component_folders: dict[str, tuple[Path, ...]] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path | None:
+        """The diffusers folder (model_index.json, configs and weights) of a folder
+        checkpoint, for `from_pretrained`; None for single files."""
+        return self.path if self.kind == "folder" else None
+
+    @property
+    def weights_file(self) -> Path | None:
+        """The one file holding a single-file checkpoint's weights (A1111 / ComfyUI layout,
+        or GGUF), for `from_single_file`; None for folders."""
+        return None if self.kind == "folder" else self.path
+
+    @property
+    def config_folder(self) -> Path | None:
+        """Where the pipeline's configs, tokenizers and scheduler settings come from: the
+        folder itself for a folder checkpoint; for a single file, the local diffusers folder
+        set in config.toml (`from_single_file(config=...)`), or None when none is set (a
+        family says so in `missing_requirements`; lorafarm never downloads one)."""
+        return self.path if self.kind == "folder" else self.config_path
 
 
 @dataclass
@@ -192,7 +223,22 @@ class DemoAssets:
 
 class Family(ABC):
     """Base class for family plugins. Subclasses set the class attributes and implement the
-    abstract methods; the rest has defaults that suit most diffusers image pipelines."""
+    three abstract methods; the rest has defaults that suit most diffusers image pipelines.
+
+    The core calls a family at four moments, never loading weights before the last:
+
+    1. inventory (start-up, a new file under models/ or loras/): `probe_checkpoint` with a
+       `CheckpointSource` (header or model_index.json only) and `probe_lora` with a LoRA's
+       header and `LoraFacts`; the best score claims the file;
+    2. intake (a job file arrives): `missing_requirements`, `defaults_for`, `lora_fits`,
+       `apply_conventions`, `image_input`; a problem becomes an error naming the job's key;
+    3. scheduling: `batch_cost` and `weights_cost` size the batches;
+    4. the worker: `load_pipeline` once per checkpoint (then `apply_offload`), `load_lora`
+       and `lora_strengths` per LoRA set, `render_batch` per batch of specs sharing a batch
+       key, `infotext_fields` per output file.
+
+    `build_demo` is optional: it lets `lorafarm demo` and tests build tiny checkpoints.
+    """
 
     name: str  # unique plugin name, also what users write in config.toml overrides
     architecture: str  # families with equal architecture share LoRA shapes (e.g. "sdxl")
@@ -208,8 +254,18 @@ class Family(ABC):
     # Loads quantized `.gguf` transformers (probe_checkpoint may claim kind "gguf" sources).
     reads_gguf: bool = False
     # Pipeline components it can take from files of their own (config.toml / sidecar keys
-    # `text_encoder`, `text_encoder_2`, `vae`; see families/components.py).
+    # `text_encoder`, `text_encoder_2`, `vae`; see families/shared/components.py).
     component_files: tuple[str, ...] = ()
+    # What the family does with A1111 weighting `(word:1.3)` and BREAK in prompts:
+    # "a1111": it encodes them (a CLIP encoder family calls `encode_clip_prompts` in
+    #   `render_batch`); `apply_conventions` warns about syntax compel cannot read;
+    # "stripped": it hands its encoder `strip_explicit_weights` text and warns itself;
+    # "unsupported" (the default): the text reaches the encoder as written, and
+    #   `apply_conventions` warns each job that uses them.
+    prompt_weighting: str = "unsupported"
+    # A1111 "Clip skip" values a job may set with `clip_skip` (the family applies them);
+    # empty: the family has no such setting, and a job may only repeat its default.
+    clip_skip_levels: tuple[int, ...] = ()
 
     def defaults_for(self, variant: str | None) -> FamilyDefaults:
         """Defaults for one variant of the family's checkpoints (e.g. Klein distilled vs base);
@@ -218,11 +274,22 @@ class Family(ABC):
 
     @abstractmethod
     def probe_checkpoint(self, source: CheckpointSource) -> CheckpointProbe | None:
-        """Recognise a checkpoint from its header or model_index.json, loading no weights."""
+        """Recognise a checkpoint from its header or model_index.json, loading no weights.
+
+        Receives a `CheckpointSource`: a folder's `model_index`, a single file's `header`
+        (tensor names, shapes, dtypes, metadata) or a GGUF file's `gguf`. Returns a
+        `CheckpointProbe` (this family's name, a score 0..1, the reason the user sees in
+        `lorafarm models`, optionally a lineage and variant), or None when it is not this
+        family's. Must not raise for a file it does not know."""
 
     def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
         """Recognise a LoRA meant for this family's models from its header (no weights are
-        loaded). The default recognises nothing."""
+        loaded). Receives the file's `SafetensorsHeader` and `LoraFacts` (key layout,
+        module names, rank, trigger words). Returns a `LoraProbe` whose `architecture` is
+        this family's (LoRAs of one architecture may patch any checkpoint of it), or None.
+        Intake refuses a LoRA whose architecture differs from the checkpoint's, so a probe
+        must also say no to look-alikes (e.g. SD 1.x versus SDXL widths). The default
+        recognises nothing."""
         return None
 
     def image_input(self, variant: str | None) -> str:
@@ -248,7 +315,8 @@ class Family(ABC):
 
     def lora_strengths(self, lora: LoraUse) -> dict[str, float]:
         """Per-component adapter weights for `pipe.set_adapters` (e.g. UNet and text
-        encoders). The default applies `strength` to the denoiser only."""
+        encoders), from the job's `strength` and `text_encoder_strength`. The keys are the
+        pipeline's component names. The default applies `strength` to the denoiser only."""
         return {"transformer": lora.strength}
 
     def missing_requirements(self, checkpoint: LoadedCheckpoint) -> str | None:
@@ -275,23 +343,48 @@ class Family(ABC):
 
     def apply_conventions(self, prompt: str, negative_prompt: str | None,
                           enabled: bool) -> tuple[str, str, list[str]]:
-        """Return (prompt to encode, negative prompt, warnings). The default applies the
-        family's default negative prompt when the job gave none."""
+        """Return (prompt to encode, negative prompt, warnings), at intake. Receives the
+        job's prompt (LoRA tags already taken out), its negative prompt (None: not given)
+        and whether the job allows prompt conventions (`conventions = false` turns them
+        off; e.g. Pony's score tags). The default applies the family's default negative
+        prompt when the job gave none, and warns about A1111 weighting as
+        `prompt_weighting` says."""
         negative = self.defaults.negative_prompt if negative_prompt is None else negative_prompt
-        return prompt, negative, []
+        notes: list[str] = []
+        for which, text in (("prompt", prompt), ("negative_prompt", negative)):
+            parsed = parse_prompt(text)
+            if self.prompt_weighting == "a1111":
+                notes.extend(f"{which}: {warning}" for warning in parsed.warnings)
+            elif self.prompt_weighting == "unsupported" and parsed.has_weights:
+                notes.append(
+                    f"{which}: {self.display_name} does not read A1111 weighting or BREAK; "
+                    "they reach its text encoder as written, brackets and numbers included")
+        return prompt, negative, notes
 
     @abstractmethod
     def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
                       dtype: torch.dtype) -> Any:
-        """Load the checkpoint's pipeline through diffusers' real loading path."""
+        """Load the checkpoint's pipeline through diffusers' real loading path, offline
+        (`local_files_only=True`; never a download), and return it on `device` in `dtype`.
+
+        Receives a `LoadedCheckpoint`: `folder` for `from_pretrained`, or `weights_file`
+        with `config_folder` for `from_single_file(config=...)`. Start with
+        `self.require_loadable(checkpoint)`. The returned object is what `load_lora`,
+        `render_batch` and `apply_offload` receive; diffusers' `load_lora_weights`,
+        `set_adapters` and `get_list_adapters` must work on it for LoRAs to apply."""
 
     @abstractmethod
     def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
                      progress: Progress | None = None,
                      ) -> list[Image.Image] | list[RenderedVideo]:
-        """Render every spec in one pipeline call (they share a batch key), one generator per
-        spec, so that an image does not depend on the batch it was in. Pass
-        `progress.callback` as `callback_on_step_end` when given."""
+        """Render every spec and return one PIL image (or `RenderedVideo`) per spec, in order.
+
+        The specs share a batch key (steps, sampler, size, LoRAs, ...) and differ in prompt
+        and seed; render them in one pipeline call, with one generator per spec, so that an
+        image does not depend on the batch it was in. `sampling_arguments` (plugin API)
+        gives the call its steps, the job's sampler, the generators and the step callback
+        (`progress.callback`, which also aborts the batch on a stop signal). Raise
+        `RenderError` for a render that cannot succeed as asked."""
 
     def batch_cost(self, spec: RenderSpec) -> int:
         """Estimated accelerator memory (bytes) one render of `spec` adds to a batch; the
@@ -382,10 +475,13 @@ class Family(ABC):
         picture tells which form of the model drew it; families that add fields keep it."""
         return quantization_fields(spec)
 
-    @abstractmethod
-    def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        """Write this family's tiny random-weight checkpoints the way users have them, and
-        return the config overrides and sample jobs that render them."""
+    def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets | None:
+        """Write this family's tiny random-weight checkpoints the way users have them (under
+        `models_dir`; config folders for single files under `configs_dir`), and return the
+        config.toml checkpoint overrides (paths relative to the demo folder) and sample job
+        files that render them. Optional: the default returns None, and `lorafarm demo`
+        skips the family."""
+        return None
 
 
 def quantization_fields(spec: RenderSpec) -> list[tuple[str, object]]:

@@ -7,7 +7,8 @@ third-party package adds its own entry point, e.g.
     [project.entry-points.lorafarm]
     my_family = "my_package.my_family"
 
-and implements one or more of the hooks below with `@daemon.hookimpl`.
+and implements one or more of the hooks below with `@hookimpl`, imported, like everything
+a plugin uses, from `daemon.plugin_api`. docs/writing-a-family.md is the guide.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def register_job_parsers(register: Callable[..., None]) -> None:
     `register(suffix, parse, binary=True)` for one read as bytes (images, videos).
 
     `suffix` is the file ending with its dot (".toml"); `parse(text)` (or `parse(raw)`)
-    returns the job as a plain dict or raises `daemon.jobfile.JobFileError` (with a line
+    returns the job as a plain dict or raises `JobFileError` (plugin API; with a line
     number where known)."""
 
 

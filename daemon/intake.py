@@ -405,6 +405,7 @@ class Intake:
             raise JobFileError(f"{family.display_name} takes no negative prompt",
                                key="negative_prompt",
                                line=line_of_key(text, "negative_prompt"), fix=fix)
+        clip_skip = self._clip_skip(spec, family, d, text)
         prompt_text, loras = self._resolve_loras(spec, family, checkpoint, text, warnings)
         prompt, negative, convention_notes = family.apply_conventions(
             prompt_text, spec.negative_prompt, spec.conventions)
@@ -426,12 +427,28 @@ class Intake:
                 negative_prompt=negative, seed=seed + i, steps=spec.steps or d.steps,
                 cfg=spec.cfg if spec.cfg is not None else d.cfg, sampler=sampler,
                 schedule=schedule, width=width, height=height, user_prompt=spec.prompt,
-                checkpoint_hash=checkpoint.model_hash, clip_skip=d.clip_skip, loras=loras,
+                checkpoint_hash=checkpoint.model_hash, clip_skip=clip_skip, loras=loras,
                 extra=dict(extra),
             )
             for i in range(spec.count)
         ]
         return renders, warnings
+
+    @staticmethod
+    def _clip_skip(spec: JobSpec, family: Family, d: FamilyDefaults, text: str) -> int | None:
+        """The job's `clip_skip` where the family applies it (Family.clip_skip_levels); a
+        family without the setting takes only its own default (e.g. Pony's recorded 2)."""
+        if spec.clip_skip is None or spec.clip_skip == d.clip_skip:
+            return d.clip_skip
+        levels = family.clip_skip_levels
+        if spec.clip_skip not in levels:
+            fix = (f"use clip_skip = {' or '.join(map(str, levels))}" if levels else
+                   "remove clip_skip")
+            said = (f"takes clip skip {', '.join(map(str, levels))} only" if levels else
+                    "has no clip skip setting")
+            raise JobFileError(f"`clip_skip` = {spec.clip_skip}: {family.display_name} {said}",
+                               key="clip_skip", line=line_of_key(text, "clip_skip"), fix=fix)
+        return spec.clip_skip
 
     def _video_settings(self, spec: JobSpec, family: Family, d: FamilyDefaults,
                         variant: str | None, text: str) -> dict[str, object]:

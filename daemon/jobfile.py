@@ -78,6 +78,7 @@ class JobSpec:
     lora_hashes: dict[str, str] = field(default_factory=dict)
     trigger_words: bool = False  # append each LoRA's trigger words to the prompt
     allow_cross_lineage: bool = False  # e.g. a Pony LoRA on an Illustrious checkpoint
+    clip_skip: int | None = None  # A1111 "Clip skip"; families that have it (SD 1.5)
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
@@ -123,6 +124,7 @@ KEYS: dict[str, _Key] = {
     "lora_hashes": _Key(dict, example='lora_hashes = { ink = "0a1b2c3d4e5f" }'),
     "trigger_words": _Key(bool, example="trigger_words = true"),
     "allow_cross_lineage": _Key(bool, example="allow_cross_lineage = true"),
+    "clip_skip": _Key(int, low=1, high=12, example="clip_skip = 2"),
 }
 LORA_KEYS = ("name", "strength", "text_encoder_strength", "expert")
 EXPERTS = ("high", "low", "both")
@@ -213,6 +215,7 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         lora_hashes={str(k): str(v) for k, v in (values["lora_hashes"] or {}).items()},
         trigger_words=bool(values["trigger_words"]),
         allow_cross_lineage=bool(values["allow_cross_lineage"]),
+        clip_skip=values["clip_skip"],
     )
 
 

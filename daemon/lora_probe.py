@@ -2,8 +2,8 @@
 the checkpoint it was trained on, and the two hashes Civitai shows.
 
 Which *family* a LoRA belongs to is asked of the family plugins (`Family.probe_lora`); this
-module knows only what every LoRA file has in common. Layout names follow REFERENCE.md
-section 2: kohya, diffusers, peft, original, xlabs, lycoris-loha, lycoris-lokr.
+module knows only what every LoRA file has in common. Layout names (kohya, diffusers, peft,
+original, xlabs, lycoris-loha, lycoris-lokr) are described in docs/writing-a-family.md.
 """
 
 from __future__ import annotations

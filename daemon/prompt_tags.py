@@ -2,7 +2,8 @@
 and the named forms `<lora:NAME:te=0.5:unet=0.8>`.
 
 With one number both weights are equal; with two, the first is the text encoder's and the
-second the UNet's (REFERENCE.md section 5). Tags are removed from the text the encoder sees.
+second the UNet's (as A1111's Lora extension reads them). Tags are removed from the text
+the encoder sees.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A checkpoint is a diffusers folder (holding model_index.json), a single `.safete
 file, or a quantized `.gguf` transformer (with a base folder for the rest, and for Wan 2.2
 A14B a second GGUF file for the low-noise expert: `transformer_2` in its sidecar or in
 config.toml's [checkpoints.NAME]; text encoders and VAE may be files of their own too:
-`text_encoder`, `text_encoder_2`, `vae`, see families/components.py). Its family
+`text_encoder`, `text_encoder_2`, `vae`, see families/shared/components.py). Its family
 comes from asking every family plugin about the header (no weights are loaded); config.toml
 `[checkpoints.NAME] family = ...` overrides the answer. Hashing a 7 GB
 file takes tens of seconds, so hashes are computed on a background thread and cached in the

@@ -4,10 +4,11 @@ The database is the single source of truth for state; the job folders mirror it.
 is created and upgraded only by Alembic migrations (`daemon/migrations`), never by
 `create_all`, so that an upgrade never loses history.
 
-SQLite practice (REFERENCE.md section 8): WAL, busy_timeout, foreign keys on every
-connection; the daemon writes inside `BEGIN IMMEDIATE` so two writers queue up instead of
-failing half-way; readers (CLI) use short deferred transactions. Nothing in the claim path is
-SQLite-only: `UPDATE ... WHERE state = 'queued' ... RETURNING` works on PostgreSQL too.
+SQLite practice for a database several processes share: WAL (readers never block the
+writer), busy_timeout, foreign keys on every connection; the daemon writes inside
+`BEGIN IMMEDIATE` so two writers queue up instead of failing half-way; readers (CLI) use
+short deferred transactions. Nothing in the claim path is SQLite-only:
+`UPDATE ... WHERE state = 'queued' ... RETURNING` works on PostgreSQL too.
 """
 
 from __future__ import annotations

@@ -27,11 +27,10 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from daemon import __version__, hookimpl
-from daemon.spec import LoraUse, RenderSpec
+from daemon.plugin_api import LORAFARM_VERSION, LoraUse, RenderSpec, hookimpl
 
 if TYPE_CHECKING:
-    from daemon.family import Family
+    from daemon.plugin_api import Family
 
 # A1111's own pair rule (modules/infotext_utils.py), applied to the last line.
 A1111_PAIR_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -132,7 +131,7 @@ def output_metadata(spec: RenderSpec, family: Family) -> dict[str, str]:
 
     Pillow writes it as a tEXt chunk, or as iTXt (UTF-8) when the text is not Latin-1.
     """
-    version = f"lorafarm {__version__}"
+    version = f"lorafarm {LORAFARM_VERSION}"
     return {"parameters": infotext_for(spec, family.infotext_fields(spec), version=version)}
 
 

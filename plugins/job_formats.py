@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from daemon import hookimpl
-from daemon.jobfile import parse_json, parse_toml
+from daemon.plugin_api import hookimpl, parse_json, parse_toml
 
 
 @hookimpl

@@ -44,10 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from daemon import hookimpl
-from daemon.config import PostprocessStep
-from daemon.postprocess import GATE_RESEED, PostProcessResult
-from daemon.spec import RenderSpec
+from daemon.plugin_api import GATE_RESEED, PostProcessResult, PostprocessStep, RenderSpec, hookimpl
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from daemon import hookimpl
-from daemon.jobfile import JobFileError
-from daemon.outputs import SPEC_CHUNK
-from daemon.spec import RenderSpec
+from daemon.plugin_api import SPEC_CHUNK, JobFileError, RenderSpec, hookimpl
 from plugins.a1111_metadata import parse_infotext
 
 # Extra render settings a spec may carry that are job keys too.

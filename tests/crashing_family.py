@@ -9,7 +9,7 @@ import signal
 from typing import Any
 
 from daemon import hookimpl
-from families.sdxl import SDXLFamily
+from families.sdxl.sdxl import SDXLFamily
 
 
 class CrashingFamily(SDXLFamily):

@@ -15,8 +15,8 @@ from sd_parsers import ParserManager
 from daemon.spec import LoraUse, RenderSpec
 from plugins.a1111_metadata import format_infotext, infotext_for, parse_infotext
 
-# A1111's pair rule, copied from REFERENCE.md section 4 on purpose rather than imported, so
-# the check does not depend on the module under test.
+# A1111's pair rule (modules/infotext_utils.py in stable-diffusion-webui), written out here
+# on purpose rather than imported, so the check does not depend on the module under test.
 A1111_RULE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 

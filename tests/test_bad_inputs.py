@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.jobfile import KEYS, JobFileError
-from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
+from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 from tests.conftest import sdxl_job
 
 FUZZ_EXAMPLES = 300

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 
-from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
+from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 from tests.conftest import REPO
 
 JOB = ('checkpoint = "{checkpoint}"\nprompt = "a lighthouse {n}"\nseed = {seed}\ncount = {count}\n'

@@ -29,7 +29,8 @@ from daemon.lora_probe import probe_lora_file
 from daemon.outputs import read_spec
 from daemon.safetensors_header import read_header
 from daemon.spec import LoraUse, RenderSpec
-from families.flux import (
+from families.flux.bfl import BflLayoutError, bfl_to_diffusers, diffusers_to_bfl
+from families.flux.flux import (
     DEMO_DEV,
     DEMO_DEV_BFL,
     DEMO_DEV_FP8,
@@ -40,8 +41,7 @@ from families.flux import (
     FluxSchnellFamily,
     load_bfl_transformer,
 )
-from families.flux_bfl import BflLayoutError, bfl_to_diffusers, diffusers_to_bfl
-from families.flux_tiny import (
+from families.flux.tiny import (
     CLIP_HIDDEN,
     LORA_LAYOUTS,
     T5_HIDDEN,
@@ -54,8 +54,8 @@ from families.flux_tiny import (
     save_tiny_flux_transformer_single_file,
     write_lora,
 )
-from families.sdxl_tiny_loras import make_tiny_lora as make_tiny_sdxl_lora
-from families.sdxl_tiny_loras import write_flux_like, write_kohya_original
+from families.sdxl.tiny_loras import make_tiny_lora as make_tiny_sdxl_lora
+from families.sdxl.tiny_loras import write_flux_like, write_kohya_original
 
 torch.set_num_threads(1)  # one thread: faster and far steadier for models this small
 
@@ -475,7 +475,7 @@ def test_each_layout_patches_the_expected_modules_and_changes_the_image(
 
 def test_diffusers_loads_nothing_from_original_lora_A_files_without_the_rename(
         dev: FluxPipeline, tmp_path: Path) -> None:
-    """The silent no-op REFERENCE.md warns about: `diffusion_model.*.lora_A` Flux.1 files patch
+    """A silent no-op worth a test: `diffusion_model.*.lora_A` Flux.1 files patch
     no module in diffusers 0.42, without an error. `lora_for_loading` renames them."""
     path = write_lora(make_tiny_flux_lora(dev, seed=2, text_encoder_modules=()),
                       tmp_path / "comfy.safetensors", "original_lora_A")

@@ -28,14 +28,14 @@ from daemon.outputs import read_spec
 from daemon.safetensors_header import read_header
 from daemon.spec import LoraUse, RenderSpec
 from daemon.store import Render, Store
-from families.flux2_klein import (
+from families.flux2_klein.flux2_klein import (
     BASE,
     DEMO_BASE,
     DEMO_DISTILLED,
     DISTILLED,
     Flux2KleinFamily,
 )
-from families.flux2_klein_tiny import (
+from families.flux2_klein.tiny import (
     TEXT_HIDDEN,
     TEXT_LAYERS,
     build_tiny_klein_pipeline,
@@ -50,7 +50,7 @@ from families.flux2_klein_tiny import (
     write_klein_lora_peft,
     write_real_size_klein_lora,
 )
-from families.sdxl_tiny_loras import write_flux_like
+from families.sdxl.tiny_loras import write_flux_like
 
 torch.set_num_threads(1)  # one thread: faster and far steadier for models this small
 

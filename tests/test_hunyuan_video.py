@@ -35,7 +35,7 @@ from daemon.lora_probe import probe_lora_file
 from daemon.outputs import read_spec
 from daemon.safetensors_header import read_header
 from daemon.spec import LoraUse, RenderSpec
-from families.hunyuan_video import (
+from families.hunyuan_video.hunyuan_video import (
     DEMO_V10,
     DEMO_V15,
     HunyuanLoraLayoutError,
@@ -45,7 +45,7 @@ from families.hunyuan_video import (
     recognise_hunyuan_lora,
     to_original_layout,
 )
-from families.hunyuan_video_tiny import (
+from families.hunyuan_video.tiny import (
     LAYOUTS,
     build_tiny_hunyuan_video15_pipeline,
     build_tiny_hunyuan_video_pipeline,
@@ -56,7 +56,7 @@ from families.hunyuan_video_tiny import (
     write_hunyuan_video15_lora,
     write_real_size_lora_header,
 )
-from families.sdxl_tiny_loras import write_flux_like
+from families.sdxl.tiny_loras import write_flux_like
 
 torch.set_num_threads(1)  # one thread: faster and far steadier for models this small
 

@@ -21,7 +21,7 @@ from daemon.lora_library import LoraLibrary
 from daemon.plugins import Plugins
 from daemon.registry import Registry
 from daemon.store import Checkpoint, FileHash, Lora, Store, utcnow
-from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
+from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 
 
 @pytest.fixture

@@ -19,21 +19,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from daemon.family import LoadedCheckpoint, RenderError
-from families.components import choose_components, fit_problem, load_component
-from families.components_tiny import (
+from families.flux.tiny import build_tiny_flux_pipeline
+from families.flux2_klein.flux2_klein import KLEIN_COMPONENTS, Flux2KleinFamily
+from families.flux2_klein.tiny import (
+    build_tiny_klein_pipeline,
+    save_tiny_klein_folder,
+    save_tiny_klein_transformer_file,
+)
+from families.shared.components import choose_components, fit_problem, load_component
+from families.shared.components_tiny import (
     save_config_folder,
     save_diffusers_model_file,
     save_flux2_vae_original_file,
     save_flux_ae_file,
     save_text_encoder_file,
 )
-from families.flux2_klein import KLEIN_COMPONENTS, Flux2KleinFamily
-from families.flux2_klein_tiny import (
-    build_tiny_klein_pipeline,
-    save_tiny_klein_folder,
-    save_tiny_klein_transformer_file,
-)
-from families.flux_tiny import build_tiny_flux_pipeline
 from tests.test_model_trees import _pixels, _snapshot
 
 FAMILY = Flux2KleinFamily()

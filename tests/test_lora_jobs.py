@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from families.sdxl_tiny_loras import (
+from families.sdxl.tiny_loras import (
     make_tiny_lora,
     write_diffusers,
     write_kohya_diffusers_names,

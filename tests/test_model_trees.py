@@ -14,24 +14,24 @@ from PIL import Image
 
 from daemon.family import LoadedCheckpoint
 from daemon.spec import RenderSpec
-from families.components import align_keys
-from families.components_tiny import (
+from families.flux.flux import FluxDevFamily
+from families.flux.tiny import build_tiny_flux_pipeline, save_tiny_flux_transformer_single_file
+from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
+from families.shared.components import align_keys
+from families.shared.components_tiny import (
     save_config_folder,
     save_flux_ae_file,
     save_text_encoder_file,
     save_wan_vae_file,
     tiny_wan21_vae,
 )
-from families.flux import FluxDevFamily
-from families.flux_tiny import build_tiny_flux_pipeline, save_tiny_flux_transformer_single_file
-from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
-from families.wan22 import T2V_A14B, Wan22Family
-from families.wan22 import demo_job as wan_demo_job
-from families.wan22_tiny import (
+from families.wan22.tiny import (
     build_tiny_wan_pipeline,
     save_tiny_wan_folder,
     save_tiny_wan_transformer_gguf,
 )
+from families.wan22.wan22 import T2V_A14B, Wan22Family
+from families.wan22.wan22 import demo_job as wan_demo_job
 
 
 def _snapshot(root: Path) -> dict[str, tuple[str, int]]:

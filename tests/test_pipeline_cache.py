@@ -27,8 +27,8 @@ from daemon.pipeline_cache import (
 from daemon.quantization import resident_weight_bytes
 from daemon.spec import RenderSpec
 from daemon.store import Batch, Store
-from families.sdxl import SDXLFamily
-from families.sdxl_tiny import build_tiny_sdxl_pipeline
+from families.sdxl.sdxl import SDXLFamily
+from families.sdxl.tiny import build_tiny_sdxl_pipeline
 from tests.conftest import sdxl_job
 
 CUDA = torch.device("cuda")

@@ -20,7 +20,7 @@ from daemon.prompt_weights import (
 )
 from daemon.samplers import make_scheduler
 from daemon.spec import RenderSpec
-from families.sdxl import SDXLFamily, encode_weighted_sdxl
+from families.sdxl.sdxl import SDXLFamily, encode_weighted_sdxl
 from tests.conftest import sdxl_job
 
 
@@ -206,7 +206,7 @@ def test_compel_receives_the_same_runs_and_break_chunks() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_pipe() -> Any:
-    from families.sdxl_tiny import build_tiny_sdxl_pipeline
+    from families.sdxl.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
     pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)

@@ -21,11 +21,16 @@ from daemon.family import LoadedCheckpoint
 from daemon.prompt_weights import parse_prompt
 from daemon.samplers import make_scheduler
 from daemon.spec import RenderSpec
-from families.flux import FluxDevFamily, FluxSchnellFamily, encode_weighted_flux
-from families.flux2_klein import DEMO_DISTILLED, Flux2KleinFamily
-from families.flux_tiny import build_tiny_flux_pipeline
-from families.hunyuan_video import DEMO_V10, DEMO_V15, HunyuanVideo15Family, HunyuanVideoFamily
-from families.wan22 import DEMO_CHECKPOINTS, TI2V_5B, Wan22Family
+from families.flux.flux import FluxDevFamily, FluxSchnellFamily, encode_weighted_flux
+from families.flux.tiny import build_tiny_flux_pipeline
+from families.flux2_klein.flux2_klein import DEMO_DISTILLED, Flux2KleinFamily
+from families.hunyuan_video.hunyuan_video import (
+    DEMO_V10,
+    DEMO_V15,
+    HunyuanVideo15Family,
+    HunyuanVideoFamily,
+)
+from families.wan22.wan22 import DEMO_CHECKPOINTS, TI2V_5B, Wan22Family
 
 torch.set_num_threads(1)  # one thread: faster and far steadier for models this small
 

@@ -46,30 +46,30 @@ from daemon.outputs import read_spec
 from daemon.quantization import checkpoint_quantization, resident_weight_bytes
 from daemon.spec import LoraUse, RenderSpec
 from daemon.store import Checkpoint, Render, Store
-from families.flux import DEMO_DEV, DEMO_DEV_BFL, DEMO_DEV_FP8, DEMO_DEV_GGUF, FluxDevFamily
-from families.flux2_klein import Flux2KleinFamily
-from families.flux2_klein_tiny import (
+from families.flux.flux import DEMO_DEV, DEMO_DEV_BFL, DEMO_DEV_FP8, DEMO_DEV_GGUF, FluxDevFamily
+from families.flux.tiny import build_tiny_flux_pipeline, make_tiny_flux_lora, write_lora
+from families.flux2_klein.flux2_klein import Flux2KleinFamily
+from families.flux2_klein.tiny import (
     build_tiny_klein_pipeline,
     diffusers_transformer_to_original,
     save_tiny_klein_folder,
 )
-from families.flux_tiny import build_tiny_flux_pipeline, make_tiny_flux_lora, write_lora
-from families.hunyuan_video import DEMO_FP8 as HV_FP8
-from families.hunyuan_video import DEMO_GGUF as HV_GGUF
-from families.hunyuan_video import DEMO_GGUF_BASE as HV_BASE
-from families.hunyuan_video import DEMO_V10 as HV_FOLDER
-from families.hunyuan_video import HunyuanVideoFamily
-from families.hunyuan_video_tiny import (
+from families.hunyuan_video.hunyuan_video import DEMO_FP8 as HV_FP8
+from families.hunyuan_video.hunyuan_video import DEMO_GGUF as HV_GGUF
+from families.hunyuan_video.hunyuan_video import DEMO_GGUF_BASE as HV_BASE
+from families.hunyuan_video.hunyuan_video import DEMO_V10 as HV_FOLDER
+from families.hunyuan_video.hunyuan_video import HunyuanVideoFamily
+from families.hunyuan_video.tiny import (
     GGUF_HEADS,
     build_tiny_hunyuan_video_pipeline,
     hunyuan_transformer_to_original,
     make_tiny_hunyuan_lora,
     write_hunyuan_lora,
 )
-from families.quantized import Float8Linear
-from families.quantized_tiny import write_gguf
-from families.wan22 import DEMO_GGUF_BASE, DEMO_GGUF_PAIRS, T2V_A14B, Wan22Family
-from families.wan22_tiny import build_tiny_wan_pipeline, make_tiny_wan_lora, write_wan_lora
+from families.shared.quantized import Float8Linear
+from families.shared.quantized_tiny import write_gguf
+from families.wan22.tiny import build_tiny_wan_pipeline, make_tiny_wan_lora, write_wan_lora
+from families.wan22.wan22 import DEMO_GGUF_BASE, DEMO_GGUF_PAIRS, T2V_A14B, Wan22Family
 
 torch.set_num_threads(1)
 
@@ -643,7 +643,7 @@ def test_unusable_gguf_files_are_refused_with_the_reason(
 def test_a_gguf_of_another_width_than_its_base_is_refused_before_loading(
         assets: Any, tmp_path: Path) -> None:
     narrow = build_tiny_wan_pipeline(T2V_A14B, seed=0)  # 24 wide; the base is 32 wide
-    from families.wan22_tiny import save_tiny_wan_transformer_gguf
+    from families.wan22.tiny import save_tiny_wan_transformer_gguf
 
     high = save_tiny_wan_transformer_gguf(narrow.transformer, tmp_path / "h-high.gguf")
     low = save_tiny_wan_transformer_gguf(narrow.transformer_2, tmp_path / "h-low.gguf")

@@ -104,14 +104,14 @@ def _oom_when(predicate):  # type: ignore[no-untyped-def]
         if predicate(self, specs):
             raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
         return original(self, pipe, specs, device, progress)
-    from families.sdxl import SDXLFamily
+    from families.sdxl.sdxl import SDXLFamily
 
     original = SDXLFamily.render_batch
     return render_batch
 
 
 def test_out_of_memory_splits_the_batch(farm, monkeypatch) -> None:
-    from families.sdxl import SDXLFamily
+    from families.sdxl.sdxl import SDXLFamily
 
     monkeypatch.setattr(SDXLFamily, "render_batch", _oom_when(lambda _f, specs: len(specs) > 1))
     farm.drop("big.toml", sdxl_job(count=4))
@@ -124,7 +124,7 @@ def test_out_of_memory_splits_the_batch(farm, monkeypatch) -> None:
 
 def test_out_of_memory_at_batch_one_turns_on_savers_then_fails_clearly(farm,
                                                                        monkeypatch) -> None:
-    from families.sdxl import SDXLFamily
+    from families.sdxl.sdxl import SDXLFamily
 
     savers_seen = []
 

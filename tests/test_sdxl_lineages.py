@@ -5,9 +5,9 @@ from __future__ import annotations
 from PIL import Image
 
 from daemon.outputs import read_spec
-from families.illustrious import ILLUSTRIOUS_NEGATIVE, IllustriousFamily
-from families.pony import PonyFamily
-from families.sdxl_lineage import guess_lineage
+from families.sdxl.illustrious import ILLUSTRIOUS_NEGATIVE, IllustriousFamily
+from families.sdxl.lineage import guess_lineage
+from families.sdxl.pony import PonyFamily
 
 
 def _job(checkpoint: str, prompt: str, extra: str = "") -> str:

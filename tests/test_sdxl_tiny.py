@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from families.sdxl_tiny import (
+from families.sdxl.tiny import (
     TE1_HIDDEN,
     TE2_HIDDEN,
     build_tiny_sdxl_pipeline,

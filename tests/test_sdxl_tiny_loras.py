@@ -22,8 +22,8 @@ from peft.utils.error import NoMatchingPeftModuleError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from families.sdxl_tiny import build_tiny_sdxl_pipeline
-from families.sdxl_tiny_loras import (
+from families.sdxl.tiny import build_tiny_sdxl_pipeline
+from families.sdxl.tiny_loras import (
     LORA_COMPONENTS,
     LoraWeights,
     TinyLora,
@@ -77,8 +77,9 @@ def render(pipe: StableDiffusionXLPipeline) -> np.ndarray:
 
 
 def freeze(pipe: StableDiffusionXLPipeline) -> None:
-    # PEFT creates the UNet's LoRA parameters with requires_grad=True. REFERENCE.md reports
-    # CPU kernels drifting ~5e-7 unless every component is frozen after a load; lorafarm
+    # PEFT creates the UNet's LoRA parameters with requires_grad=True. With autograd
+    # bookkeeping on, torch may pick other CPU kernels (outputs drift by ~5e-7) unless every
+    # component is frozen after a load; lorafarm
     # freezes, so the tests do the same. (Not reproduced here: see the module report.)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):

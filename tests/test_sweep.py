@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from daemon.outputs import read_spec
-from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
+from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 
 
 def test_a_sweep_renders_the_product_and_a_labelled_grid(farm) -> None:

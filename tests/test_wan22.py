@@ -34,21 +34,7 @@ from daemon.lora_probe import probe_lora_file
 from daemon.outputs import read_spec
 from daemon.safetensors_header import read_header
 from daemon.spec import LoraUse, RenderSpec
-from families.wan22 import (
-    DEMO_CHECKPOINTS,
-    DEMO_GGUF_PAIRS,
-    DEMO_IMAGE,
-    I2V_A14B,
-    T2V_A14B,
-    TI2V_5B,
-    VARIANTS,
-    WAN_NEGATIVE_PROMPT,
-    Wan22Family,
-    demo_job,
-    expert_of,
-    lora_pair_name,
-)
-from families.wan22_tiny import (
+from families.wan22.tiny import (
     LORA_LAYOUTS,
     TINY_WIDTHS,
     build_tiny_wan_pipeline,
@@ -57,6 +43,20 @@ from families.wan22_tiny import (
     write_real_size_wan_lora,
     write_tiny_input_image,
     write_wan_lora,
+)
+from families.wan22.variants import WAN_NEGATIVE_PROMPT
+from families.wan22.wan22 import (
+    DEMO_CHECKPOINTS,
+    DEMO_GGUF_PAIRS,
+    DEMO_IMAGE,
+    I2V_A14B,
+    T2V_A14B,
+    TI2V_5B,
+    VARIANTS,
+    Wan22Family,
+    demo_job,
+    expert_of,
+    lora_pair_name,
 )
 
 torch.set_num_threads(1)  # one thread: faster and far steadier for models this small

@@ -44,8 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from families.sdxl_tiny import build_tiny_sdxl_pipeline, diffusers_unet_key_to_original
-from families.tiny_files import save_safetensors_atomically as _save_atomically
+from families.sdxl.tiny import build_tiny_sdxl_pipeline, diffusers_unet_key_to_original
+from families.shared.tiny_files import save_safetensors_atomically as _save_atomically
 
 __all__ = [
     "LORA_COMPONENTS",
@@ -513,7 +513,8 @@ def write_unmatched(path: Path) -> Path:
 # Flux.1: 19 double blocks (0..18), 38 single blocks (0..37), hidden width 3072, MLP ratio 4.
 # Few modules, at their real shapes: the shapes are the tells, and the block indices 18 and
 # 37 show the full depth. `single_blocks_N_linear1` is left out: diffusers' converter splits
-# it with real-size offsets (REFERENCE.md section 3) and it would add 60 KB per block.
+# it with real-size offsets (the fused qkv+mlp width, 3 * 3072 + 4 * 3072) and it would add
+# 60 KB per block.
 _FLUX_MODULES = {
     "double_blocks_0_img_attn_qkv": (3072, 3 * 3072),
     "double_blocks_0_img_attn_proj": (3072, 3072),

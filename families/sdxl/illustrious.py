@@ -7,11 +7,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from daemon import hookimpl
-from daemon.family import DemoAssets, FamilyDefaults
-from families.pony import _lineage_demo
-from families.sdxl import SDXLFamily
-from families.sdxl_lineage import ILLUSTRIOUS
+from daemon.plugin_api import DemoAssets, FamilyDefaults, hookimpl
+from families.sdxl.lineage import ILLUSTRIOUS
+from families.sdxl.pony import _lineage_demo
+from families.sdxl.sdxl import SDXLFamily
 
 ILLUSTRIOUS_QUALITY_TAGS = ("masterpiece", "best quality", "good quality")
 ILLUSTRIOUS_NEGATIVE = ("worst quality, bad quality, low quality, lowres, bad anatomy, "

@@ -1,6 +1,7 @@
 """Lineage inside the SDXL architecture: plain SDXL, Pony and Illustrious share every shape,
-yet their LoRAs do not cross over. Shapes cannot tell them apart (REFERENCE.md section 2);
-metadata and file names can, and the user can always override (sidecar or config.toml).
+yet their LoRAs do not cross over. Shapes cannot tell them apart (every tensor of a Pony
+LoRA has an SDXL LoRA's shape); metadata and file names can, and the user can always
+override (sidecar or config.toml).
 
 The signals, strongest first:
 1. the checkpoint a LoRA was trained on (`ss_sd_model_name`), or a checkpoint's own title
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from daemon.lora_probe import tag_frequency
+from daemon.plugin_api import tag_frequency
 
 SDXL, PONY, ILLUSTRIOUS = "sdxl", "pony", "illustrious"
 LINEAGES = (SDXL, PONY, ILLUSTRIOUS)

@@ -14,23 +14,26 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
+    ParsedPrompt,
     Progress,
+    RenderSpec,
+    SafetensorsHeader,
+    hookimpl,
+    make_scheduler,
+    parse_prompt,
+    to_compel_conjunction,
 )
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import ParsedPrompt, parse_prompt, to_compel_conjunction
-from daemon.safetensors_header import SafetensorsHeader
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
-from families.sdxl_lineage import guess_lineage
+from families.sdxl.lineage import guess_lineage
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 # Keys only an SDXL original-layout file has: the OpenCLIP-G second text encoder of the
@@ -49,6 +52,9 @@ class SDXLFamily(Family):
     sampler_kind = "eps"
     defaults = FamilyDefaults(width=1024, height=1024, steps=25, cfg=6.0, sampler="DPM++ 2M",
                               schedule="Karras")
+    # A1111 weights and BREAK are encoded through compel (encode_weighted_sdxl); the base
+    # apply_conventions warns about what compel cannot read (unbalanced brackets, editing).
+    prompt_weighting = "a1111"
 
     # -- recognition -----------------------------------------------------------------------
 
@@ -141,16 +147,6 @@ class SDXLFamily(Family):
         # Loaded on the CPU already; `.to("cpu")` would only warn about fp32 modules.
         return pipe if device.type == "cpu" else pipe.to(device)
 
-    def apply_conventions(self, prompt: str, negative_prompt: str | None,
-                          enabled: bool) -> tuple[str, str, list[str]]:
-        """The family's default negative, plus what A1111 syntax in either prompt cannot do
-        here (unbalanced brackets, prompt editing); the weights themselves are applied at
-        render time through compel, on the text as written."""
-        prompt, negative, notes = super().apply_conventions(prompt, negative_prompt, enabled)
-        for which, text in (("prompt", prompt), ("negative_prompt", negative)):
-            notes.extend(f"{which}: {warning}" for warning in parse_prompt(text).warnings)
-        return prompt, negative, notes
-
     def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
                      progress: Progress | None = None) -> list[Image.Image]:
         # A render whose prompts carry A1111 weights (or BREAK) is encoded through compel; one
@@ -204,7 +200,7 @@ class SDXLFamily(Family):
     # -- demo ------------------------------------------------------------------------------
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.sdxl_tiny import (
+        from families.sdxl.tiny import (
             build_tiny_sdxl_pipeline,
             save_tiny_sdxl_config_folder,
             save_tiny_sdxl_folder,

@@ -56,8 +56,7 @@ from typing import Any
 
 import torch
 
-from daemon.family import LoadedCheckpoint, RenderError
-from daemon.safetensors_header import SafetensorsError, read_header
+from daemon.plugin_api import LoadedCheckpoint, RenderError, SafetensorsError, read_header
 
 log = logging.getLogger(__name__)
 

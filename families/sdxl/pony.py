@@ -7,10 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from daemon import hookimpl
-from daemon.family import DemoAssets, FamilyDefaults
-from families.sdxl import SDXLFamily
-from families.sdxl_lineage import PONY
+from daemon.plugin_api import DemoAssets, FamilyDefaults, hookimpl
+from families.sdxl.lineage import PONY
+from families.sdxl.sdxl import SDXLFamily
 
 PONY_QUALITY_TAGS = ("score_9", "score_8_up", "score_7_up", "score_6_up", "score_5_up",
                      "score_4_up")
@@ -21,7 +20,7 @@ class PonyFamily(SDXLFamily):
     name = "pony"
     display_name = "Pony Diffusion (SDXL)"
     lineage = PONY
-    # Community settings for Pony V6 XL (REFERENCE.md section 7). "Clip skip 2" is what
+    # The settings Pony V6 XL's model card recommends. "Clip skip 2" is what
     # diffusers' SDXL pipeline does by default, so it is recorded, not passed on.
     defaults = FamilyDefaults(width=1024, height=1024, steps=25, cfg=7.0, sampler="Euler a",
                               schedule=None, clip_skip=2)
@@ -47,7 +46,7 @@ class PonyFamily(SDXLFamily):
 def _lineage_demo(family: SDXLFamily, models_dir: Path, name: str, seed: int, title: str,
                   prompt: str) -> DemoAssets:
     """A single-file tiny checkpoint whose metadata names its lineage, as users have them."""
-    from families.sdxl_tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_single_file
+    from families.sdxl.tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_single_file
 
     save_tiny_sdxl_single_file(build_tiny_sdxl_pipeline(seed=seed),
                                models_dir / f"{name}.safetensors",

@@ -48,7 +48,7 @@ from diffusers import (
 from torch import Tensor
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from families.tiny_files import save_safetensors_atomically as _save_atomically
+from families.shared.tiny_files import save_safetensors_atomically as _save_atomically
 
 __all__ = [
     "TEXT_HIDDEN",
@@ -400,8 +400,8 @@ _TINY_LORA_MODULES = (
     "single_blocks.1.linear2",
 )
 # Outside the blocks, where diffusers 0.42 needs lorafarm's help in some layouts (see
-# `families.flux2_klein.lora_for_diffusers`): the shared modulation (kohya drops it), the
-# final adaLN (BFL and diffusers order its halves differently) and the image input.
+# `families.flux2_klein.flux2_klein.lora_for_diffusers`): the shared modulation (kohya drops
+# it), the final adaLN (BFL and diffusers order its halves differently) and the image input.
 _TINY_LORA_EXTRA_MODULES = (
     "double_stream_modulation_img.lin",
     "single_stream_modulation.lin",

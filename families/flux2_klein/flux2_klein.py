@@ -14,13 +14,14 @@ shapes in both, so a single file's variant is a guess from its name (BFL names t
 
 The Qwen3 text encoder and the VAE may be files of their own, as ComfyUI users keep them
 (models/text_encoders/qwen_3_4b.safetensors, models/vae/flux2-vae.safetensors), with a
-diffusers config folder that then lacks their weights (families/components.py). diffusers 0.42
-has no single-file loader for the Flux 2 VAE: a VAE file is taken only in diffusers' own layout,
-and ComfyUI's original-layout flux2-vae.safetensors is refused (its weights stay in vae/).
+diffusers config folder that then lacks their weights (families/shared/components.py).
+diffusers 0.42 has no single-file loader for the Flux 2 VAE: a VAE file is taken only in
+diffusers' own layout, and ComfyUI's original-layout flux2-vae.safetensors is refused (its
+weights stay in vae/).
 
 The transformer-only file may also be a quantized GGUF file (`flux-2-klein-4b-Q8_0.gguf`, BFL
 key layout), loaded through diffusers' GGUF support with the same base folder, or an FP8
-safetensors file (float8_e4m3fn weights, kept so in memory; see families/quantized.py).
+safetensors file (float8_e4m3fn weights, kept so in memory; see families/shared/quantized.py).
 
 Model size (Klein 4B, hidden width 3072, or 9B, width 4096) is reported as the *lineage* of
 checkpoints and LoRAs: a LoRA only loads into the size it was trained on, and the core's
@@ -44,24 +45,27 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
     Progress,
     RenderError,
+    RenderSpec,
+    SafetensorsHeader,
+    hookimpl,
+    remember_scheduler_config,
+    sampling_arguments,
+    strip_explicit_weights,
+    unweighted_notes,
 )
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
-from daemon.safetensors_header import SafetensorsHeader
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
-from families.components import (
+from families.shared.components import (
     Component,
     assemble,
     component_problem,
@@ -76,7 +80,7 @@ KLEIN_PIPELINE = "Flux2KleinPipeline"
 KLEIN_COMPONENTS = (
     Component("text_encoder", "Qwen3 text encoder", "text_encoders"),  # qwen_3_4b.safetensors
     # flux2-vae.safetensors is in the original layout, which diffusers 0.42 cannot load: only
-    # a file in diffusers' own layout fits (see families/components.py).
+    # a file in diffusers' own layout fits (see families/shared/components.py).
     Component("vae", "Flux 2 VAE", "vae"),
 )
 DISTILLED, BASE = "distilled", "base"
@@ -155,6 +159,8 @@ class Flux2KleinFamily(Family):
     architecture = "flux2"
     display_name = "FLUX.2 [klein]"
     sampler_kind = "flow"
+    # Qwen3 reads no weights: strip_explicit_weights text, and unweighted_notes says so.
+    prompt_weighting = "stripped"
     supports_negative_prompt = False
     reads_gguf = True  # BFL-layout GGUF transformers, with a diffusers folder as the base
     component_files = tuple(c.name for c in KLEIN_COMPONENTS)  # qwen_3_4b, a diffusers VAE
@@ -340,37 +346,31 @@ class Flux2KleinFamily(Family):
         pipe.lorafarm_components = {name: str(path) for name, path in files.items()}
         # Samplers are swapped per batch, each built from the checkpoint's own training
         # settings (shift, dynamic shifting), kept here untouched.
-        pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
+        remember_scheduler_config(pipe)
         return pipe if device.type == "cpu" else pipe.to(device)
 
     def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
                      progress: Progress | None = None) -> list[Image.Image]:
         first = specs[0]
-        pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
-                                        first.schedule, kind=self.sampler_kind)
-        # CPU generators: the same seed gives the same noise on any device, and one generator
-        # per render keeps each image independent of its batch.
-        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         # A distilled pipeline never runs CFG; it only warns about a scale above 1 on every
         # call. The base variant runs real CFG against the empty prompt at spec.cfg.
         guidance = 1.0 if pipe.config.is_distilled else first.cfg
         result = pipe(
             # keyword: the first positional is `image`; A1111 weights read as plain text
             prompt=[strip_explicit_weights(spec.prompt)[0] for spec in specs],
-            num_inference_steps=first.steps,
             guidance_scale=guidance,
             width=first.width,
             height=first.height,
-            generator=generators,
             output_type="pil",
-            callback_on_step_end=progress.callback if progress else None,
+            # The job's sampler and steps, one CPU generator per render, the step callback.
+            **sampling_arguments(pipe, specs, progress, self.sampler_kind),
         )
         return list(result.images)
 
     # -- demo ------------------------------------------------------------------------------
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.flux2_klein_tiny import build_tiny_klein_pipeline, save_tiny_klein_folder
+        from families.flux2_klein.tiny import build_tiny_klein_pipeline, save_tiny_klein_folder
 
         save_tiny_klein_folder(build_tiny_klein_pipeline(seed=0, distilled=True),
                                models_dir / DEMO_DISTILLED)
@@ -597,7 +597,7 @@ def _load_single_file_transformer(checkpoint: LoadedCheckpoint, dtype: torch.dty
     )
     from safetensors.torch import load_file
 
-    from families.quantized import (
+    from families.shared.quantized import (
         float8_dtype_of,
         load_fp8_model,
         load_gguf_model,

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from families.components import tied_weight_names
+from families.shared.components import tied_weight_names
 
 __all__ = [
     "save_config_folder",
@@ -92,7 +92,7 @@ def save_text_encoder_file(model: torch.nn.Module, path: Path, *, prefix: str = 
 
 def _ldm_vae_tensors(state: dict[str, Tensor], levels: int) -> dict[str, Tensor]:
     """A diffusers AutoencoderKL-style state dict under the original LDM names."""
-    from families.sdxl_tiny import _vae_key_to_original
+    from families.sdxl.tiny import _vae_key_to_original
 
     tensors: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -136,7 +136,7 @@ def tiny_wan21_vae(seed: int = 0) -> torch.nn.Module:
     """A tiny Wan 2.1 VAE (the A14B releases' VAE) with the real one's layout: four levels in
     the proportions (1, 2, 4, 4) and two residual blocks per level. diffusers' converter of the
     original layout counts blocks by those numbers, so a file of any other layout (the
-    smaller tiny VAE in families/wan22_tiny.py) would not convert."""
+    smaller tiny VAE in families/wan22/tiny.py) would not convert."""
     from diffusers import AutoencoderKLWan
 
     with torch.random.fork_rng(devices=[]):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-from daemon.family import RenderError
+from daemon.plugin_api import RenderError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ weights decide dev vs schnell (`guidance_in` keys), whichever base it is paired 
 The transformer file may be quantized, in the same BFL layout: a GGUF file
 (`flux1-dev-Q8_0.gguf`, city96's), which stays quantized in memory and is dequantized layer by
 layer, or an FP8 safetensors file (`flux1-dev-fp8.safetensors`, weights in float8_e4m3fn),
-computed in bfloat16 on a GPU and float32 on the CPU (see families/quantized.py). Both need
+computed in bfloat16 on a GPU and float32 on the CPU (see families/shared/quantized.py). Both need
 the same base folder; LoRAs load on top of either, unfused.
 
 Prompts are natural language, encoded by CLIP-L (pooled) and T5 (up to 512 tokens on dev, 256
@@ -40,39 +40,43 @@ from typing import Any
 import torch
 from PIL import Image
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
+    ParsedPrompt,
     Progress,
     RenderError,
+    RenderSpec,
+    SafetensorsHeader,
+    hookimpl,
+    make_scheduler,
+    parse_prompt,
     quantization_fields,
     read_json_object,
+    to_compel_conjunction,
 )
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import ParsedPrompt, parse_prompt, to_compel_conjunction
-from daemon.safetensors_header import SafetensorsHeader
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
-from families.components import (
+from families.flux.bfl import (
+    BflLayoutError,
+    bfl_to_diffusers,
+    is_transformer_key,
+    strip_bfl_prefix,
+)
+from families.flux.settings import SCHEDULER_SETTINGS
+from families.shared.components import (
     Component,
     assemble,
     component_problem,
     component_sources,
     missing_config_parts,
 )
-from families.flux_bfl import (
-    BflLayoutError,
-    bfl_to_diffusers,
-    is_transformer_key,
-    strip_bfl_prefix,
-)
-from families.quantized import (
+from families.shared.quantized import (
     float8_dtype_of,
     load_fp8_model,
     load_gguf_model,
@@ -87,18 +91,6 @@ FLUX_PIPELINES = ("FluxPipeline",)
 # The family Flux.1 LoRAs are filed under: nothing in a LoRA says whether it was trained on
 # dev or schnell, and both families share the architecture, so the choice is only a label.
 LORA_FAMILY = "flux-dev"
-
-# The scheduler settings FLUX.1-dev and -schnell ship with (scheduler_config.json). dev shifts
-# its sigmas by image size (mu from the image token count); schnell was distilled for 1-4
-# unshifted steps. Applied over a single file's base folder, which may be the other variant.
-SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
-    "dev": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
-            "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-            "max_image_seq_len": 4096},
-    "schnell": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
-                "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                "max_image_seq_len": 4096},
-}
 
 # The parts ComfyUI users keep as files of their own (models/text_encoders, models/vae).
 FLUX_COMPONENTS = (
@@ -127,6 +119,8 @@ class FluxFamily(Family):
 
     architecture = ARCHITECTURE
     sampler_kind = "flow"
+    # A1111 weights reach CLIP and T5 through compel (prompt_conditioning).
+    prompt_weighting = "a1111"
     supports_negative_prompt = False  # unless the job sets true_cfg
     supports_true_cfg = True  # FluxPipeline's true_cfg_scale
     reads_gguf = True  # city96's GGUF transformers, BFL layout
@@ -400,7 +394,7 @@ class FluxDevFamily(FluxFamily):
                               schedule=None, size_multiple=16, guidance=3.5, cfg_fixed=1.0)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.flux_tiny import (
+        from families.flux.tiny import (
             build_tiny_flux_pipeline,
             build_tiny_flux_transformer,
             save_tiny_flux_folder,
@@ -446,7 +440,7 @@ class FluxSchnellFamily(FluxFamily):
                               schedule=None, size_multiple=16, guidance=None, cfg_fixed=1.0)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.flux_tiny import build_tiny_flux_pipeline, save_tiny_flux_folder
+        from families.flux.tiny import build_tiny_flux_pipeline, save_tiny_flux_folder
 
         save_tiny_flux_folder(build_tiny_flux_pipeline("schnell", seed=0),
                               models_dir / DEMO_SCHNELL)
@@ -503,7 +497,7 @@ def load_bfl_transformer(path: Path, base: Path, dtype: torch.dtype, *, gguf: bo
     """A BFL-layout Flux.1 transformer file as a diffusers FluxTransformer2DModel, its config
     from the base folder's transformer/config.json, depth and guidance from the file itself.
 
-    The keys are converted here (see families.flux_bfl for why not by diffusers) and the
+    The keys are converted here (see families.flux.bfl for why not by diffusers) and the
     converted state dict goes through diffusers' single-file loader (meta-device init, dtype).
     A GGUF file (`gguf`) stays quantized (GGUFLinear layers computing in `dtype`); an FP8
     file keeps its float8 weights (Float8Linear layers computing in `dtype`).

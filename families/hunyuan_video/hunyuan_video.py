@@ -58,27 +58,32 @@ from typing import Any
 
 import torch
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
+    GgufError,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
     Progress,
     RenderedVideo,
     RenderError,
+    RenderSpec,
+    SafetensorsError,
+    SafetensorsHeader,
+    hookimpl,
+    make_scheduler,
     quantization_fields,
+    read_gguf_header,
+    read_header,
     read_json_object,
+    strip_explicit_weights,
+    unweighted_notes,
 )
-from daemon.gguf_header import GgufError, read_gguf_header
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
-from daemon.safetensors_header import SafetensorsError, SafetensorsHeader, read_header
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
 
 HUNYUAN_VIDEO_PIPELINE = "HunyuanVideoPipeline"
 HUNYUAN_VIDEO15_PIPELINE = "HunyuanVideo15Pipeline"
@@ -423,7 +428,7 @@ def transformer_file_requirements(checkpoint: LoadedCheckpoint) -> str | None:
     """What a transformer-only HunyuanVideo checkpoint still needs (a base folder that fits
     it), or None when it can load. Reads headers and configs only."""
     name = checkpoint.name
-    from families.quantized import scaled_fp8_problem
+    from families.shared.quantized import scaled_fp8_problem
 
     scaled = scaled_fp8_problem(checkpoint)
     if scaled:
@@ -517,7 +522,7 @@ def load_hunyuan_transformer(path: Path, base: Path, dtype: torch.dtype, *,
     from diffusers import HunyuanVideoTransformer3DModel
     from safetensors import safe_open
 
-    from families.quantized import (
+    from families.shared.quantized import (
         check_complete,
         float8_dtype_of,
         load_fp8_model,
@@ -675,6 +680,8 @@ class _HunyuanBase(Family):
     transformer-only LoRAs, VAE tiling and slicing."""
 
     sampler_kind = "flow"
+    # Its LLM encoders read no weights: stripped text, and unweighted_notes says so.
+    prompt_weighting = "stripped"
     produces = "video"
     pipeline_class_name: str
     version: str
@@ -869,7 +876,7 @@ class HunyuanVideoFamily(_HunyuanBase):
         return fields + super().infotext_fields(spec)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.hunyuan_video_tiny import (
+        from families.hunyuan_video.tiny import (
             GGUF_HEADS,
             build_tiny_hunyuan_video_pipeline,
             save_tiny_folder,
@@ -954,7 +961,7 @@ class HunyuanVideo15Family(_HunyuanBase):
         return self._frames(result, specs)
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.hunyuan_video_tiny import (
+        from families.hunyuan_video.tiny import (
             build_tiny_hunyuan_video15_pipeline,
             save_tiny_folder,
         )

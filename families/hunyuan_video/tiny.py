@@ -22,7 +22,7 @@ blocks only), the 1.5 VAE (16x spatial, 4x temporal) and the classifier-free gui
 
 The real prompt templates crop a fixed number of tokens (`crop_start`: 95 for HunyuanVideo,
 108 for 1.5) computed for the real tokenizers; these tiny tokenizers need their own counts,
-which `families.hunyuan_video` computes from the template at render time.
+which `families.hunyuan_video.hunyuan_video` computes from the template at render time.
 
 LoRA files for the tiny HunyuanVideo transformer are written in every layout the family
 accepts (diffusers, original with `diffusion_model.` or `transformer.` prefix, original with
@@ -67,8 +67,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-from families.quantized_tiny import write_fp8_safetensors, write_gguf
-from families.tiny_files import save_safetensors_atomically as _save_atomically
+from families.shared.quantized_tiny import write_fp8_safetensors, write_gguf
+from families.shared.tiny_files import save_safetensors_atomically as _save_atomically
 
 __all__ = [
     "DOUBLE_BLOCKS",

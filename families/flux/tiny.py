@@ -11,7 +11,7 @@ On-disk forms, all loaded back through the real loading paths:
   "base" (text encoders, VAE, tokenizers, scheduler and the transformer's config);
 * the transformer alone as one `.safetensors` file in Black Forest Labs' original layout
   (`double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, ...), written by
-  `families.flux_bfl.diffusers_to_bfl`;
+  `families.flux.bfl.diffusers_to_bfl`;
 * the same transformer quantized: a GGUF file (Q8_0 or Q4_0, as city96's converter writes
   them) or an FP8 safetensors file (float8_e4m3fn weights). The tiny width (32) and MLP
   (128) are multiples of GGUF's 32-wide blocks, so every block linear is quantized; the
@@ -47,9 +47,9 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from families.flux import SCHEDULER_SETTINGS
-from families.flux_bfl import ModuleGroup, diffusers_to_bfl, module_groups, split_sizes
-from families.quantized_tiny import write_fp8_safetensors, write_gguf
+from families.flux.bfl import ModuleGroup, diffusers_to_bfl, module_groups, split_sizes
+from families.flux.settings import SCHEDULER_SETTINGS
+from families.shared.quantized_tiny import write_fp8_safetensors, write_gguf
 
 __all__ = [
     "CLIP_HIDDEN",

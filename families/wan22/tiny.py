@@ -48,9 +48,9 @@ from PIL import Image
 from torch import Tensor
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from families.quantized_tiny import write_gguf
-from families.tiny_files import save_safetensors_atomically as _save_atomically
-from families.wan22 import I2V_A14B, T2V_A14B, TI2V_5B, VARIANT_SETTINGS
+from families.shared.quantized_tiny import write_gguf
+from families.shared.tiny_files import save_safetensors_atomically as _save_atomically
+from families.wan22.variants import I2V_A14B, T2V_A14B, TI2V_5B, VARIANT_SETTINGS
 
 __all__ = [
     "LORA_LAYOUTS",

@@ -33,7 +33,7 @@ file's shapes, or for sizes no release has (tiny test models) from the base fold
 The UMT5 encoder and the VAE may be files of their own, as ComfyUI users keep them
 (models/text_encoders/umt5_xxl_fp16.safetensors, models/vae/wan_2.1_vae.safetensors): named
 with `text_encoder` / `vae` in the sidecar or config.toml, or paired from the ComfyUI trees
-when the base folder lacks their weights (families/components.py). The base folder then
+when the base folder lacks their weights (families/shared/components.py). The base folder then
 needs no weights. diffusers 0.42 converts the Wan 2.1 VAE's original layout (the A14B
 releases') but not the Wan 2.2 VAE's (TI2V-5B): that one stays in the base folder.
 
@@ -51,34 +51,39 @@ import logging
 import math
 import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, ImageOps
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
+    GgufError,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
     RenderedVideo,
     RenderError,
+    RenderSpec,
+    SafetensorsHeader,
+    cpu_generators,
+    hookimpl,
+    job_scheduler,
     quantization_fields,
+    read_gguf_header,
     read_json_object,
+    remember_scheduler_config,
+    step_callback,
+    strip_explicit_weights,
+    unweighted_notes,
 )
-from daemon.gguf_header import GgufError, read_gguf_header
-from daemon.lora_probe import LoraFacts
-from daemon.prompt_weights import strip_explicit_weights, unweighted_notes
-from daemon.safetensors_header import SafetensorsHeader
-from daemon.samplers import make_scheduler
-from daemon.spec import LoraUse, RenderSpec
-from families.components import (
+from families.shared.components import (
     Component,
     choose_components,
     component_problem,
@@ -86,13 +91,13 @@ from families.components import (
     load_components,
     missing_config_parts,
 )
+from families.wan22.variants import I2V_A14B, T2V_A14B, TI2V_5B, VARIANT_SETTINGS
 
 if TYPE_CHECKING:
-    from daemon.family import Progress
+    from daemon.plugin_api import Progress
 
 log = logging.getLogger(__name__)
 
-T2V_A14B, I2V_A14B, TI2V_5B = "t2v-a14b", "i2v-a14b", "ti2v-5b"
 VARIANTS = (T2V_A14B, I2V_A14B, TI2V_5B)
 WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 # The parts ComfyUI users keep as files of their own (models/text_encoders, models/vae). The
@@ -102,60 +107,6 @@ WAN_COMPONENTS = (
     Component("text_encoder", "UMT5-XXL encoder", "text_encoders"),  # umt5_xxl_fp16.safetensors
     Component("vae", "Wan VAE", "vae"),  # wan_2.1_vae.safetensors
 )
-
-# The official default negative prompt (Wan2.2 repository, wan/configs/shared_config.py,
-# `sample_neg_prompt`), verbatim; Wan was trained with it. In English: garish colours,
-# overexposed, static, blurred details, subtitles, style, artwork, painting, still frame,
-# overall greyish, worst quality, low quality, JPEG artefacts, ugly, mutilated, extra
-# fingers, badly drawn hands or face, deformed, disfigured, malformed limbs, fused fingers,
-# motionless picture, cluttered background, three legs, crowded background, walking
-# backwards.
-WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
-    "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，"
-    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
-    "杂乱的背景，三条腿，背景人很多，倒着走"
-)
-
-
-@dataclass(frozen=True)
-class VariantSettings:
-    """What a Wan 2.2 release is, in diffusers terms, and what its jobs default to."""
-
-    title: str
-    defaults: FamilyDefaults
-    two_experts: bool
-    boundary_ratio: float | None
-    expand_timesteps: bool
-    image: str  # "required", "optional" or "none": whether jobs give a first frame
-
-
-_A14B_SIZES = {"width": 832, "height": 480, "size_multiple": 16, "frames": 81, "fps": 16}
-VARIANT_SETTINGS = {
-    # Official sample settings (Wan2.2 wan/configs/wan_*.py): shift 12, guidance 4.0 for the
-    # high-noise expert and 3.0 for the low-noise one, 40 steps.
-    T2V_A14B: VariantSettings(
-        title="Wan 2.2 T2V-A14B",
-        defaults=FamilyDefaults(steps=40, cfg=4.0, guidance_2=3.0, flow_shift=12.0,
-                                sampler="UniPC", schedule=None,
-                                negative_prompt=WAN_NEGATIVE_PROMPT,
-                                **_A14B_SIZES),  # type: ignore[arg-type]
-        two_experts=True, boundary_ratio=0.875, expand_timesteps=False, image="none"),
-    I2V_A14B: VariantSettings(
-        title="Wan 2.2 I2V-A14B",
-        defaults=FamilyDefaults(steps=40, cfg=3.5, guidance_2=3.5, flow_shift=5.0,
-                                sampler="UniPC", schedule=None,
-                                negative_prompt=WAN_NEGATIVE_PROMPT,
-                                **_A14B_SIZES),  # type: ignore[arg-type]
-        two_experts=True, boundary_ratio=0.9, expand_timesteps=False, image="required"),
-    # 1280x704: sides must be multiples of 32 (16x VAE times 2x2 patches).
-    TI2V_5B: VariantSettings(
-        title="Wan 2.2 TI2V-5B",
-        defaults=FamilyDefaults(width=1280, height=704, size_multiple=32, steps=50, cfg=5.0,
-                                flow_shift=5.0, frames=121, fps=24, sampler="UniPC",
-                                schedule=None, negative_prompt=WAN_NEGATIVE_PROMPT),
-        two_experts=False, boundary_ratio=None, expand_timesteps=True, image="optional"),
-}
 
 # LoRA model sizes, from the width of the transformer they patch.
 SIZE_BY_WIDTH = {5120: "14b", 3072: "5b", 1536: "1.3b"}
@@ -211,6 +162,8 @@ class Wan22Family(Family):
     architecture = "wan"
     display_name = "Wan 2.2"
     sampler_kind = "flow"
+    # UMT5 reads no weights: strip_explicit_weights text, and unweighted_notes says so.
+    prompt_weighting = "stripped"
     produces = "video"
     takes_image = True
     reads_gguf = True  # original-layout GGUF experts, with a diffusers folder as the base
@@ -440,7 +393,7 @@ class Wan22Family(Family):
         pipe.set_progress_bar_config(disable=True)
         # Samplers and flow shift are set per batch, each built from the checkpoint's own
         # scheduler settings, kept here untouched.
-        pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
+        remember_scheduler_config(pipe)
         # One video at a time through the VAE: a batch costs no more VAE memory than one
         # video, and a video's pixels do not depend on its batch.
         pipe.vae.enable_slicing()
@@ -456,14 +409,13 @@ class Wan22Family(Family):
         extra = first.extra
         image = _load_input_image(first)
         runner = _pipeline_for(pipe, image is not None)
-        base = dict(pipe.lorafarm_scheduler_config)
-        if extra.get("flow_shift") is not None:
-            base["flow_shift"] = float(extra["flow_shift"])
-        runner.scheduler = make_scheduler(base, first.sampler, first.schedule,
-                                          kind=self.sampler_kind)
+        shift = extra.get("flow_shift")
+        runner.scheduler = job_scheduler(
+            pipe, first, self.sampler_kind,
+            overrides={"flow_shift": float(shift)} if shift is not None else None)
         # CPU generators: the same seed gives the same noise on any device, and one generator
         # per render keeps each video independent of its batch.
-        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+        generators = cpu_generators(specs)
         kwargs: dict[str, Any] = {
             # UMT5 has no prompt weighting: A1111 weights are read as plain text.
             "prompt": [strip_explicit_weights(spec.prompt)[0] for spec in specs],
@@ -475,7 +427,7 @@ class Wan22Family(Family):
             "guidance_scale": first.cfg,
             "generator": generators,
             "output_type": "pil",
-            "callback_on_step_end": progress.callback if progress else None,
+            "callback_on_step_end": step_callback(progress),
         }
         if runner.config.boundary_ratio is not None:
             kwargs["guidance_scale_2"] = float(extra.get("guidance_2", first.cfg))
@@ -525,7 +477,7 @@ class Wan22Family(Family):
     # -- demo ------------------------------------------------------------------------------
 
     def build_demo(self, models_dir: Path, configs_dir: Path) -> DemoAssets:
-        from families.wan22_tiny import (
+        from families.wan22.tiny import (
             build_tiny_wan_pipeline,
             save_tiny_wan_folder,
             save_tiny_wan_transformer_gguf,
@@ -852,7 +804,7 @@ def _load_gguf_experts(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> dict
     are). They compute in the dtype the transformers would have (bfloat16 for float16)."""
     from diffusers import WanTransformer3DModel
 
-    from families.quantized import load_gguf_model, load_gguf_state_dict
+    from families.shared.quantized import load_gguf_model, load_gguf_state_dict
 
     assert checkpoint.config_path is not None
     compute = component_dtypes(dtype)

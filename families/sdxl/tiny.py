@@ -32,7 +32,13 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    CLIPTokenizer,
+)
+
+from daemon.plugin_api import (
+    CLIP_BOS_TOKEN,
+    CLIP_EOS_TOKEN,
+    tiny_clip_tokenizer,
+    tiny_clip_vocab,
 )
 
 __all__ = [
@@ -72,47 +78,12 @@ VAE_WIDTHS = (8, 16, 32, 32)  # real: (128, 256, 512, 512); 4 levels = scale fac
 NORM_GROUPS = 4  # divides every width above and every concatenated skip width (16, 24, 48)
 SDXL_VAE_SCALING_FACTOR = 0.13025
 
-# Bytes that CLIP's byte-level BPE shows as themselves (printable Latin-1 minus space and
-# soft hyphen); every other byte is shown as chr(256 + n). This order is also the order of
-# the first 256 ids of the real CLIP vocabulary, which puts "!" at id 0.
-_PRINTABLE_BYTE_RANGES = ((ord("!"), ord("~")), (ord("¡"), ord("¬")), (ord("®"), ord("ÿ")))
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = CLIP_BOS_TOKEN
+EOS_TOKEN = CLIP_EOS_TOKEN
 TE2_PAD_TOKEN = "!"  # SDXL's second tokenizer pads with "!", the first with <|endoftext|>
-
-
-# --- tokenizers -----------------------------------------------------------------------------
-
-
-def _byte_level_alphabet() -> list[str]:
-    """The 256 characters CLIP's byte-level BPE uses for the 256 byte values, in CLIP's order."""
-    shown_as_self = [b for lo, hi in _PRINTABLE_BYTE_RANGES for b in range(lo, hi + 1)]
-    remapped = [b for b in range(256) if b not in set(shown_as_self)]
-    return [chr(b) for b in shown_as_self] + [chr(256 + n) for n in range(len(remapped))]
-
-
-def _tiny_clip_vocab() -> dict[str, int]:
-    """Hand-built vocabulary: bytes, bytes ending a word, then BOS and EOS as the top ids.
-
-    Built by hand rather than trained: `tokenizers`' BPE trainer is not deterministic across
-    processes. With no merges every word is spelled out byte by byte, which is all a random
-    model needs. EOS must be the highest id for CLIP's EOS pooling, as in the real vocabulary.
-    """
-    alphabet = _byte_level_alphabet()
-    tokens = alphabet + [f"{char}</w>" for char in alphabet] + [BOS_TOKEN, EOS_TOKEN]
-    return {token: index for index, token in enumerate(tokens)}
-
-
-def _tiny_clip_tokenizer(pad_token: str) -> CLIPTokenizer:
-    return CLIPTokenizer(
-        vocab=_tiny_clip_vocab(),
-        merges=[],
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        pad_token=pad_token,
-        model_max_length=MAX_TOKENS,
-    )
+# The offline tokenizer builders are lorafarm's (the plugin API); these names stay for callers.
+_tiny_clip_vocab = tiny_clip_vocab
+_tiny_clip_tokenizer = tiny_clip_tokenizer
 
 
 # --- models ---------------------------------------------------------------------------------

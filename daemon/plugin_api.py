@@ -1,0 +1,190 @@
+"""lorafarm's public plugin API: everything a family or plugin imports, from one place.
+
+A plugin imports from here and from nowhere else in `daemon`; the built-in families and
+plugins do the same (tests/test_plugin_api.py checks it), so they are working examples.
+docs/writing-a-family.md walks through writing a family with it.
+
+What is here:
+
+* the hook marker `hookimpl` (the hooks themselves are listed in `daemon.hookspecs`);
+* the family contract: `Family` and the plain data it exchanges with the core
+  (`CheckpointSource` -> `CheckpointProbe`, `LoraFacts` -> `LoraProbe`, `LoadedCheckpoint`,
+  `FamilyDefaults`, `RenderSpec` / `LoraUse`, `Progress`, `RenderedVideo`, `DemoAssets`);
+* the errors a plugin raises: `RenderError`, `JobFileError`; `BatchAborted` is raised for it;
+* render helpers every diffusers family needs: `sampling_arguments` (the job's A1111
+  sampler as a diffusers scheduler, one CPU generator per render, the step callback), and
+  `encode_clip_prompts` (A1111 weighting and BREAK through compel for CLIP text encoders);
+* header readers (`read_header`, `read_gguf_header`) and A1111 prompt parsing;
+* offline tokenizer builders for tiny demo and test checkpoints (`tiny_clip_tokenizer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from daemon import __version__ as LORAFARM_VERSION  # noqa: N812 - a constant to plugins
+from daemon import hookimpl
+from daemon.clip_weighting import CLIP_SKIP_LEVELS, a1111_prompt_warnings, encode_clip_prompts
+from daemon.config import PostprocessStep
+from daemon.family import (
+    BatchAborted,
+    CheckpointProbe,
+    CheckpointSource,
+    DemoAssets,
+    Family,
+    FamilyDefaults,
+    LoadedCheckpoint,
+    LoraProbe,
+    Progress,
+    RenderedVideo,
+    RenderError,
+    quantization_fields,
+    read_json_object,
+)
+from daemon.gguf_header import GgufError, GgufHeader, read_gguf_header
+from daemon.jobfile import JobFileError, parse_json, parse_toml
+from daemon.lora_probe import KOHYA_PREFIXES, LoraFacts, tag_frequency
+from daemon.outputs import SPEC_CHUNK
+from daemon.postprocess import GATE_RESEED, PostProcessResult
+from daemon.prompt_weights import (
+    ParsedPrompt,
+    WeightedText,
+    parse_prompt,
+    strip_explicit_weights,
+    to_compel_conjunction,
+    unweighted_notes,
+)
+from daemon.safetensors_header import SafetensorsError, SafetensorsHeader, TensorInfo, read_header
+from daemon.samplers import SamplerError, make_scheduler
+from daemon.spec import LoraUse, RenderSpec
+from daemon.tiny_tokenizers import (
+    CLIP_BOS_TOKEN,
+    CLIP_EOS_TOKEN,
+    CLIP_MAX_TOKENS,
+    byte_level_alphabet,
+    tiny_clip_tokenizer,
+    tiny_clip_vocab,
+)
+
+__all__ = [
+    "CLIP_BOS_TOKEN",
+    "CLIP_EOS_TOKEN",
+    "CLIP_MAX_TOKENS",
+    "CLIP_SKIP_LEVELS",
+    "GATE_RESEED",
+    "KOHYA_PREFIXES",
+    "LORAFARM_VERSION",
+    "SPEC_CHUNK",
+    "BatchAborted",
+    "CheckpointProbe",
+    "CheckpointSource",
+    "DemoAssets",
+    "Family",
+    "FamilyDefaults",
+    "GgufError",
+    "GgufHeader",
+    "JobFileError",
+    "LoadedCheckpoint",
+    "LoraFacts",
+    "LoraProbe",
+    "LoraUse",
+    "ParsedPrompt",
+    "PostProcessResult",
+    "PostprocessStep",
+    "Progress",
+    "RenderError",
+    "RenderSpec",
+    "RenderedVideo",
+    "SafetensorsError",
+    "SafetensorsHeader",
+    "SamplerError",
+    "TensorInfo",
+    "WeightedText",
+    "a1111_prompt_warnings",
+    "byte_level_alphabet",
+    "cpu_generators",
+    "encode_clip_prompts",
+    "hookimpl",
+    "job_scheduler",
+    "make_scheduler",
+    "parse_json",
+    "parse_prompt",
+    "parse_toml",
+    "quantization_fields",
+    "read_gguf_header",
+    "read_header",
+    "read_json_object",
+    "remember_scheduler_config",
+    "sampling_arguments",
+    "step_callback",
+    "strip_explicit_weights",
+    "tag_frequency",
+    "tiny_clip_tokenizer",
+    "tiny_clip_vocab",
+    "to_compel_conjunction",
+    "unweighted_notes",
+]
+
+# Where the pipeline's scheduler config as loaded is kept: every batch builds its sampler
+# from it, never from the previous batch's sampler.
+_SCHEDULER_CONFIG_ATTRIBUTE = "lorafarm_scheduler_config"
+
+
+def remember_scheduler_config(pipe: Any, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The scheduler settings the checkpoint was trained with, which every batch's sampler is
+    built from; returns them.
+
+    The first call records `pipe.scheduler.config` (or `config`, for a family that corrects
+    the loaded settings, e.g. a base folder of another variant); later calls return what was
+    recorded, since by then `pipe.scheduler` is the previous batch's sampler. Calling it at
+    the end of `load_pipeline` is good practice; `job_scheduler` calls it anyway.
+    """
+    if config is not None:
+        setattr(pipe, _SCHEDULER_CONFIG_ATTRIBUTE, dict(config))
+    elif getattr(pipe, _SCHEDULER_CONFIG_ATTRIBUTE, None) is None:
+        setattr(pipe, _SCHEDULER_CONFIG_ATTRIBUTE, dict(pipe.scheduler.config))
+    return dict(getattr(pipe, _SCHEDULER_CONFIG_ATTRIBUTE))
+
+
+def job_scheduler(pipe: Any, spec: RenderSpec, kind: str = "eps",
+                  overrides: dict[str, Any] | None = None) -> Any:
+    """A fresh diffusers scheduler for the render's A1111 sampler and schedule ("DPM++ 2M",
+    "Karras"), built on the checkpoint's own scheduler settings (`remember_scheduler_config`)
+    with `overrides` (e.g. a job's flow shift). `kind` is the family's `sampler_kind`. Fresh
+    per pipeline call: multistep samplers keep state between steps."""
+    config = remember_scheduler_config(pipe)
+    config.update(overrides or {})
+    return make_scheduler(config, spec.sampler, spec.schedule, kind=kind)
+
+
+def cpu_generators(specs: Sequence[RenderSpec]) -> list[Any]:
+    """One CPU generator per render, seeded with its seed: the same seed gives the same noise
+    on any device, and an image does not depend on the batch it shared."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+
+
+def step_callback(progress: Progress | None) -> Callable[..., dict[str, Any]] | None:
+    """The pipeline's `callback_on_step_end` for `Family.render_batch`'s `progress`: it
+    reports each step (live display, status page, the render lease's heartbeat) and stops
+    the batch when the daemon aborts it. None when no progress is wanted."""
+    return progress.callback if progress is not None else None
+
+
+def sampling_arguments(pipe: Any, specs: Sequence[RenderSpec], progress: Progress | None,
+                       kind: str = "eps") -> dict[str, Any]:
+    """Sets the batch's sampler on `pipe` and returns the pipeline call's
+    `num_inference_steps`, `generator` and `callback_on_step_end`, so that a render honours
+    the job's steps, sampler, schedule and seeds and reports progress:
+
+        pipe(prompt=..., guidance_scale=first.cfg, width=first.width, height=first.height,
+             **sampling_arguments(pipe, specs, progress, self.sampler_kind))
+
+    Specs of one batch share steps, sampler and schedule (their batch key), so the first
+    spec's are used."""
+    first = specs[0]
+    pipe.scheduler = job_scheduler(pipe, first, kind)
+    return {"num_inference_steps": first.steps, "generator": cpu_generators(specs),
+            "callback_on_step_end": step_callback(progress)}
