@@ -157,10 +157,16 @@ def test_load_pipeline_raising_names_the_family_and_its_own_line(tmp_path: Path,
     assert error.endswith("(at raising_loader.py:21)")  # not <frozen genericpath>
 
 
-def test_hooks_that_raise_cost_only_their_extras(tmp_path: Path, assets: Any) -> None:
+def test_hooks_that_raise_cost_only_their_extras(tmp_path: Path, assets: Any,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     farm = farm_with(tmp_path, assets, ["raising_hooks"])
     farm.drop("job.toml", sdxl_job(count=2, steps=2))
     assert farm.run() == 0
+    # Each hook's traceback once, though it raised at every render and event.
+    for hook in ("output_metadata", "post_process", "on_event"):
+        logged = [r for r in caplog.records if r.exc_info and f"raised in `{hook}`" in
+                  r.getMessage()]
+        assert len(logged) == 1, hook
     assert [state for state, _ in renders(farm)] == ["done", "done"]
     outputs = sorted(farm.outputs.rglob("*.png"))
     assert len(outputs) == 2
