@@ -157,6 +157,29 @@ def test_load_pipeline_raising_names_the_family_and_its_own_line(tmp_path: Path,
     assert error.endswith("(at raising_loader.py:21)")  # not <frozen genericpath>
 
 
+def test_lora_patching_that_raises_fails_the_render_with_the_family_and_its_line(
+        tmp_path: Path, assets: Any) -> None:
+    from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
+
+    farm = farm_with(tmp_path, assets, ["raising_lora"],
+                     checkpoints=sdxl_as(assets, "raising-lora"))
+    farm.config.paths.loras.mkdir(parents=True, exist_ok=True)
+    write_kohya_original(make_tiny_lora(seed=21, scale=2.0),
+                         farm.config.paths.loras / "ink.safetensors")
+    farm.drop("job.toml", sdxl_job(count=1, steps=2) + '\n[[loras]]\nname = "ink"\n')
+    farm.drop("plain.toml", sdxl_job(count=1, steps=2, seed=8))
+    assert farm.run() == 0
+    with sqlite3.connect(farm.root / "state" / "lorafarm.sqlite") as db:
+        rows = dict(db.execute("SELECT jobs.file_name, renders.error FROM renders "
+                               "JOIN jobs ON jobs.id = renders.job_id"))
+    assert rows["job.toml"] == (
+        "family raising-lora (plugin 'tests.plugin_samples.raising_lora') raised while "
+        "applying LoRAs: AttributeError: 'RaisingLoraFamily' object has no attribute "
+        "'lora_prefix' (at raising_lora.py:19)")
+    assert rows["plain.toml"] is None  # the same family without a LoRA renders
+    assert farm.files_in("done") == ["plain.toml"]
+
+
 def test_hooks_that_raise_cost_only_their_extras(tmp_path: Path, assets: Any,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     farm = farm_with(tmp_path, assets, ["raising_hooks"])
