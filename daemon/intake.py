@@ -336,8 +336,8 @@ class Intake:
         except JobFileError as exc:
             raise wrong_suffix(exc, file_name, raw, self.plugins.job_parsers) from exc
         except Exception as exc:
-            raise parser_fault(suffix, parser, self.plugins.plugin_of_parser(suffix),
-                               exc) from exc
+            fault = parser_fault(suffix, parser, self.plugins.plugin_of_parser(suffix), exc)
+            raise wrong_suffix(fault, file_name, raw, self.plugins.job_parsers) from exc
         if not isinstance(data, dict):
             raise JobFileError(
                 f"the {suffix} job parser (plugin "

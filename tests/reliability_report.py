@@ -177,6 +177,14 @@ below are from the last such run ({figures['machine']}, {figures['seconds']} s).
    Each job writes only into its own `outputs/<name>-<id>/` folder.
 7. **One daemon per state folder.** An exclusive lock on `state/daemon.lock` stops a second
    daemon from rendering everything twice.
+8. **A plugin's bug costs only its own part.** A plugin that fails to import or register is
+   skipped (one log line naming its distribution and entry point). A job parser that raises
+   rejects that file with a report naming the plugin and its line; entries that cannot be
+   read (folders, FIFOs, broken links) are reported once and left alone, so start-up succeeds
+   whatever sits in `jobs/`. A family that raises or returns something else than one image or
+   video per render fails those renders with the family and its file:line; a failing output
+   write fails the render (never leaves it `running`); a metadata, post-processing or event
+   hook that raises costs only its extra. `lorafarm plugins` lists what was skipped and why.
 
 ## Durability settings
 

@@ -17,6 +17,7 @@ import pytest
 
 from daemon.plugins import Plugins
 from tests.conftest import Farm, demo_checkpoint_overrides, sdxl_job
+from tests.parser_fuzz import VALID_TOML
 
 SAMPLES = "tests.plugin_samples"
 
@@ -54,7 +55,9 @@ def test_the_daemon_starts_and_renders_with_a_bad_file_of_every_suffix_in_jobs(
            "random.png": rng.randbytes(300), "random.mp4": rng.randbytes(3000),
            "random.toml": rng.randbytes(200), "half.json": b'{"checkpoint": "tiny-',
            "json-saved-as.toml": json.dumps({"checkpoint": "tiny-sdxl"}).encode(),
-           "job.yaml": b"model: tiny-sdxl\n"}
+           "job.yaml": b"model: tiny-sdxl\n",
+           # Pillow raises ValueError (not a "cannot identify" error) on this TOML text.
+           "issue-15.png": VALID_TOML.encode()}
     # PNG and MP4 signatures followed by garbage reach deeper into the decoders.
     bad["signature.png"] = b"\x89PNG\r\n\x1a\n" + rng.randbytes(200)
     bad["signature.mp4"] = b"\x00\x00\x00\x18ftypmp42" + rng.randbytes(500)
@@ -79,6 +82,9 @@ def test_the_daemon_starts_and_renders_with_a_bad_file_of_every_suffix_in_jobs(
     assert "the .yaml job parser (plugin 'tests.plugin_samples.raising_parser')" in yaml
     assert "KeyError" in yaml and "raising_parser.py:13" in yaml
     assert "rename it to toml-saved-as.toml" in farm.rejection("toml-saved-as.png")
+    issue = farm.rejection("issue-15.png")
+    assert "the .png job parser (plugin 'rerender') could not read this file: ValueError" in issue
+    assert "(at rerender.py:" in issue and "rename it to issue-15.toml" in issue
     assert "rename it to toml-saved-as.toml" in farm.rejection("toml-saved-as.mp4")
     assert "rename it to json-saved-as.json" in farm.rejection("json-saved-as.toml")
     assert "rename" not in farm.rejection("signature.mp4")  # it is what its name says
