@@ -72,7 +72,7 @@ def fault_location(exc: BaseException, owner: Any = None) -> str:
 def describe_fault(exc: BaseException, owner: Any = None) -> str:
     """`TypeError: message (at plugin.py:42)`."""
     where = fault_location(exc, owner)
-    text = f"{type(exc).__name__}: {exc}".rstrip(": ") if str(exc) else type(exc).__name__
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return f"{text} (at {where})" if where else text
 
 

@@ -107,6 +107,21 @@ def test_the_daemon_starts_and_renders_with_a_bad_file_of_every_suffix_in_jobs(
     assert left <= {p.name for p in jobs.iterdir()}
 
 
+def test_a_family_raising_while_intake_resolves_a_job_rejects_it_naming_the_family(
+        tmp_path: Path, assets: Any) -> None:
+    farm = farm_with(tmp_path, assets, ["raising_conventions"],
+                     checkpoints=sdxl_as(assets, "raising-conventions"))
+    farm.drop("job.toml", sdxl_job(count=1))
+    daemon = farm.daemon()
+    daemon.start()  # takes the file at start-up: the start must not fail
+    daemon.close()
+    report = farm.rejection("job.toml")
+    assert ("family raising-conventions (plugin 'tests.plugin_samples.raising_conventions') "
+            "raised while checking this job: KeyError: 'score_10' (at "
+            "raising_conventions.py:21)") in report
+    assert "How to fix: this is a bug in plugin" in report
+
+
 def test_a_job_file_without_read_permission_is_reported_once_and_left(
         farm: Farm, monkeypatch: pytest.MonkeyPatch) -> None:
     # The suite runs as root, for whom no mode bit denies reading: the refusal is simulated
