@@ -82,14 +82,14 @@ class OutputWriter:
                     return
                 try:
                     self.write(item)
-                except Exception as exc:  # never let one output kill the writer
+                except (Exception, SystemExit) as exc:  # never let one output kill the writer
                     self._settle_broken(item, exc)
             except Exception:
                 log.exception("the output writer could not settle a render")
             finally:
                 self._queue.task_done()
 
-    def _settle_broken(self, item: PendingOutput, exc: Exception) -> None:
+    def _settle_broken(self, item: PendingOutput, exc: BaseException) -> None:
         """A render whose writing raised ends failed with the reason (an unchanged render
         would stay `running`, its lease kept fresh by the heartbeat, forever); when even that
         cannot be recorded it goes back to the queue, the attempt counted."""

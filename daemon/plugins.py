@@ -175,7 +175,7 @@ class Plugins:
             for impl in self._impls(hook, module):
                 try:
                     _call(impl, register=register)
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     raise _Skip(f"its `{hook}` hook raised {describe_fault(exc, module)}") from exc
         for family in families:
             if not isinstance(family, Family):
@@ -219,7 +219,7 @@ class Plugins:
         for impl in self._impls(hook):
             try:
                 yield impl, _call(impl, **kwargs), None
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 yield impl, None, exc
 
     def _fault(self, hook: str, impl: Any, exc: BaseException,

@@ -297,7 +297,7 @@ class Worker:
             check_results(family, results, len(batch))
         except BatchAborted:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a family calling sys.exit() too
             if not is_out_of_memory(exc):
                 self._fail(batch, render_fault(exc, family, stage, self.plugins))
                 return
@@ -401,7 +401,7 @@ def check_results(family: Family, results: Any, renders: int) -> None:
                               "RenderedVideo per render: a bug in that family's plugin")
 
 
-def render_fault(exc: Exception, family: Family | None, stage: str, plugins: Plugins) -> str:
+def render_fault(exc: BaseException, family: Family | None, stage: str, plugins: Plugins) -> str:
     """The reason a render failed: RenderError messages as they are; anything else names the
     family, what it was doing and the line in the family's own code that raised. The
     traceback is logged once per distinct fault."""
