@@ -3,6 +3,7 @@
     lorafarm run [--config FILE] [--until-idle]    the daemon, in the foreground
     lorafarm demo [--dir DIR] [--no-run]           tiny models + sample jobs, then run them
     lorafarm status | history | models | loras [--json]   read the history and libraries
+    lorafarm plugins [--json]                      plugins loaded and skipped, and why
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     from daemon.cli_control import add_control_commands
 
     add_control_commands(sub)
+    from daemon.cli_plugins import add_plugins_command
+
+    add_plugins_command(sub)
 
     backup = sub.add_parser("backup", help="copy the history database (safe while running)")
     _config_arg(backup)

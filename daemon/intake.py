@@ -34,6 +34,13 @@ from watchdog.observers import Observer
 
 from daemon.config import Config
 from daemon.family import Family, FamilyDefaults
+from daemon.intake_guard import (
+    UnreadableEntries,
+    check_fault,
+    parser_fault,
+    unreadable_reason,
+    wrong_suffix,
+)
 from daemon.jobfile import (
     LORA_AXIS,
     JobFileError,
@@ -43,6 +50,7 @@ from daemon.jobfile import (
     line_of_key,
 )
 from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError
+from daemon.plugin_faults import FaultLog, describe_fault, fault_key
 from daemon.plugins import Plugins
 from daemon.prompt_tags import PromptTagError, extract_lora_tags
 from daemon.registry import CheckpointInfo, Registry
@@ -92,6 +100,8 @@ class Intake:
         self._closed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at close-write
         self._lock = threading.Lock()  # one scan at a time
         self._observer: Observer | None = None
+        self._unreadable = UnreadableEntries(store)  # jobs/ entries reported once
+        self._faults = FaultLog()
 
     # -- folder helpers --------------------------------------------------------------------
 
@@ -136,20 +146,36 @@ class Intake:
         result = ScanResult()
         with self._lock:
             self.ensure_folders()
-            for path in sorted(self.jobs_dir.iterdir()):
-                if not path.is_file() or path.is_symlink() and not path.exists():
-                    continue
+            entries = sorted(self.jobs_dir.iterdir())
+            self._unreadable.forget_missing({path.name for path in entries})
+            for path in entries:
                 name = path.name
                 if name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES):
                     continue  # being written by its owner, or not ours
-                if name.endswith(".error.txt"):
+                if name.endswith(".error.txt") or name in SUBFOLDERS and path.is_dir():
                     continue
-                try:
-                    self._take(path, result)
-                except OSError as exc:  # vanished mid-way, permissions: try again next scan
-                    log.warning("could not take %s yet: %s", name, exc)
-                    result.pending.append(name)
+                self._take_guarded(path, result)
         return result
+
+    def _take_guarded(self, path: Path, result: ScanResult) -> None:
+        """Take one entry; nothing about it may stop the scan (or the daemon's start)."""
+        name = path.name
+        problem = unreadable_reason(path)
+        if problem is not None:
+            self._unreadable.report(path, problem)
+            return
+        try:
+            self._take(path, result)
+        except PermissionError:
+            self._unreadable.report(path, "not readable by lorafarm (permission denied)")
+        except OSError as exc:  # vanished mid-way: try again next scan
+            log.warning("could not take %s yet: %s", name, exc)
+            result.pending.append(name)
+        except Exception as exc:  # the database went away, say: the file waits in jobs/
+            self._faults.exception(fault_key(exc, "intake", name),
+                                   f"could not take {name}: {describe_fault(exc)}; it stays "
+                                   "in jobs/ and is tried again at the next scan", exc)
+            result.pending.append(name)
 
     def _complete(self, path: Path, stat: os.stat_result) -> bool:
         closed = self._closed.get(str(path))
@@ -300,14 +326,31 @@ class Intake:
             known = ", ".join(sorted(self.plugins.job_parsers)) or "none"
             raise JobFileError(f"`{suffix or file_name}` is not a job file type lorafarm reads",
                                fix=f"save the job as one of: {known}")
-        if suffix in self.plugins.binary_parsers:
-            data = parser(raw)
-            text = ""  # no lines to point at: errors name the key
-        else:
-            text = decode_job_bytes(raw)
-            data = parser(text)
-        spec = check_job(data, text, self.config.limits)
-        return (spec, *self.resolve(spec, text))
+        binary = suffix in self.plugins.binary_parsers
+        try:
+            text = "" if binary else decode_job_bytes(raw)  # binary: no lines, errors name keys
+        except JobFileError as exc:
+            raise wrong_suffix(exc, file_name, raw, self.plugins.job_parsers) from exc
+        try:
+            data = parser(raw if binary else text)
+        except JobFileError as exc:
+            raise wrong_suffix(exc, file_name, raw, self.plugins.job_parsers) from exc
+        except Exception as exc:
+            fault = parser_fault(suffix, parser, self.plugins.plugin_of_parser(suffix), exc)
+            raise wrong_suffix(fault, file_name, raw, self.plugins.job_parsers) from exc
+        if not isinstance(data, dict):
+            raise JobFileError(
+                f"the {suffix} job parser (plugin "
+                f"{self.plugins.plugin_of_parser(suffix)!r}) returned "
+                f"{type(data).__name__}, not a table of job keys",
+                fix="this is a bug in that plugin; save the job as TOML meanwhile")
+        try:
+            spec = check_job(data, text, self.config.limits)
+            return (spec, *self.resolve(spec, text))
+        except JobFileError:
+            raise
+        except Exception as exc:
+            raise check_fault(exc, self.plugins) from exc
 
     def resolve(self, spec: JobSpec, text: str) -> tuple[list[RenderSpec], list[str]]:
         """Check the job against the registry and its family; expand it into renders."""

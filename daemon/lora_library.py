@@ -216,11 +216,12 @@ class LoraLibrary:
                                 "by the diffusers loader lorafarm uses; use a plain LoRA",
                                 **base)
         probes: list[LoraProbe] = []
+        probe_faults: list[str] = []
         for family in self.plugins.families.values():
             try:
                 probe = family.probe_lora(header, facts)
-            except Exception:  # one plugin's bug must not hide the others' answers
-                log.exception("family %s failed to probe %s", family.name, path)
+            except Exception as exc:  # one plugin's bug must not hide the others' answers
+                probe_faults.append(self.plugins.probe_fault(family, path, exc))
                 continue
             if probe is not None:
                 probes.append(probe)
@@ -234,6 +235,8 @@ class LoraLibrary:
             own = [p for p in probes if p.family == family_name]
             probe = own[0] if own else LoraProbe(family_name, family.architecture, 1.0,
                                                   "family set by the user")
+        elif not probes and probe_faults:
+            return _Recognition(QUARANTINED, "; ".join(probe_faults), **base)
         elif not probes:
             return _Recognition(QUARANTINED, f"no installed family recognises its keys (layout "
                                 f"{facts.layout}); if it is for a known model, name the family "

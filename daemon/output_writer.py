@@ -6,6 +6,9 @@ once. A render stays `running` until its file is complete and renamed in; only t
 recorded done. A crash in between leaves it running, and the next start renders it again.
 A full disk is not the render's fault: the render goes back to the queue (the attempt is
 counted, so a disk that stays full ends it failed after the cap) and nothing else is harmed.
+Every item taken is settled: anything else that raises while writing ends that render failed
+with the reason (an unsettled render would stay `running` forever, its lease kept fresh by
+the heartbeat), and a plugin's metadata or post-processing that raises costs only its extra.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any
 from daemon.config import PostprocessStep
 from daemon.family import Family, RenderedVideo
 from daemon.lifecycle import mark_done, mark_failed, put_back
-from daemon.outputs import output_path, write_mp4, write_png
+from daemon.outputs import TEMP_PREFIX, output_path, write_mp4, write_png
+from daemon.plugin_faults import describe_fault, fault_frame, fault_key, owner_files
 from daemon.plugins import Plugins
 from daemon.postprocess import PostProcessResult, record_result
 from daemon.scheduler import ClaimedRender
@@ -76,11 +80,36 @@ class OutputWriter:
             try:
                 if item is None:
                     return
-                self.write(item)
-            except Exception:  # never let one output kill the writer
-                log.exception("writing an output failed unexpectedly")
+                try:
+                    self.write(item)
+                except (Exception, SystemExit) as exc:  # never let one output kill the writer
+                    self._settle_broken(item, exc)
+            except Exception:
+                log.exception("the output writer could not settle a render")
             finally:
                 self._queue.task_done()
+
+    def _settle_broken(self, item: PendingOutput, exc: BaseException) -> None:
+        """A render whose writing raised ends failed with the reason (an unchanged render
+        would stay `running`, its lease kept fresh by the heartbeat, forever); when even that
+        cannot be recorded it goes back to the queue, the attempt counted."""
+        claimed = item.claimed
+        owner = item.family if _raised_in(exc, item.family) else None
+        whose = (f"family {item.family.name} (plugin "
+                 f"{self.plugins.plugin_of_family(item.family.name)!r}) " if owner else "")
+        reason = f"writing the output failed: {whose}{describe_fault(exc, owner)}"
+        self.plugins.faults.exception(fault_key(exc, "writer"), reason, exc)
+        try:
+            job = mark_failed(self.store, claimed.render_id, reason, worker=claimed.worker)
+        except Exception:
+            log.exception("could not record render %d failed; it goes back to the queue",
+                          claimed.render_id)
+            for job_id in put_back(self.store, [claimed.render_id], reason, count_attempt=True,
+                                   max_attempts=self.max_attempts, worker=claimed.worker):
+                self.on_job_finished(job_id)
+            return
+        if job is not None:
+            self.on_job_finished(job)
 
     def write(self, item: PendingOutput) -> None:
         claimed = item.claimed
@@ -92,15 +121,22 @@ class OutputWriter:
                            spec.seed, ".mp4" if video else ".png")
         processed = PostProcessResult()
         try:
-            text = self.plugins.output_metadata(spec, item.family)
-            if isinstance(item.result, RenderedVideo):
-                # The poster first: the video is what makes the render count as done.
-                write_png(item.result.frames[0], path.with_suffix(".png"), spec, text)
-                write_mp4(item.result.frames, item.result.fps, path, spec, text)
-            else:
-                processed = self._post_process(claimed, spec, item.result, path)
-                image = item.result if processed.image is None else processed.image
-                write_png(image, path, spec, text)
+            try:
+                text = self.plugins.output_metadata(
+                    spec, item.family, on_fault=self._extra_skipped(claimed, "metadata_failed"))
+                if isinstance(item.result, RenderedVideo):
+                    # The poster first: the video is what makes the render count as done.
+                    write_png(item.result.frames[0], path.with_suffix(".png"), spec, text)
+                    write_mp4(item.result.frames, item.result.fps, path, spec, text)
+                else:
+                    processed = self._post_process(claimed, spec, item.result, path)
+                    image = item.result if processed.image is None else processed.image
+                    write_png(image, path, spec, text)
+            except BaseException:
+                # A half-written file must not wait for the next start to be cleaned up.
+                for written in (path, path.with_suffix(".png")):
+                    written.with_name(TEMP_PREFIX + written.name).unlink(missing_ok=True)
+                raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("disk full writing %s; the render goes back to the queue", path)
@@ -127,11 +163,23 @@ class OutputWriter:
                       path: Path) -> PostProcessResult:
         # Runs on this thread, not the worker's: an upscaler or tagger never holds up the
         # next pipeline call. A broken post-processor costs its extras, never the render.
-        try:
-            return self.plugins.post_process(spec, image, path, self.postprocess)
-        except Exception as exc:
-            log.exception("post-processing %s failed; writing the image as rendered", path.name)
+        return self.plugins.post_process(
+            spec, image, path, self.postprocess,
+            on_fault=self._extra_skipped(claimed, "postprocess_failed", path.name))
+
+    def _extra_skipped(self, claimed: ClaimedRender, kind: str,
+                       prefix: str = "") -> Callable[[str, str], None]:
+        """Records, as an event of `kind`, that a plugin's extra (metadata entries, a
+        post-processing result) was left out of this render's output."""
+        def record(plugin: str, reason: str) -> None:
             with self.store.session() as session:
-                add_event(session, "postprocess_failed", f"{path.name}: {exc}",
-                          job_id=claimed.job_id, render_id=claimed.render_id)
-            return PostProcessResult()
+                add_event(session, kind, f"{prefix}: {reason}" if prefix else reason,
+                          job_id=claimed.job_id, render_id=claimed.render_id, plugin=plugin)
+        return record
+
+
+def _raised_in(exc: BaseException, family: Family) -> bool:
+    """Whether `exc` came through the family's own code (its RenderedVideo, say)."""
+    frame = fault_frame(exc, family)
+    own = owner_files(family)[:1]
+    return bool(frame and own and str(Path(frame.filename).resolve()) == own[0])

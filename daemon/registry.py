@@ -296,11 +296,12 @@ class Registry:
         except (SafetensorsError, GgufError, OSError, ValueError) as exc:
             return self._Recognition(None, None, None, "unrecognised", str(exc), None, None)
         probes: list[CheckpointProbe] = []
+        probe_faults: list[str] = []
         for family in self.plugins.families.values():
             try:
                 probe = family.probe_checkpoint(source)
             except Exception as exc:  # a plugin bug must not hide the other families' answers
-                log.exception("family %s failed to probe %s", family.name, path)
+                probe_faults.append(self.plugins.probe_fault(family, path, exc))
                 probe = None
                 del exc
             if probe is not None:
@@ -326,6 +327,9 @@ class Registry:
                              if f.reads_gguf)
             return self._Recognition(None, None, None, "unrecognised",
                                      _unknown_gguf_reason(source, readers), None, config_path)
+        if not probes and probe_faults:
+            return self._Recognition(None, None, None, "unrecognised",
+                                     "; ".join(probe_faults), None, config_path)
         if not probes:
             return self._Recognition(
                 None, None, None, "unrecognised",

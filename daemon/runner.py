@@ -102,7 +102,8 @@ class Daemon:
         if self.config.web.enabled:
             try:
                 self.web = serve_in_thread(self.config, create_app(
-                    self.config, lambda: Store.for_url(self.config.database_url)))
+                    self.config, lambda: Store.for_url(self.config.database_url),
+                    plugins=self.plugins))
                 log.info("status page: %s", self.web.url)
             except WebStartError as exc:
                 log.error("%s; rendering goes on without the page", exc)

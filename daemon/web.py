@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 import jinja2
@@ -55,6 +55,9 @@ from daemon.state_lock import daemon_pid
 from daemon.store import Store
 from daemon.web_address import URL_FILE, page_url, status_url  # noqa: F401 (re-exported)
 from daemon.web_templates import CSS, SCRIPT, TEMPLATES
+
+if TYPE_CHECKING:
+    from daemon.plugins import Plugins
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +174,21 @@ class _Farm:
         self.stores.close()
 
 
-def create_app(config: Config, store_factory: Callable[[], Store]) -> Starlette:
+def create_app(config: Config, store_factory: Callable[[], Store],
+               plugins: Plugins | None = None) -> Starlette:
     """The status page app. `store_factory` is called once, at the first request; the store
     it returns is disposed when the app is closed (`app.state.farm.close()`, which
-    `serve_in_thread`'s handle does on stop)."""
+    `serve_in_thread`'s handle does on stop). `plugins`: the daemon's loaded plugins, for
+    the plugins page (None: loaded from config.toml at the first request)."""
+    loaded_plugins: list[Plugins] = [plugins] if plugins is not None else []
+
+    def plugin_report() -> dict[str, Any]:
+        if not loaded_plugins:
+            from daemon.plugins import Plugins  # imports torch: only when the page is asked
+
+            loaded_plugins.append(Plugins(config.plugins))
+        return loaded_plugins[0].report()
+
     templates = jinja2.Environment(loader=jinja2.DictLoader(TEMPLATES), autoescape=True,
                                    undefined=jinja2.StrictUndefined)
     farm = _Farm(config, _Stores(store_factory), templates, OrderedDict(), threading.Lock())
@@ -217,6 +231,9 @@ def create_app(config: Config, store_factory: Callable[[], Store]) -> Starlette:
         with farm.stores.reader().session() as session:
             loras = overview.lora_rows(session)
         return page(request, "loras.html", loras=loras)
+
+    def plugins_page(request: Request) -> Response:
+        return page(request, "plugins.html", report=plugin_report())
 
     # -- control: the same functions as the CLI --
 
@@ -293,6 +310,9 @@ def create_app(config: Config, store_factory: Callable[[], Store]) -> Starlette:
         with farm.stores.reader().session() as session:
             return JSONResponse(overview.lora_rows(session))
 
+    def api_plugins(request: Request) -> Response:
+        return JSONResponse(plugin_report())
+
     # -- files --
 
     def output_file(request: Request) -> Response:
@@ -334,6 +354,8 @@ def create_app(config: Config, store_factory: Callable[[], Store]) -> Starlette:
         Route("/api/gallery", api_gallery),
         Route("/api/jobs/{job_id:int}", api_job),
         Route("/api/loras", api_loras),
+        Route("/plugins", plugins_page),
+        Route("/api/plugins", api_plugins),
     ]
     for prefix, make in (("", verb_form), ("/api", verb_api)):
         routes += [Route(f"{prefix}/{verb}", make(verb), methods=["POST"])

@@ -182,7 +182,8 @@ BASE = """<!doctype html>
 <body data-api="{% block api %}{% endblock %}" data-token="{{ token }}">
 <header><a class="brand" href="{{ u('/') }}">lorafarm</a>
 <a href="{{ u('/') }}">Queue</a><a href="{{ u('/history') }}">History</a>
-<a href="{{ u('/loras') }}">LoRAs</a><a href="{{ u('/metrics') }}">Metrics</a></header>
+<a href="{{ u('/loras') }}">LoRAs</a><a href="{{ u('/plugins') }}">Plugins</a>
+<a href="{{ u('/metrics') }}">Metrics</a></header>
 <main>
 {% if msg %}<div class="msg" id="msg">{{ msg }}</div>{% endif %}
 {% block main %}{% endblock %}
@@ -388,6 +389,33 @@ LORAS = """{% extends "base.html" %}{% import "macros.html" as m %}
 {% endblock %}
 """
 
+PLUGINS = """{% extends "base.html" %}
+{% block title %}lorafarm: plugins{% endblock %}
+{% block main %}
+<h1>Plugins</h1>
+{% if report.skipped %}
+<div class="card"><h2>Skipped</h2><table id="plugins-skipped"><thead><tr><th>Plugin</th>
+<th>From</th><th>Reason</th></tr></thead><tbody>
+{% for p in report.skipped %}
+<tr id="skipped-{{ p.name }}"><td><b>{{ p.name }}</b><br><span class="mono muted">{{ p.module }}
+ </span></td>
+ <td>{{ p.distribution or '' }} {{ p.version or '' }}<br><span class="muted">{{ p.source }}</span>
+ </td><td><div class="error">{{ p.reason }}</div></td></tr>
+{% endfor %}</tbody></table></div>
+{% endif %}
+<div class="card"><table id="plugins"><thead><tr><th>Plugin</th><th>From</th>
+<th>Families</th><th>Job formats</th><th>Hooks</th></tr></thead><tbody>
+{% for p in report.loaded %}
+<tr id="plugin-{{ p.name }}"><td><b>{{ p.name }}</b><br><span class="mono muted">{{ p.module }}
+ </span></td>
+ <td>{{ p.distribution or '' }} {{ p.version or '' }}<br><span class="muted">{{ p.source }}</span>
+ </td><td>{{ p.families|join(', ') }}</td><td>{{ p.job_formats|join(', ') }}</td>
+ <td>{{ p.hooks|join(', ') }}{% for problem in p.problems %}
+  <div class="error">{{ problem }}</div>{% endfor %}</td></tr>
+{% endfor %}</tbody></table></div>
+{% endblock %}
+"""
+
 ERROR = """{% extends "base.html" %}
 {% block title %}lorafarm: {{ title }}{% endblock %}
 {% block main %}<h1>{{ title }}</h1><div class="error">{{ message }}</div>
@@ -395,4 +423,5 @@ ERROR = """{% extends "base.html" %}
 """
 
 TEMPLATES = {"base.html": BASE, "macros.html": MACROS, "queue.html": QUEUE,
-             "history.html": HISTORY, "job.html": JOB, "loras.html": LORAS, "error.html": ERROR}
+             "history.html": HISTORY, "job.html": JOB, "loras.html": LORAS, "error.html": ERROR,
+             "plugins.html": PLUGINS}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,14 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL.Image import Image as PILImage
 
 from daemon.config import Config
-from daemon.family import BatchAborted, Family, Progress, RenderError
+from daemon.family import BatchAborted, Family, Progress, RenderedVideo, RenderError
 from daemon.lifecycle import mark_failed, put_back
 from daemon.lora_library import LoraLibrary
 from daemon.lora_patching import apply_loras
 from daemon.output_writer import OutputWriter, PendingOutput
 from daemon.pipeline_cache import CachedPipeline, PipelineCache, measure
+from daemon.plugin_faults import describe_fault, fault_key
 from daemon.plugins import Plugins
 from daemon.registry import CheckpointInfo, Registry
 from daemon.scheduler import ClaimedRender, record_batch, record_progress
@@ -260,6 +261,7 @@ class Worker:
     def _render(self, batch: list[ClaimedRender], figures: BatchFigures, savers: bool) -> None:
         first = batch[0].spec
         family = self.plugins.families.get(first.family)
+        stage = "loading the pipeline"  # what the family was doing, for the reason
         try:
             if family is None:
                 raise RenderError(f"the {first.family} family plugin is not installed any more")
@@ -268,6 +270,7 @@ class Worker:
             files = {lora.name: self.library.path_for(lora.autov2, lora.name)
                      for lora in first.loras}
             before = (loaded.adapters.loads, loaded.adapters.switches)
+            stage = "applying LoRAs"
             # Loading a LoRA builds PEFT layers (a load); switching adapters does not, but it
             # is cheap enough to take the same gate.
             with LOAD_GATE.loading():
@@ -283,6 +286,7 @@ class Worker:
                 log.warning("%s: memory savers on for %s: %s", self.name, first.checkpoint,
                             ", ".join(loaded.memory_savers) or "none available")
                 measure(loaded, getattr(loaded.pipe, "lorafarm_offload", loaded.offload))
+            stage = "rendering"
             progress = Progress(first.steps, self._progress_writer(batch), self.abort.is_set)
             with LOAD_GATE.rendering():
                 call_started = time.perf_counter()
@@ -290,14 +294,12 @@ class Worker:
                                               self.device, progress)
                 seconds = time.perf_counter() - call_started
             figures.pipeline_seconds += seconds
-            if len(results) != len(batch):
-                raise RenderError(f"the pipeline returned {len(results)} outputs for "
-                                  f"{len(batch)} renders")
+            check_results(family, results, len(batch))
         except BatchAborted:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a family calling sys.exit() too
             if not is_out_of_memory(exc):
-                self._fail(batch, _reason(exc))
+                self._fail(batch, render_fault(exc, family, stage, self.plugins))
                 return
             out_of_memory = True
         else:
@@ -381,9 +383,34 @@ def read_into_page_cache(path: Any, chunk: int = 16 * 2**20) -> int:
     return total
 
 
-def _reason(exc: Exception) -> str:
+def check_results(family: Family, results: Any, renders: int) -> None:
+    """What render_batch returned must be one PIL image or RenderedVideo per render: anything
+    else would break the output writer far from its cause."""
+    name = family.name
+    if not isinstance(results, (list, tuple)):
+        raise RenderError(f"family {name} returned {type(results).__name__} from render_batch; "
+                          f"it must return a list with one PIL image or RenderedVideo per render "
+                          f"({renders} here): a bug in that family's plugin")
+    if len(results) != renders:
+        raise RenderError(f"family {name} returned {len(results)} outputs for {renders} "
+                          "renders: a bug in that family's plugin")
+    for index, result in enumerate(results):
+        if not isinstance(result, (PILImage, RenderedVideo)):
+            raise RenderError(f"family {name} returned {type(result).__name__} for render "
+                              f"{index} of the batch; render_batch must return one PIL image or "
+                              "RenderedVideo per render: a bug in that family's plugin")
+
+
+def render_fault(exc: BaseException, family: Family | None, stage: str, plugins: Plugins) -> str:
+    """The reason a render failed: RenderError messages as they are; anything else names the
+    family, what it was doing and the line in the family's own code that raised. The
+    traceback is logged once per distinct fault."""
     if isinstance(exc, RenderError):
         return str(exc)
-    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = f" (at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})" if frame else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    if family is None:
+        return describe_fault(exc)
+    plugin = plugins.plugin_of_family(family.name)
+    reason = (f"family {family.name} (plugin {plugin!r}) raised while {stage}: "
+              f"{describe_fault(exc, family)}")
+    plugins.faults.exception(fault_key(exc, "render", family.name, stage), reason, exc)
+    return reason

@@ -1,10 +1,13 @@
 """Regenerate docs/RELIABILITY.md from a fresh run of the fault and bad-input suites:
 
     .venv/bin/python -m tests.reliability_report [--trials 20] [--fuzz 2000]
+                                                 [--fuzz-parsers 4000]
 
 (`make reliability` runs exactly this.) It builds the tiny demo models, runs the SIGKILL
 harness (tests/fault_harness.py) for `--trials` kill-and-restart cycles, feeds `--fuzz`
-randomly mutated job files through the real intake, and writes the figures into the doc.
+randomly mutated job files through the real intake, hands every registered job parser
+`--fuzz-parsers` random, wrong-format, truncated and mutated files of every suffix
+(tests/parser_fuzz.py), and writes the figures into the doc.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--fuzz", type=int, default=2000)
+    parser.add_argument("--fuzz-parsers", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
@@ -93,6 +97,7 @@ def main() -> None:
     from daemon.plugins import Plugins
     from daemon.runner import Daemon
     from tests.fault_harness import run_trials
+    from tests.parser_fuzz import fuzz_parsers
 
     quiet_libraries()
     started = time.monotonic()
@@ -109,8 +114,11 @@ def main() -> None:
         daemon = Daemon(config, plugins=Plugins())
         daemon.start()
         fuzzed = fuzz(daemon, args.fuzz, args.seed)
+        parsers = fuzz_parsers(daemon.intake, daemon.plugins, args.fuzz_parsers, args.seed,
+                               root)
         daemon.close()
     figures = {"kill_trials": asdict(kills), "fuzzed_job_files": fuzzed,
+               "fuzzed_parsers": parsers,
                "seconds": round(time.monotonic() - started, 1),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                           f"Python {platform.python_version()}"}
@@ -130,11 +138,15 @@ def render_doc(figures: dict, args: argparse.Namespace) -> str:
         problems += " (" + "; ".join(kills["problems"][:5]) + ")"
     outcomes = (f"{fuzzed['accepted']} / {fuzzed['rejected_with_report']} / "
                 f"{fuzzed['crashed']}")
+    parsers = figures["fuzzed_parsers"]
+    parser_outcomes = (f"{parsers['accepted']} / {parsers['rejected_with_report']} / "
+                       f"{parsers['crashed']}")
     return f"""\
 # Reliability: what lorafarm promises, and the figures behind it
 
 Regenerate this page with one command: `make reliability` (which runs
-`python -m tests.reliability_report --trials {args.trials} --fuzz {args.fuzz}`). The figures
+`python -m tests.reliability_report --trials {args.trials} --fuzz {args.fuzz}
+--fuzz-parsers {args.fuzz_parsers}`). The figures
 below are from the last such run ({figures['machine']}, {figures['seconds']} s).
 
 ## Promises
@@ -165,6 +177,14 @@ below are from the last such run ({figures['machine']}, {figures['seconds']} s).
    Each job writes only into its own `outputs/<name>-<id>/` folder.
 7. **One daemon per state folder.** An exclusive lock on `state/daemon.lock` stops a second
    daemon from rendering everything twice.
+8. **A plugin's bug costs only its own part.** A plugin that fails to import or register is
+   skipped (one log line naming its distribution and entry point). A job parser that raises
+   rejects that file with a report naming the plugin and its line; entries that cannot be
+   read (folders, FIFOs, broken links) are reported once and left alone, so start-up succeeds
+   whatever sits in `jobs/`. A family that raises or returns something else than one image or
+   video per render fails those renders with the family and its file:line; a failing output
+   write fails the render (never leaves it `running`); a metadata, post-processing or event
+   hook that raises costs only its extra. `lorafarm plugins` lists what was skipped and why.
 
 ## Durability settings
 
@@ -194,15 +214,25 @@ first SIGTERM time to finish the running batch.
 | problems found | {problems} |
 | mutated job files fed through intake | {fuzzed['tried']} |
 | accepted / rejected with a report / crashed | {outcomes} |
+| files of every parser's suffix ({', '.join(parsers['suffixes'])}): random bytes, another \
+format, truncated, mutated (a real PNG and MP4 among them) | {parsers['tried']} |
+| accepted / rejected with a report / crashed | {parser_outcomes} |
+| of those, parser or check exceptions turned into reports by the intake boundary | \
+{parsers['caught_by_boundary']} |
 
 `make test` runs the same harness with a few trials
 (`tests/test_fault_injection.py`), a poison render that SIGKILLs its own process until the
 attempt cap ends it, property-based fuzzing of job files with hypothesis
-(`tests/test_bad_inputs.py`, 600 examples per run), and the bad-input cases one by one
+(`tests/test_bad_inputs.py`, 600 examples per run), a seeded round of the parser fuzzing
+above (`tests/test_parser_fuzz.py`, 320 files), the boundaries around plugin code one by one
+(`tests/test_boundaries.py`, `tests/test_plugin_isolation.py`: a bad file of every suffix
+and unreadable entries in jobs/ at start-up, a family returning the wrong type, a writer
+exception, raising hooks and probes, broken plugin packages), and the bad-input cases one by one
 (empty, binary, non-UTF-8, huge, over the limits, paths out of the inputs folder, a job file
 removed mid-processing, a LoRA or checkpoint deleted while its job waits, a full disk while
 writing, a long reader holding the database). A longer soak is one command:
-`python -m tests.fault_harness --trials 200`.
+`python -m tests.fault_harness --trials 200`; for the parsers,
+`python -m tests.parser_fuzz --cases 20000`.
 """
 
 

@@ -1,0 +1,28 @@
+"""A family class that leaves an abstract method (build_demo) out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon import hookimpl
+from daemon.family import Family
+
+
+class HalfDoneFamily(Family):
+    name = "half-done"
+    display_name = "Half done (test)"
+    architecture = "sdxl"
+
+    def probe_checkpoint(self, source: Any) -> Any:
+        return None
+
+    def load_pipeline(self, checkpoint: Any, device: Any, dtype: Any) -> Any:
+        raise NotImplementedError
+
+    def render_batch(self, pipe: Any, specs: Any, device: Any, progress: Any = None) -> Any:
+        raise NotImplementedError
+
+
+@hookimpl
+def register_families(register: Any) -> None:
+    register(HalfDoneFamily())  # TypeError: can't instantiate abstract class
