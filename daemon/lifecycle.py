@@ -113,9 +113,9 @@ def put_back(store: Store, render_ids: list[int], reason: str, *,
 
 # A render that was running alone when the process died, but had not reached its pipeline
 # call (loading its model, its LoRAs), is not blamed: a kill from outside lands there as
-# often as anywhere. Dying there this many times over the attempt cap is evidence all the
+# often as anywhere. Dying there this many times the attempt cap is evidence all the
 # same (a model whose load kills the process), so that it cannot restart the daemon forever.
-LOADING_DEATHS_PER_ATTEMPT = 5
+LOADING_DEATHS_PER_ATTEMPT = 10
 
 
 def recover_interrupted(store: Store, max_attempts: int, *, holder_prefix: str | None = None,

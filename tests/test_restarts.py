@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 
 from daemon.hosts import host_records
 from daemon.intake import CLAIM_FOLDER_PREFIX
+from daemon.lifecycle import LOADING_DEATHS_PER_ATTEMPT
 from daemon.runner import Daemon, default_name
 from daemon.scheduler import claim_next_batch, record_progress
 from daemon.store import Event, Host, Job, Render, Store
@@ -211,15 +212,15 @@ def test_a_render_whose_model_load_kills_the_process_every_time_still_ends(make_
     again is evidence too: it cannot restart the daemon forever."""
     farm = make_farm(worker={"max_attempts": 1})
     farm.drop("heavy.toml", sdxl_job(count=1))
-    for _ in range(5):  # LOADING_DEATHS_PER_ATTEMPT x max_attempts
+    for _ in range(LOADING_DEATHS_PER_ATTEMPT):  # x max_attempts = 1
         daemon = farm.daemon()
         daemon.start()
         claim_next_batch(daemon.store, max_batch=4, worker="w0")
         daemon.close()
     assert farm.run() == 0
     [row] = _renders(farm)
-    assert (row.state, row.deaths) == ("failed", 5)
-    assert "died 5 times while this render was starting" in row.error
+    assert (row.state, row.deaths) == ("failed", LOADING_DEATHS_PER_ATTEMPT)
+    assert f"died {LOADING_DEATHS_PER_ATTEMPT} times while this render was starting" in row.error
     assert farm.files_in("failed") == ["heavy.toml", "heavy.toml.error.txt"]
 
 
