@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit 0 once nothing is queued or running")
     run.add_argument("-v", "--verbose", action="store_true")
     run.add_argument("--name", default=None,
-                     help="this daemon's name in a farm (default: host name and process id)")
+                     help="this daemon's name in a farm (default: host name and a short hash "
+                          "of the state folder, the same across restarts)")
     run.add_argument("--log-json", action="store_true",
                      help="log lines as JSON objects (for journald, Loki, jq)")
     run.add_argument("--no-live", action="store_true",

@@ -226,6 +226,8 @@ class Config:
     # A running render's lease: a daemon that has not heartbeat for this long has lost its
     # renders to the queue (several daemons on one database).
     lease_seconds: float = 120.0
+    # A host dead (stopped, or silent) this long leaves `lorafarm hosts` and the hosts table.
+    forget_hosts_after_seconds: float = 86400.0
     postprocess: tuple[PostprocessStep, ...] = ()  # config.toml `[[postprocess]]`, in order
     # `[devices."cuda:1"]`: memory settings for one device, over [worker]'s.
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -262,7 +264,8 @@ POSTPROCESS_GATES = ("flag", "reseed")
 POSTPROCESS_KEYS = ("model", "kind", "labels", "threshold", "min_score", "gate", "gate_on")
 PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
 TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
-            "plugins", "database_url", "lease_seconds", "postprocess", "devices")
+            "plugins", "database_url", "lease_seconds", "forget_hosts_after_seconds",
+            "postprocess", "devices")
 
 
 def load_config(path: Path) -> Config:
@@ -369,6 +372,11 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     lease = data.get("lease_seconds", 120)
     if isinstance(lease, bool) or not isinstance(lease, int | float) or lease < 5:
         raise ConfigError(f"{where}: lease_seconds must be a number of seconds >= 5")
+    forget_hosts = data.get("forget_hosts_after_seconds", 86400)
+    if (isinstance(forget_hosts, bool) or not isinstance(forget_hosts, int | float)
+            or forget_hosts <= 0):
+        raise ConfigError(f"{where}: forget_hosts_after_seconds must be a number of seconds "
+                          "> 0, e.g. forget_hosts_after_seconds = 86400 (a day)")
     plugins = data.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f'{where}: plugins must be a list of module names, e.g. ["my_plugin"]')
@@ -377,6 +385,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
                   web=web, report=report,
                   checkpoints=checkpoints, loras=loras, plugins=tuple(plugins),
                   database_url_setting=database_url, lease_seconds=float(lease),
+                  forget_hosts_after_seconds=float(forget_hosts),
                   postprocess=postprocess,
                   devices=_device_tables(data.get("devices", {}), worker, where))
 

@@ -1,6 +1,7 @@
 """The daemons of a farm: each registers itself, heartbeats, and keeps its renders' leases
 alive. A daemon that stops heartbeating loses its renders to the queue after
-`lease_seconds` (see `lifecycle.recover_interrupted`); its inventory rows are forgotten."""
+`lease_seconds` (see `lifecycle.recover_interrupted`); its inventory rows are forgotten,
+and its host row once it has been dead for `forget_hosts_after_seconds`."""
 
 from __future__ import annotations
 
@@ -31,9 +32,16 @@ def heartbeat(store: Store, name: str, loaded: dict[str, list[str]]) -> None:
         now = lease_now(session)
         held = session.scalars(select(Render.batch_id).where(
             Render.state == RENDER_RUNNING, Render.worker.startswith(f"{name}/"))).all()
-        session.execute(update(Host).where(Host.name == name).values(
+        updated = session.execute(update(Host).where(Host.name == name).values(
             heartbeat_at=now, loaded_json=json.dumps(loaded), state="running",
-            current_batch=max(held) if held else None))
+            current_batch=max(held) if held else None)).rowcount
+        if not updated:
+            # Forgotten while silent (suspended for longer than forget_hosts_after_seconds):
+            # back in the list.
+            session.merge(Host(name=name, hostname=socket.gethostname(), pid=os.getpid(),
+                               devices_json="[]", loaded_json=json.dumps(loaded),
+                               current_batch=max(held) if held else None, state="running",
+                               started_at=now, heartbeat_at=now))
         session.execute(update(Render).where(Render.state == RENDER_RUNNING,
                                              Render.worker.startswith(f"{name}/"))
                         .values(heartbeat_at=now))
@@ -43,6 +51,20 @@ def stop_host(store: Store, name: str) -> None:
     with store.session() as session:
         session.execute(update(Host).where(Host.name == name).values(state="stopped",
                                                                      current_batch=None))
+
+
+def _dead_since(session: Any, config: Config) -> dt.datetime:
+    """Hosts that have not heartbeat since this are gone from `lorafarm hosts`."""
+    keep = max(config.forget_hosts_after_seconds, config.lease_seconds)
+    return lease_now(session) - dt.timedelta(seconds=keep)
+
+
+def forget_dead_hosts(store: Store, config: Config) -> int:
+    """Delete the rows of hosts dead (stopped or silent) for `forget_hosts_after_seconds`:
+    the table lists the farm's hosts, not every start of a daemon. Returns how many."""
+    with store.session() as session:
+        return session.execute(delete(Host).where(
+            Host.heartbeat_at < _dead_since(session, config))).rowcount or 0
 
 
 def forget_dead_inventories(store: Store, config: Config, keep: str, *, lone: bool) -> None:
@@ -70,7 +92,10 @@ def forget_dead_inventories(store: Store, config: Config, keep: str, *, lone: bo
 def host_records(store: Store, config: Config) -> list[dict[str, Any]]:
     with store.session() as session:
         cutoff = lease_now(session) - dt.timedelta(seconds=config.lease_seconds)
-        rows = session.scalars(select(Host).order_by(Host.name)).all()
+        # Dead longer than forget_hosts_after_seconds: not listed, even before a daemon
+        # deletes the row.
+        rows = session.scalars(select(Host).where(Host.heartbeat_at >= _dead_since(
+            session, config)).order_by(Host.name)).all()
         return [{"name": h.name, "hostname": h.hostname, "pid": h.pid,
                  "devices": json.loads(h.devices_json), "loaded": json.loads(h.loaded_json),
                  "current_batch": h.current_batch,

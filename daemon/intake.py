@@ -14,6 +14,7 @@ periodically, and a file is taken only once it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import itertools
@@ -49,6 +50,7 @@ from daemon.jobfile import (
     decode_job_bytes,
     line_of_key,
 )
+from daemon.lifecycle import fault_point
 from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError
 from daemon.plugin_faults import FaultLog, describe_fault, fault_key
 from daemon.plugins import Plugins
@@ -99,6 +101,7 @@ class Intake:
         self.wakeup = threading.Event()  # set by the watcher; the scan loop waits on it
         self._closed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at close-write
         self._lock = threading.Lock()  # one scan at a time
+        self._stuck: set[Path] = set()  # claimed files that cannot go back (reported once)
         self._observer: Observer | None = None
         self._unreadable = UnreadableEntries(store)  # jobs/ entries reported once
         self._faults = FaultLog()
@@ -220,6 +223,7 @@ class Intake:
         taken = self._take_ownership(path)
         if taken is None:
             return
+        fault_point("claim_taken")  # a crash here leaves the file in the claim folder
         try:
             self._settle(path, taken, raw, content_hash, spec, renders, warnings, error,
                          result)
@@ -300,21 +304,58 @@ class Intake:
             return None
         return taken
 
-    def return_claims(self, owners: set[str] | None = None) -> list[str]:
-        """Put files that a claim folder still holds back into jobs/ (a daemon stopped
-        between taking a file and recording it). `owners`: whose folders (None: this
-        daemon's); a file whose name is taken again in jobs/ meanwhile stays put."""
+    def claim_folders(self) -> dict[str, Path]:
+        """The claim folders in jobs/, by owner (this daemon's own included)."""
+        return {folder.name[len(CLAIM_FOLDER_PREFIX):]: folder
+                for folder in self.jobs_dir.glob(f"{CLAIM_FOLDER_PREFIX}*") if folder.is_dir()}
+
+    def return_claims(self, owners: set[str] | None = None, *,
+                      everyone: bool = False) -> list[str]:
+        """Put files that claim folders still hold back into jobs/ (a daemon stopped between
+        taking a file and recording it; the next scan settles them, filing those whose job
+        was recorded). `owners`: whose folders (None: this daemon's); `everyone`: all of
+        them (a lone daemon holding the state lock at start-up: no one else can be taking
+        files in). A file that cannot go back is reported (event and log), once."""
         returned = []
         wanted = {self.owner} if owners is None else owners
-        for folder in self.jobs_dir.glob(f"{CLAIM_FOLDER_PREFIX}*"):
-            if folder.name[len(CLAIM_FOLDER_PREFIX):] not in wanted or not folder.is_dir():
-                continue
-            for file in folder.iterdir():
-                target = self.jobs_dir / file.name
-                if not target.exists():
-                    os.rename(file, target)
-                    returned.append(file.name)
+        with self._lock:  # not while this daemon's own scan has a file in its claim folder
+            for owner, folder in self.claim_folders().items():
+                if not everyone and owner not in wanted:
+                    continue
+                for file in sorted(folder.iterdir()):
+                    target = self.jobs_dir / file.name
+                    try:
+                        if target.exists():
+                            raise FileExistsError(f"{target} exists")
+                        os.rename(file, target)
+                        returned.append(file.name)
+                    except OSError as exc:
+                        self._report_stuck_claim(file, target, exc)
+                if owner != self.owner:
+                    with contextlib.suppress(OSError):  # still holds a file: stays
+                        folder.rmdir()
+        if returned:
+            log.info("returned %d job file(s) from claim folders to %s: %s", len(returned),
+                     self.jobs_dir, ", ".join(returned))
         return returned
+
+    def stuck_claims(self) -> list[Path]:
+        """Files in claim folders that could not be returned to jobs/ (reported)."""
+        return [path for path in self._stuck if path.exists()]
+
+    def _report_stuck_claim(self, file: Path, target: Path, exc: OSError) -> None:
+        if file in self._stuck:
+            return
+        self._stuck.add(file)
+        what = (f"another file named {file.name} is in jobs/" if target.exists()
+                else str(exc.strerror or exc))
+        message = (f"cannot return {file} to {self.jobs_dir} ({what}): a daemon died while "
+                   "taking it in and it is not queued; move it into jobs/ (under another "
+                   "name if the name is taken) to queue it")
+        log.error(message)
+        with contextlib.suppress(Exception):  # the report must not stop the repair
+            with self.store.session() as session:
+                add_event(session, "claim_not_returned", message, path=str(file))
 
     # -- parsing and resolving -------------------------------------------------------------
 
@@ -797,15 +838,42 @@ class Intake:
         """Repair what a crash can leave between a database write and a file move."""
         self.return_claims()
         with self.store.session() as session:
-            jobs = [(j.id, j.state, j.file_path, j.file_name) for j in session.scalars(
-                select(Job).where(Job.state.in_((JOB_QUEUED, "running", JOB_DONE, JOB_FAILED))))]
-        for job_id, state, file_path, file_name in jobs:
+            jobs = [(j.id, j.state, j.file_path, j.file_name, j.content_hash)
+                    for j in session.scalars(select(Job).where(
+                        Job.state.in_((JOB_QUEUED, "running", JOB_DONE, JOB_FAILED))))]
+        for job_id, state, file_path, file_name, content_hash in jobs:
+            if file_path is None or not Path(file_path).exists():
+                # Moved to processing/ by a daemon that died before recording where.
+                file_path = self._adopt_processing_file(job_id, file_name, content_hash)
             if state in (JOB_DONE, JOB_FAILED):
                 self.file_finished_job(job_id)
             elif file_path is None or not Path(file_path).exists():
                 dropped = self.jobs_dir / file_name
                 if dropped.exists():
                     self._move_accepted(job_id, dropped)
+
+    def _adopt_processing_file(self, job_id: int, file_name: str,
+                               content_hash: str) -> str | None:
+        """The job's file in processing/ (under the name the move gives it), recorded as its
+        place, when its content is the job's and no other job's row names it; else None."""
+        stem, suffix = Path(file_name).stem, Path(file_name).suffix
+        for candidate in (self.folder("processing") / file_name,
+                          self.folder("processing") / f"{stem}.job{job_id}{suffix}"):
+            try:
+                if hashlib.sha256(candidate.read_bytes()).hexdigest() != content_hash:
+                    continue
+            except OSError:
+                continue
+            with self.store.session() as session:
+                if session.scalars(select(Job.id).where(
+                        Job.file_path == str(candidate), Job.id != job_id)).first() is not None:
+                    continue
+                job = session.get(Job, job_id)
+                if job is None:
+                    return None
+                job.file_path = str(candidate)
+            return str(candidate)
+        return None
 
 
 class _QueuedMeanwhile(Exception):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
 from pathlib import Path
 
 from sqlalchemy import or_, select, update
@@ -22,6 +24,7 @@ from daemon.store import (
     RENDER_FAILED,
     RENDER_QUEUED,
     RENDER_RUNNING,
+    Batch,
     Job,
     Render,
     Store,
@@ -108,10 +111,24 @@ def put_back(store: Store, render_ids: list[int], reason: str, *,
     return ended
 
 
+# A render that was running alone when the process died, but had not reached its pipeline
+# call (loading its model, its LoRAs), is not blamed: a kill from outside lands there as
+# often as anywhere. Dying there this many times the attempt cap is evidence all the
+# same (a model whose load kills the process), so that it cannot restart the daemon forever.
+LOADING_DEATHS_PER_ATTEMPT = 10
+
+
 def recover_interrupted(store: Store, max_attempts: int, *, holder_prefix: str | None = None,
                         lease_seconds: float | None = None) -> tuple[list[int], list[int]]:
-    """Renders left `running` by a dead process go back to the queue, unless they have used
-    up their attempts (a render that kills its worker every time must end).
+    """Renders left `running` by a dead process go back to the queue, marked to run alone
+    before the rest of it, unless the evidence says they kill the process.
+
+    Only evidence counts against a render: a death uses up an attempt only when the render
+    was running alone (a batch of one) and had reached its pipeline
+    call (the worker records progress step 0 just before it). A batch-mate, or a render
+    caught while its model loaded, gets its attempt back; run alone next time, it is either
+    rendered or caught in the act. A render that kills the process every time ends failed
+    at `max_attempts`, with the reason.
 
     With neither filter (a lone daemon at start-up, which holds the state lock): every
     running render. In a farm: those held by `holder_prefix` (this daemon's earlier life)
@@ -130,12 +147,29 @@ def recover_interrupted(store: Store, max_attempts: int, *, holder_prefix: str |
         if conditions:
             query = query.where(or_(*conditions))
         stale = session.scalars(query.with_for_update(skip_locked=True)).all()
+        batch_sizes = dict(session.execute(select(Batch.id, Batch.renders).where(
+            Batch.id.in_({r.batch_id for r in stale if r.batch_id is not None}))).all())
         for render in stale:
-            if render.attempts >= max_attempts:
-                render.state, render.finished_at = RENDER_FAILED, utcnow()
-                render.error = (f"the daemon died during this render {render.attempts} times "
-                                f"(limit worker.max_attempts = {max_attempts}); it may crash "
-                                "the process (out of memory?), so it is not tried again")
+            alone = batch_sizes.get(render.batch_id) == 1
+            blamed = alone and render.progress_total is not None
+            render.deaths += 1
+            if not blamed:
+                render.attempts = max(0, render.attempts - 1)
+            loading_limit = LOADING_DEATHS_PER_ATTEMPT * max_attempts
+            reason: str | None = None
+            if blamed and render.attempts >= max_attempts:
+                reason = (f"the daemon died during this render {render.attempts} times "
+                          f"(limit worker.max_attempts = {max_attempts}; only deaths while it "
+                          "rendered alone count); it may crash the process (out of memory?), "
+                          "so it is not tried again")
+            elif alone and render.deaths >= loading_limit:
+                reason = (f"the daemon died {render.deaths} times while this render was "
+                          f"starting (limit {LOADING_DEATHS_PER_ATTEMPT} x worker.max_attempts "
+                          f"= {loading_limit}), the last time while it ran alone; loading its "
+                          "model or LoRAs may crash the process (out of memory?), so it is "
+                          "not tried again")
+            if reason is not None:
+                render.state, render.error, render.finished_at = RENDER_FAILED, reason, utcnow()
                 add_event(session, "render_failed", render.error, job_id=render.job_id,
                           render_id=render.id)
                 if _settle_job(session, render.job_id) is not None:
@@ -145,14 +179,26 @@ def recover_interrupted(store: Store, max_attempts: int, *, holder_prefix: str |
             else:
                 render.state, render.worker = RENDER_QUEUED, None
                 requeued.append(render.id)
+                why = ("it rendered alone: the attempt counts" if blamed else
+                       "not blamed (" + ("its model was loading" if alone
+                                         else "other renders were running too") + ")")
                 add_event(session, "render_requeued",
-                          f"interrupted during attempt {render.attempts}; queued again",
-                          job_id=render.job_id, render_id=render.id)
+                          f"interrupted during attempt {render.attempts + (not blamed)} "
+                          f"({why}); queued again, to run alone", job_id=render.job_id,
+                          render_id=render.id, blamed=blamed, deaths=render.deaths)
         # Jobs marked running whose renders are all queued again look queued.
         session.execute(update(Job).where(Job.state == JOB_RUNNING, ~Job.renders.any(
             Render.state.in_((RENDER_RUNNING, RENDER_DONE, RENDER_FAILED)))).values(
             state=JOB_QUEUED))
     return requeued, ended_jobs
+
+
+def fault_point(name: str) -> None:
+    """Die here, as a SIGKILL would, when the environment variable LORAFARM_FAULT_POINT
+    names this point: the restart tests and the soak stop the daemon between two writes
+    that a crash can separate. Does nothing otherwise."""
+    if os.environ.get("LORAFARM_FAULT_POINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def stale_outputs(store: Store, outputs: Path) -> list[Path]:

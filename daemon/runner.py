@@ -8,6 +8,7 @@ SQLite wants a single writer, and two daemons would render everything twice.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -22,7 +23,13 @@ from daemon.config import Config
 from daemon.console import quiet_libraries
 from daemon.control import is_paused
 from daemon.grid import write_sweep_grid
-from daemon.hosts import forget_dead_inventories, heartbeat, register_host, stop_host
+from daemon.hosts import (
+    forget_dead_hosts,
+    forget_dead_inventories,
+    heartbeat,
+    register_host,
+    stop_host,
+)
 from daemon.intake import CLAIM_FOLDER_PREFIX, Intake
 from daemon.lifecycle import put_back, recover_interrupted, stale_outputs
 from daemon.lora_library import LoraLibrary
@@ -34,7 +41,7 @@ from daemon.report import DrainWatch
 from daemon.scheduler import ClaimedRender, Inventory, claim_next_batch, peek_next_checkpoint
 from daemon.spec import RenderSpec
 from daemon.state_lock import DaemonLockedError, StateLock
-from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Store, add_event
+from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Host, Render, Store, add_event
 from daemon.web import WebHandle, WebStartError, create_app, serve_in_thread
 from daemon.worker import Worker
 
@@ -50,9 +57,9 @@ __all__ = ["Daemon", "DaemonLockedError"]
 
 class Daemon:
     """One lorafarm daemon. `name` identifies it among the hosts of a farm sharing one
-    PostgreSQL database (default: host name and process id); its inventory of models and
-    LoRAs is kept under `name` when given, else under the host name, so that a restart finds
-    its index (and hashes) again."""
+    PostgreSQL database (default: `default_name`, the same across restarts on one state
+    folder); its inventory of models and LoRAs is kept under `name` when given, else under
+    the host name, so that a restart finds its index (and hashes) again."""
 
     def __init__(self, config: Config, plugins: Plugins | None = None,
                  name: str | None = None) -> None:
@@ -64,7 +71,7 @@ class Daemon:
         config.ensure_folders()
         self.store = Store.for_url(config.database_url)
         self.farm = not self.store.is_sqlite  # several daemons may share this database
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = name or default_name(config)
         self.inventory_host = name or socket.gethostname()
         self.registry = Registry(config, self.store, self.plugins, host=self.inventory_host)
         self.library = LoraLibrary(config, self.store, self.plugins, host=self.inventory_host)
@@ -116,6 +123,7 @@ class Daemon:
         else:
             requeued, ended = recover_interrupted(self.store, self.config.worker.max_attempts)
         register_host(self.store, self.name, [str(w.device) for w in self.workers])
+        forget_dead_hosts(self.store, self.config)
         self._check_postprocess_models()
         forget_dead_inventories(self.store, self.config, keep=self.inventory_host,
                                 lone=not self.farm)
@@ -126,9 +134,18 @@ class Daemon:
             log.info("removing %s: its render was not recorded done and runs again", path)
             path.unlink(missing_ok=True)
         self.intake.ensure_folders()
+        if not self.farm:
+            # Holding the state lock, this daemon is the only one there is: every claim
+            # folder is a dead daemon's (an earlier life under another name included), and
+            # its files go back to jobs/ before intake begins.
+            self.intake.return_claims(everyone=True)
         self.intake.reconcile()
         for job_id in ended:
             self.intake.file_finished_job(job_id)
+        if not self.farm:
+            # Jobs that ended with their file left in processing/: no other daemon can be
+            # moving it, so no grace to wait.
+            self.intake.file_stranded_jobs(older_than=0)
         self.registry.scan()
         self.library.scan()
         self.intake.scan()
@@ -276,17 +293,31 @@ class Daemon:
                 if self.farm:
                     self._return_claims_of_lost_hosts()
                     self.intake.file_stranded_jobs(older_than=self.config.lease_seconds)
+                    forget_dead_hosts(self.store, self.config)
             except Exception:
                 log.exception("heartbeat failed; will retry")
 
     def _return_claims_of_lost_hosts(self) -> None:
         """A host that died between taking a job file into its claim folder and recording
-        it leaves the file there; put it back in jobs/ for the living to take."""
+        it leaves the file there; put it back in jobs/ for the living to take. A host with a
+        row is lost once its heartbeat is older than the lease (or it stopped); an owner
+        with no row (it died before registering, or its row aged out) once its folder has
+        not changed for `lease_seconds`."""
         with self.store.session() as session:
             alive = {name.replace("/", "_") for name in live_hosts(session, self.config)}
-        owners = {folder.name[len(CLAIM_FOLDER_PREFIX):]
-                  for folder in self.config.paths.jobs.glob(f"{CLAIM_FOLDER_PREFIX}*")}
-        lost = {owner for owner in owners if owner != self.intake.owner and owner not in alive}
+            known = {name.replace("/", "_") for name in session.scalars(select(Host.name))}
+        lost = set()
+        for owner, folder in self.intake.claim_folders().items():
+            if owner == self.intake.owner or owner in alive:
+                continue
+            if owner not in known:
+                try:
+                    idle_for = time.time() - folder.stat().st_mtime
+                except OSError:
+                    continue  # returned meanwhile
+                if idle_for < self.config.lease_seconds:
+                    continue
+            lost.add(owner)
         if lost and self.intake.return_claims(lost):
             self.intake.wakeup.set()
 
@@ -347,10 +378,16 @@ class Daemon:
         with self.store.session() as session:
             busy = session.scalars(select(Render.id).where(
                 Render.state.in_((RENDER_QUEUED, RENDER_RUNNING))).limit(1)).first()
+        if busy is None and not self.farm and self.intake.return_claims(everyone=True):
+            self.intake.wakeup.set()  # a claim folder held files: they are work
+            return False
         if busy is None and self.farm:
             # A file in another host's claim folder is work too: that host records it in a
-            # moment, or its lease runs out and the file comes back to jobs/ for us.
-            if any(self.config.paths.jobs.glob(f"{CLAIM_FOLDER_PREFIX}*/*")):
+            # moment, or its lease runs out and the file comes back to jobs/ for us. A file
+            # that cannot come back has been reported; it is not waited for.
+            stuck = set(self.intake.stuck_claims())
+            if any(path not in stuck
+                   for path in self.config.paths.jobs.glob(f"{CLAIM_FOLDER_PREFIX}*/*")):
                 return False
             # Before leaving, file what a dead host left: a job it ended but did not move
             # (after a grace, as a living host or a cancel moves its file at once).
@@ -400,3 +437,12 @@ class Daemon:
 
     def _release_lock(self) -> None:
         self._state_lock.release()
+
+
+def default_name(config: Config) -> str:
+    """A daemon's name without `--name`: the host name and a short hash of the state
+    folder's path. A restart on the same state folder is the same daemon (its earlier
+    renders and claim folder are its own), and a second daemon on the same host with its own
+    state folder is another."""
+    state = str(Path(config.paths.state).resolve())
+    return f"{socket.gethostname()}-{hashlib.sha256(state.encode()).hexdigest()[:8]}"

@@ -10,6 +10,9 @@ sampler, guidance, LoRA set with strengths): they share one pipeline call. The o
 4. no starvation: a render that has waited longer than `worker.max_wait_seconds` goes first
    among its priority, whatever is loaded.
 
+Before all of these, a render that was running when its daemon died runs again alone (a
+batch of one), so that the next death, if it comes, says whose fault it is.
+
 Each lookup is one indexed query (a few ms at 50,000 queued renders). The claim itself is
 one `UPDATE ... WHERE state = 'queued' ... RETURNING`, which hands each render out once on
 SQLite and PostgreSQL alike, so several workers can share one queue.
@@ -112,6 +115,21 @@ def _next_head(session: Any, loaded: Sequence[str], active_key: str | None,
     return oldest
 
 
+def _retry_alone_head(session: Any, inventory: Inventory | None) -> Any:
+    """A queued render that was caught in a process death, or None: it runs first, alone,
+    so that a death during it is evidence against it and against nothing else."""
+    where = [Render.state == RENDER_QUEUED, Render.deaths > 0]
+    if inventory is not None:
+        where.append(Render.checkpoint.in_(sorted(inventory.checkpoints)))
+    rows = session.execute(
+        select(Render.id, Render.batch_key, Render.checkpoint, Render.spec_json,
+               Render.priority).where(*where).order_by(Render.priority.desc(), Render.id)
+        .limit(1 if inventory is None else HEADS_PER_LOOKUP)
+        .with_for_update(skip_locked=True)).all()
+    return next((row for row in rows
+                 if inventory is None or inventory.can_render(row.spec_json)), None)
+
+
 def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
                      loaded: Sequence[str] = (), active_key: str | None = None,
                      max_wait_seconds: float = 1800.0,
@@ -123,10 +141,11 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
     `batch_limit(spec)` caps the batch by memory (the family's batch cost against the
     configured budget)."""
     with store.session() as session:
-        head = _next_head(session, loaded, active_key, max_wait_seconds, inventory)
+        retry = _retry_alone_head(session, inventory)
+        head = retry or _next_head(session, loaded, active_key, max_wait_seconds, inventory)
         if head is None:
             return []
-        size = max_batch
+        size = 1 if retry is not None else max_batch
         if batch_limit is not None:
             size = max(1, min(size, batch_limit(RenderSpec.from_json(head.spec_json))))
         # Same key and same priority: one index range, oldest first; a batch not full yet
@@ -134,7 +153,7 @@ def claim_next_batch(store: Store, max_batch: int, *, worker: str = "w0",
         same_key = (Render.state == RENDER_QUEUED, Render.batch_key == head.batch_key)
         # FOR UPDATE SKIP LOCKED on PostgreSQL: a second daemon claiming at the same moment
         # skips these rows instead of waiting for them (SQLite has one writer and ignores it).
-        candidate_ids = list(session.scalars(
+        candidate_ids = [head.id] if retry is not None else list(session.scalars(
             select(Render.id).where(*same_key, Render.priority == head.priority)
             .order_by(Render.id).limit(size).with_for_update(skip_locked=True)))
         if len(candidate_ids) < size:

@@ -169,6 +169,8 @@ class Render(Base):
         # "prefer what is loaded": the best queued render of one checkpoint / one batch key.
         Index("ix_renders_checkpoint", "state", "checkpoint", "priority", "id"),
         Index("ix_renders_batch_key", "state", "batch_key", "priority", "id"),
+        # Renders caught in a process death, retried alone before the rest of the queue.
+        Index("ix_renders_retry_alone", "state", "deaths"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -177,6 +179,9 @@ class Render(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(32))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Process deaths this render was caught in, blamed on it or not (see
+    # lifecycle.recover_interrupted); above 0 it runs alone, before the rest of the queue.
+    deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     priority: Mapped[int] = mapped_column(Integer, default=0)  # copied from the job for claims
     checkpoint: Mapped[str] = mapped_column(String(255))
     batch_key: Mapped[str] = mapped_column(Text)  # equal keys may share a pipeline call

@@ -288,6 +288,11 @@ class Worker:
                 measure(loaded, getattr(loaded.pipe, "lorafarm_offload", loaded.offload))
             stage = "rendering"
             progress = Progress(first.steps, self._progress_writer(batch), self.abort.is_set)
+            # Step 0 of N, recorded before the pipeline call: if the process dies from here
+            # on, the render was caught rendering, not loading (lifecycle.recover_interrupted
+            # counts only such deaths against it).
+            record_progress(self.store, [c.render_id for c in batch], 0, first.steps,
+                            self.name)
             with LOAD_GATE.rendering():
                 call_started = time.perf_counter()
                 results = family.render_batch(loaded.pipe, [c.spec for c in batch],

@@ -1,6 +1,7 @@
-"""A family whose render kills its own process, for the poison-render test: it is loaded
-only through config.toml `plugins = ["tests.crashing_family"]` and claims a checkpoint only
-when config.toml names it."""
+"""A family whose render kills its own process when a render of the batch has "poison" in its
+prompt, for the poison-render tests: it is loaded only through config.toml
+`plugins = ["tests.crashing_family"]` and claims a checkpoint only when config.toml names
+it. Other prompts render as SDXL does (a poison render's innocent batch-mates)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ class CrashingFamily(SDXLFamily):
         return None  # never claims anything by itself
 
     def render_batch(self, pipe: Any, specs: Any, device: Any, progress: Any = None) -> Any:
-        os.kill(os.getpid(), signal.SIGKILL)  # like a driver crash or the OOM killer
+        if any("poison" in spec.prompt for spec in specs):
+            os.kill(os.getpid(), signal.SIGKILL)  # like a driver crash or the OOM killer
+        return super().render_batch(pipe, specs, device, progress)
 
 
 @hookimpl

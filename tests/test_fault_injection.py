@@ -31,7 +31,7 @@ def test_a_render_that_kills_its_worker_every_time_ends_failed(tmp_path: Path, a
     config.write_text('plugins = ["tests.crashing_family"]\n' + config.read_text()
                       + '[checkpoints."tiny-sdxl"]\nfamily = "crashy"\n')
     drop(tmp_path / "jobs", "poison.toml",
-         'checkpoint = "tiny-sdxl"\nprompt = "x"\nseed = 1\nsteps = 2\nwidth = 64\n'
+         'checkpoint = "tiny-sdxl"\nprompt = "poison"\nseed = 1\nsteps = 2\nwidth = 64\n'
          'height = 64\nsampler = "Euler"\n')
     codes = [spawn(config, until_idle=True).wait(timeout=180) for _ in range(3)]
     assert codes[:2] == [-9, -9]  # SIGKILLed by its own render, twice

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from daemon.intake import CLAIM_FOLDER_PREFIX, Intake
 from daemon.runner import Daemon
-from daemon.scheduler import claim_next_batch
+from daemon.scheduler import claim_next_batch, record_progress
 from daemon.store import Render, Store
 from tests.conftest import REPO, sdxl_job
 
@@ -43,7 +43,9 @@ def test_a_render_interrupted_mid_run_is_completed_after_restart_once(farm) -> N
     assert farm.run() == 0
     rows = _render_rows(farm)
     assert [r.state for r in rows] == ["done", "done"]
-    assert [r.attempts for r in rows] == [2, 2]
+    # Caught in a batch of two before their pipeline call: the death is not theirs to count.
+    assert [r.attempts for r in rows] == [1, 1]
+    assert [r.deaths for r in rows] == [1, 1]
     assert len(list(farm.outputs.rglob("*.png"))) == 2
     assert farm.files_in("done") == ["crash.toml"]
 
@@ -53,7 +55,9 @@ def test_a_render_that_keeps_dying_ends_failed_after_the_attempt_cap(make_farm) 
     farm.drop("poison.toml", sdxl_job(count=1))
     daemon = farm.daemon()
     daemon.start()
-    claim_next_batch(daemon.store, max_batch=4)
+    [claimed] = claim_next_batch(daemon.store, max_batch=4)
+    # Alone, and in its pipeline call (step 0 recorded) when the process dies: evidence.
+    record_progress(daemon.store, [claimed.render_id], 0, 3, claimed.worker)
     with daemon.store.session() as session:
         session.execute(update(Render).values(attempts=2))
     daemon.close()
@@ -102,7 +106,8 @@ def test_sigkill_during_a_render_then_restart_renders_each_image_once(farm) -> N
     assert farm.run() == 0
     rows = _render_rows(farm)
     assert [r.state for r in rows] == ["done", "done"]
-    assert all(r.attempts == 2 for r in rows)
+    # Killed by the test, in a batch of two: re-rendered, each alone, with no attempt used.
+    assert all(r.attempts == 1 and r.deaths == 1 for r in rows)
     pngs = sorted(farm.outputs.rglob("*.png"))
     assert len(pngs) == 2 and [str(p) for p in pngs] == sorted(r.output_path for r in rows)
     assert not list(farm.outputs.rglob(".partial-*"))
