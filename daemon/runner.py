@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 from sqlalchemy import select
