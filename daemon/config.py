@@ -27,6 +27,7 @@ class Paths:
     inputs: Path
     outputs: Path
     state: Path
+    wildcards: Path = Path("wildcards")  # __name__ in prompts reads wildcards/name.txt
     extra_inputs: tuple[Path, ...] = ()  # more folders a job's `image` may come from
     # Existing UI installs whose models and LoRAs are indexed in place, never modified.
     comfyui: tuple[Path, ...] = ()
@@ -260,7 +261,7 @@ OFFLOAD_MODES = ("none", "model", "group", "sequential")
 POSTPROCESS_KINDS = ("upscale", "scores", "tags")
 POSTPROCESS_GATES = ("flag", "reseed")
 POSTPROCESS_KEYS = ("model", "kind", "labels", "threshold", "min_score", "gate", "gate_on")
-PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
+PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state", "wildcards")
 TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
             "plugins", "database_url", "lease_seconds", "postprocess", "devices")
 

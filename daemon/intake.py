@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -35,7 +34,6 @@ from watchdog.observers import Observer
 from daemon.config import Config
 from daemon.family import Family, FamilyDefaults
 from daemon.jobfile import (
-    LORA_AXIS,
     JobFileError,
     JobSpec,
     check_job,
@@ -44,6 +42,7 @@ from daemon.jobfile import (
 )
 from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError
 from daemon.plugins import Plugins
+from daemon.prompt_files import find_input_file, read_prompt_file
 from daemon.prompt_tags import PromptTagError, extract_lora_tags
 from daemon.registry import CheckpointInfo, Registry
 from daemon.samplers import SamplerError, choose_sampler, samplers_for_kind
@@ -61,6 +60,8 @@ from daemon.store import (
     add_event,
     utcnow,
 )
+from daemon.sweep import epoch_of, expand_axes, sweep_variants
+from daemon.wildcards import Wildcards, has_dynamic_syntax
 
 log = logging.getLogger(__name__)
 
@@ -316,39 +317,98 @@ class Intake:
             by_hash = self.registry.find_by_hash(spec.checkpoint_hash)
             if by_hash is not None:
                 spec = replace(spec, checkpoint=by_hash.name)
-        info = self.registry.find(spec.checkpoint)
+        warnings: list[str] = []
+        prompt_lines = None
+        if spec.prompts_file is not None:
+            path = find_input_file(spec.prompts_file, self.config.paths.input_roots,
+                                   "prompts_file", text)
+            prompt_lines = read_prompt_file(path, self.config.limits, warnings)
+        checkpoints: dict[str, tuple[CheckpointInfo, Family]] = {}
+        axis_names: list[str] = []
+        if not spec.sweep and prompt_lines is None:
+            variants: list[tuple[JobSpec, dict[str, object]]] = [(spec, {})]
+        else:
+            lora_names = sorted({info.name for info in self.library.all(anywhere=True)
+                                 if info.state == "ok"})
+            axes = expand_axes(spec, text, lora_names, prompt_lines)
+            axis_names = [axis.name for axis in axes]
+            variants = sweep_variants(spec, text, axes, self.config.limits.max_count)
+        wildcards = Wildcards(self.config.paths.wildcards)
+        renders: list[RenderSpec] = []
+        for variant, labels in variants:
+            if variant.checkpoint not in checkpoints:
+                checkpoints[variant.checkpoint] = self._checkpoint(variant.checkpoint, text)
+            info, family = checkpoints[variant.checkpoint]
+            for expanded, record in self._wildcard_variants(variant, wildcards, text):
+                variant_renders, notes = self._expand(expanded, family, text, info)
+                if labels:
+                    record = {**record, "sweep": labels, "sweep_axes": axis_names}
+                    swept = next((lora for lora in expanded.loras[len(spec.loras):]), None)
+                    epoch = epoch_of(swept.name) if swept is not None else None
+                    if epoch is not None:
+                        record["epoch"] = epoch
+                renders += [replace(r, extra={**r.extra, **record}) for r in variant_renders]
+                warnings += [n for n in notes if n not in warnings]
+        return renders, warnings
+
+    def _checkpoint(self, name: str, text: str) -> tuple[CheckpointInfo, Family]:
+        """The usable checkpoint a job (or one value of its checkpoint axis) names, and its
+        family; raises JobFileError saying what is wrong and how to fix it."""
+        info = self.registry.find(name)
         line = line_of_key(text, "checkpoint")
         if info is None or info.state == "missing":
             known = self.registry.known_names()
-            close = difflib.get_close_matches(spec.checkpoint, known, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close else
                     f"known checkpoints: {', '.join(known) or 'none yet'}")
-            raise JobFileError(f"unknown checkpoint {spec.checkpoint!r}", key="checkpoint",
+            raise JobFileError(f"unknown checkpoint {name!r}", key="checkpoint",
                                line=line, fix=f"{hint} Put the model under "
                                f"{self.config.paths.models} (a diffusers folder or a "
                                ".safetensors file); `lorafarm models` lists what is known")
         if info.state != "ok" or info.family is None:
-            raise JobFileError(f"checkpoint {spec.checkpoint!r} cannot be used: {info.reason}",
+            raise JobFileError(f"checkpoint {name!r} cannot be used: {info.reason}",
                                key="checkpoint", line=line,
                                fix="fix or replace the model file (see `lorafarm models`)")
         family = self.plugins.families.get(info.family)
         if family is None:
-            raise JobFileError(f"checkpoint {spec.checkpoint!r} is a {info.family} model but the "
+            raise JobFileError(f"checkpoint {name!r} is a {info.family} model but the "
                                f"{info.family} family plugin is not installed", key="checkpoint",
                                line=line, fix="install the family plugin or pick another model")
         problem = family.missing_requirements(info.loaded())
         if problem:
             raise JobFileError(problem, key="checkpoint", line=line,
                                fix="set it in config.toml, then drop the job file again")
-        if not spec.sweep:
-            return self._expand(spec, family, text, info)
-        renders: list[RenderSpec] = []
-        warnings: list[str] = []
-        for variant, labels in sweep_variants(spec, text):
-            variant_renders, notes = self._expand(variant, family, text, info)
-            renders += [replace(r, extra={**r.extra, "sweep": labels}) for r in variant_renders]
-            warnings += [n for n in notes if n not in warnings]
-        return renders, warnings
+        return info, family
+
+    def _wildcard_variants(self, spec: JobSpec, wildcards: Wildcards,
+                           text: str) -> list[tuple[JobSpec, dict[str, object]]]:
+        """The job once per drawn (or, with `combinatorial`, every) expansion of the
+        wildcards in its prompts, with the template to record; the job itself when there
+        are none. A random draw is seeded from each render's seed."""
+        if not (has_dynamic_syntax(spec.prompt) or has_dynamic_syntax(spec.negative_prompt)):
+            return [(spec, {})]
+        for key, template in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt)):
+            if template:
+                wildcards.check(template, key, line_of_key(text, key))
+        record: dict[str, object] = {"prompt_template": spec.prompt}
+        if spec.negative_prompt is not None and has_dynamic_syntax(spec.negative_prompt):
+            record["negative_prompt_template"] = spec.negative_prompt
+        limit = self.config.limits.max_count
+        if spec.combinatorial:
+            prompts = wildcards.combinations(spec.prompt, limit)
+            if len(prompts) > limit:
+                raise JobFileError(f"the prompt's wildcards make more than {limit} combinations",
+                                   key="combinatorial", line=line_of_key(text, "combinatorial"),
+                                   fix="use fewer choices, or remove combinatorial to draw one "
+                                       "prompt per seed (limits.max_count in config.toml)")
+            seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+            return [(replace(spec, prompt=prompt, seed=seed, negative_prompt=_draw(
+                wildcards, spec.negative_prompt, seed)), record) for prompt in prompts]
+        seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+        return [(replace(spec, seed=seed + i, count=1,
+                         prompt=wildcards.random(spec.prompt, seed + i),
+                         negative_prompt=_draw(wildcards, spec.negative_prompt, seed + i)),
+                 record) for i in range(spec.count)]
 
     def _expand(self, spec: JobSpec, family: Family, text: str,
                 checkpoint: CheckpointInfo) -> tuple[list[RenderSpec], list[str]]:
@@ -766,36 +826,10 @@ class _WakeupHandler(FileSystemEventHandler):
         self.intake.wakeup.set()
 
 
-def sweep_variants(spec: JobSpec, text: str) -> list[tuple[JobSpec, dict[str, object]]]:
-    """The job once per combination of its sweep axes, with the axis labels of each."""
-    axes = [axis for axis, _ in spec.sweep]
-    variants = []
-    base_seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
-    for combo in itertools.product(*(values for _, values in spec.sweep)):
-        labels = dict(zip(axes, combo, strict=True))
-        variant = replace(spec, seed=base_seed)
-        for axis, value in labels.items():
-            if axis == "prompt_sr":
-                search = spec.sweep[axes.index(axis)][1][0]
-                if search not in spec.prompt:
-                    raise JobFileError(f"sweep.prompt_sr searches for {search!r}, which is not "
-                                       "in the prompt", key="sweep.prompt_sr",
-                                       line=line_of_key(text, "prompt_sr"),
-                                       fix="make the first value a word of the prompt")
-                variant = replace(variant, prompt=variant.prompt.replace(search, str(value)))
-            elif axis.startswith(LORA_AXIS):
-                name = axis[len(LORA_AXIS):]
-                if name not in [lora.name for lora in spec.loras]:
-                    raise JobFileError(f"sweep axis `{axis}` names a LoRA the job does not list "
-                                       "in [[loras]]", key=f"sweep.{axis}",
-                                       fix=f'add [[loras]] name = "{name}"')
-                variant = replace(variant, loras=tuple(
-                    replace(lora, strength=float(value)) if lora.name == name else lora
-                    for lora in variant.loras))
-            else:
-                variant = replace(variant, **{axis: float(value) if axis == "cfg" else value})
-        variants.append((variant, labels))
-    return variants
+def _draw(wildcards: Wildcards, template: str | None, seed: int) -> str | None:
+    if template is None or not has_dynamic_syntax(template):
+        return template
+    return wildcards.random(template, seed)
 
 
 def unique_destination(folder: Path, file_name: str, job_id: int) -> Path:

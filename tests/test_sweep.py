@@ -55,3 +55,106 @@ def test_bad_sweeps_are_rejected_with_the_fix(farm) -> None:
     assert "searches for 'dog', which is not in the prompt" in farm.rejection("search.toml")
     assert "101 combinations; at most 100" in farm.rejection("big.toml")
     assert "names a LoRA the job does not list" in farm.rejection("lora.toml")
+
+
+# -- sweeping LoRA files, checkpoints and whole prompts --------------------------------------
+
+EPOCH_FILES = ["mystyle-000002", "mystyle-000004", "mystyle-000006", "mystyle-000008",
+               "mystyle-000010", "mystyle"]  # kohya saves the last epoch without a suffix
+
+
+def _write_epochs(farm) -> None:  # type: ignore[no-untyped-def]
+    for number, name in enumerate(EPOCH_FILES):
+        write_kohya_original(make_tiny_lora(seed=100 + number),
+                             farm.config.paths.loras / f"{name}.safetensors",
+                             metadata={"ss_sd_model_name": "sd_xl_base_1.0",
+                                       "ss_epoch": str(2 * (number + 1))})
+
+
+def _lora_loads(farm) -> int:  # type: ignore[no-untyped-def]
+    from daemon.scheduler import stats
+    from daemon.store import Store
+
+    store = Store(f"sqlite:///{farm.config.paths.database}", writer=False)
+    try:
+        return int(stats(store)["lora_loads"])
+    finally:
+        store.engine.dispose()
+
+
+def _check_epoch_sweep(farm, job_name: str, prompts: set[str]) -> None:  # type: ignore[no-untyped-def]
+    [job] = [j for j in farm.history() if j["name"] == job_name]
+    assert job["state"] == "done" and len(job["renders"]) == 7 * 2 * 2
+    folder = next(farm.outputs.glob(f"{job_name}-*"))
+    specs = sorted((read_spec(p) for p in folder.glob("0*.png")), key=lambda s: s.seed)
+    combos = set()
+    order: list[str] = []
+    for path in sorted(folder.glob("0*.png")):
+        spec = read_spec(path)
+        label = spec.extra["sweep"]["lora"]
+        if label not in order:
+            order.append(label)
+    for spec in specs:
+        swept = [lora.name for lora in spec.loras]
+        label = spec.extra["sweep"]["lora"]
+        if swept:
+            [name] = swept
+            epoch = int(name.rsplit("-", 1)[1]) if "-" in name else None
+            assert spec.extra.get("epoch") == epoch
+            assert label == (f"{name} (epoch {epoch})" if epoch else name)
+            assert spec.loras[0].strength == 0.8  # sweep.lora_strength
+        else:
+            assert label == "none" and "epoch" not in spec.extra
+        combos.add((tuple(swept), spec.prompt, spec.seed))
+    assert len(combos) == 28
+    assert {s.prompt for s in specs} == prompts
+    # Epoch order across the grid: the final file (no suffix) last, the baseline after it.
+    assert order == [f"mystyle-0000{e:02d} (epoch {e})" for e in (2, 4, 6, 8, 10)] + [
+        "mystyle", "none"]
+    with Image.open(folder / "grid.png") as grid:
+        assert grid.size[0] == 160 + 7 * 64  # seven LoRA columns
+        assert grid.size[1] > 4 * 64  # two prompts x two seeds, under the labels
+    pages = sorted(p.name for p in folder.glob("grid-page-*.png"))
+    assert pages == ["grid-page-01.png", "grid-page-02.png"]  # one page per seed
+
+
+def test_an_epoch_sweep_loads_each_lora_file_once_and_labels_the_grid(farm) -> None:
+    _write_epochs(farm)
+    farm.drop("epochs.toml", """\
+checkpoint = "tiny-sdxl"
+negative_prompt = "blurry"
+steps = 2
+cfg = 5.0
+width = 64
+height = 64
+sampler = "Euler"
+
+[sweep]
+lora = ["mystyle*", "none"]
+lora_strength = 0.8
+prompt = ["a red lighthouse at dusk on a cliff", "a cat"]
+seed = [1, 2]
+""")
+    (farm.config.paths.inputs).mkdir(parents=True, exist_ok=True)
+    (farm.config.paths.inputs / "sample_prompts.txt").write_text("""\
+# the prompts the trainer sampled with
+a red lighthouse at dusk on a cliff --n blurry --w 64 --h 64 --s 2 --l 5
+
+a cat --n blurry --w 64 --h 64 --s 2 --l 5 --d 99
+""")
+    farm.drop("kohya.toml", """\
+checkpoint = "tiny-sdxl"
+prompts_file = "sample_prompts.txt"
+sampler = "Euler"
+
+[sweep]
+lora = ["mystyle*", "none"]
+lora_strength = 0.8
+seed = [1, 2]
+""")
+    assert farm.run() == 0
+    prompts = {"a red lighthouse at dusk on a cliff", "a cat"}
+    _check_epoch_sweep(farm, "epochs", prompts)
+    _check_epoch_sweep(farm, "kohya", prompts)
+    # Six files, 56 renders between the two jobs: each file was loaded once.
+    assert _lora_loads(farm) == len(EPOCH_FILES)
