@@ -40,6 +40,34 @@ prompt_sr = ["red", "blue", "green"]
     with Image.open(grid) as image:
         # 2 columns (cfg) x 6 rows (3 prompts x 2 strengths) of 64 px cells plus labels.
         assert image.size == (160 + 2 * 64, 24 + 6 * 64)
+    # Three axes: one page per value of the third, the first axis across, the second down.
+    pages = sorted(grid.parent.glob("grid-page-*.png"))
+    assert len(pages) == 2
+    _check_grid_links(farm, job["id"], grid)
+
+
+def _check_grid_links(farm, job_id: int, grid) -> None:  # type: ignore[no-untyped-def]
+    """The status page (history and job page) and the morning report link the grid."""
+    import datetime as dt
+
+    from starlette.testclient import TestClient
+
+    from daemon.report import write_morning_report
+    from daemon.store import Store
+    from daemon.web import create_app
+
+    relative = grid.relative_to(farm.outputs).as_posix()
+    app = create_app(farm.config, lambda: Store.for_path(farm.config.paths.database))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert f'/files/{relative}"' in client.get("/history").text
+        assert f'/files/{relative}"' in client.get(f"/jobs/{job_id}").text
+        assert client.get(f"/api/jobs/{job_id}").json()["grids"][0] == relative
+        assert client.get(f"/files/{relative}").status_code == 200
+    app.state.farm.close()
+    store = Store.for_path(farm.config.paths.database)
+    report = write_morning_report(farm.config, store, dt.datetime(2000, 1, 1))
+    store.engine.dispose()
+    assert f'href="{relative}"' in report.read_text()
 
 
 def test_bad_sweeps_are_rejected_with_the_fix(farm) -> None:
