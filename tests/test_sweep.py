@@ -186,3 +186,89 @@ seed = [1, 2]
     _check_epoch_sweep(farm, "kohya", prompts)
     # Six files, 56 renders between the two jobs: each file was loaded once.
     assert _lora_loads(farm) == len(EPOCH_FILES)
+
+
+def test_epoch_files_sort_naturally_with_the_final_file_last() -> None:
+    from daemon.sweep import expand_lora_entries, natural_key
+
+    names = ["style-10", "style", "style-9", "style-000100", "other-1"]
+    assert sorted(names, key=natural_key) == ["other-1", "style-9", "style-10", "style-000100",
+                                              "style"]
+    assert expand_lora_entries(["style-*", "none", "style"], names, "") == [
+        "style-9", "style-10", "style-000100", None, "style"]
+
+
+SWEEP_BASE = """\
+checkpoint = "tiny-sdxl"
+steps = 1
+width = 64
+height = 64
+"""
+
+
+def _library_with_epochs(daemon) -> None:  # type: ignore[no-untyped-def]
+    loras = daemon.config.paths.loras
+    for number, name in enumerate(("mystyle-000001", "mystyle-000002")):
+        path = loras / f"{name}.safetensors"
+        if not path.exists():
+            write_kohya_original(make_tiny_lora(seed=300 + number), path,
+                                 metadata={"ss_sd_model_name": "sd_xl_base_1.0"})
+    daemon.library.scan()
+
+
+def test_a_checkpoint_axis_checks_each_checkpoint_and_its_loras(started_daemon) -> None:
+    import pytest
+
+    from daemon.jobfile import JobFileError
+
+    _library_with_epochs(started_daemon)
+    job = SWEEP_BASE + '[sweep]\ncheckpoint = ["tiny-sdxl", "tiny-sdxl-single"]\n' \
+        'prompt = ["a red lighthouse", "a cat"]\nlora = ["mystyle-*"]\n'
+    _, renders, _ = started_daemon.intake.parse("ckpt.toml", job.encode())
+    assert len(renders) == 2 * 2 * 2
+    assert [(r.checkpoint, r.extra["sweep"]["checkpoint"]) for r in renders[:4:2]] == [
+        ("tiny-sdxl", "tiny-sdxl"), ("tiny-sdxl", "tiny-sdxl")]
+    assert {r.checkpoint for r in renders} == {"tiny-sdxl", "tiny-sdxl-single"}
+    assert {r.extra["sweep"]["prompt"] for r in renders} == {"a red lighthouse", "a cat"}
+    hashes = {r.checkpoint: r.checkpoint_hash for r in renders}
+    assert hashes["tiny-sdxl"] != hashes["tiny-sdxl-single"]
+    # A Pony checkpoint in the list: the SDXL-lineage epoch files are refused on it.
+    pony = SWEEP_BASE + '[sweep]\ncheckpoint = ["tiny-sdxl", "tiny-pony"]\n' \
+        'prompt = ["a fox"]\nlora = ["mystyle-*"]\n'
+    with pytest.raises(JobFileError) as refused:
+        started_daemon.intake.parse("pony.toml", pony.encode())
+    assert "mystyle-000001" in str(refused.value) and "tiny-pony" in str(refused.value)
+
+
+def test_bad_file_and_prompt_axes_are_refused_with_the_place(started_daemon) -> None:
+    import pytest
+
+    from daemon.jobfile import JobFileError
+
+    _library_with_epochs(started_daemon)
+    inputs = started_daemon.config.paths.inputs
+    inputs.mkdir(parents=True, exist_ok=True)
+    (inputs / "bad_width.txt").write_text("# header\na cat --w 64\n\na dog --w wide --h 64\n")
+    (inputs / "bad_option.txt").write_text("a cat --q 3\n")
+    cases = {
+        '[sweep]\nlora = ["mystlye-*"]\nprompt = ["a cat"]\n':
+            "sweep.lora entry 'mystlye-*' matches no LoRA",
+        'prompts_file = "bad_width.txt"\n': "bad_width.txt, line 4: --w 'wide'",
+        'prompts_file = "bad_option.txt"\n': "line 1: unknown option --q",
+        'prompts_file = "nothere.txt"\n': "is not in the inputs folder",
+        'prompts_file = "../escape.txt"\n': "without `..`",
+        'prompt = "a cat"\n': None,  # the control: accepted
+        '': "required key `prompt` is missing",
+        'prompts_file = "bad_option.txt"\n[sweep]\nprompt = ["a cat"]\n':
+            "`prompts_file` and `sweep.prompt` both give the prompts",
+        '[sweep]\nlora = ["mystyle-000001"]\n[[loras]]\nname = "mystyle-000001"\n'
+        'strength = 1.0\n': "swept by sweep.lora and also listed in [[loras]]",
+    }
+    for extra, message in cases.items():
+        text = SWEEP_BASE + ('prompt = "x"\n' if "prompt" not in extra and extra else "") + extra
+        if message is None:
+            started_daemon.intake.parse("ok.toml", text.encode())
+            continue
+        with pytest.raises(JobFileError) as refused:
+            started_daemon.intake.parse("bad.toml", text.encode())
+        assert message in str(refused.value), (extra, str(refused.value))
