@@ -15,6 +15,7 @@ periodically, and a file is taken only once it is complete.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -42,9 +43,11 @@ from daemon.jobfile import (
 )
 from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError
 from daemon.plugins import Plugins
+from daemon.presets import apply_preset
 from daemon.prompt_files import find_input_file, read_prompt_file
 from daemon.prompt_tags import PromptTagError, extract_lora_tags
 from daemon.registry import CheckpointInfo, Registry
+from daemon.safetensors_header import sha256_file
 from daemon.samplers import SamplerError, choose_sampler, samplers_for_kind
 from daemon.spec import LoraUse, RenderSpec
 from daemon.store import (
@@ -339,6 +342,14 @@ class Intake:
             if variant.checkpoint not in checkpoints:
                 checkpoints[variant.checkpoint] = self._checkpoint(variant.checkpoint, text)
             info, family = checkpoints[variant.checkpoint]
+            variant = apply_preset(variant, self.registry.preset(info))
+            vae = info.components.get("vae")
+            if vae is not None:
+                # A1111's infotext names the VAE and its hash (sha256, 10 hex).
+                vae_record: dict[str, object] = {"vae": vae.name,
+                                                 "vae_hash": file_hash(vae)[:10]}
+            else:
+                vae_record = {}
             for expanded, record in self._wildcard_variants(variant, wildcards, text):
                 variant_renders, notes = self._expand(expanded, family, text, info)
                 if labels:
@@ -347,7 +358,8 @@ class Intake:
                     epoch = epoch_of(swept.name) if swept is not None else None
                     if epoch is not None:
                         record["epoch"] = epoch
-                renders += [replace(r, extra={**r.extra, **record}) for r in variant_renders]
+                renders += [replace(r, extra={**r.extra, **vae_record, **record})
+                            for r in variant_renders]
                 warnings += [n for n in notes if n not in warnings]
         return renders, warnings
 
@@ -824,6 +836,17 @@ class _WakeupHandler(FileSystemEventHandler):
         if event.event_type == "closed":
             self.intake.note_closed(Path(str(event.src_path)))
         self.intake.wakeup.set()
+
+
+@functools.lru_cache(maxsize=64)
+def _file_hash(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file, computed once per version of it (a VAE is hashed at intake)."""
+    stat = path.stat()
+    return _file_hash(path, stat.st_size, stat.st_mtime_ns)
 
 
 def _draw(wildcards: Wildcards, template: str | None, seed: int) -> str | None:
