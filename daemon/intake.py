@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -41,7 +42,7 @@ from daemon.jobfile import (
     decode_job_bytes,
     line_of_key,
 )
-from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError
+from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError, preferred_weight
 from daemon.plugins import Plugins
 from daemon.presets import apply_preset
 from daemon.prompt_files import find_input_file, read_prompt_file
@@ -67,6 +68,8 @@ from daemon.sweep import epoch_of, expand_axes, sweep_variants
 from daemon.wildcards import Wildcards, has_dynamic_syntax
 
 log = logging.getLogger(__name__)
+
+_BARE_LORA_TAG = re.compile(r"<lora:([^:<>]+)>", re.IGNORECASE)  # a tag without a weight
 
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 MAX_JOB_FILE_BYTES = 1024 * 1024  # a job file is a few hundred bytes; 1 MB is not a job
@@ -598,6 +601,9 @@ class Intake:
                                fix="write tags as <lora:NAME:WEIGHT>") from exc
         wanted = [(lora.name, lora.strength, lora.text_encoder_strength, "loras")
                   for lora in spec.loras]
+        # Named without a strength: the LoRA's own preferred weight (A1111 NAME.json) applies.
+        unweighted = {lora.name for lora in spec.loras if not lora.strength_given}
+        unweighted |= {match.group(1).strip() for match in _BARE_LORA_TAG.finditer(spec.prompt)}
         experts = {lora.name: lora.expert for lora in spec.loras if lora.expert}
         wanted += [(tag.name, tag.strength, tag.text_encoder_strength, "prompt")
                    for tag in tagged]
@@ -621,6 +627,9 @@ class Intake:
                                        f"{self.config.paths.loras}, or fix the name") from exc
             for info in infos:
                 self._check_lora_fits(info, family, checkpoint, spec, key, line, warnings)
+                preferred = preferred_weight(info.path) if name in unweighted else None
+                if preferred is not None:
+                    strength, te_strength = preferred, None
                 # A HIGH/LOW pair is two files, each for its own expert.
                 expert = experts.get(name) if len(infos) == 1 else info.expert
                 uses.append(LoraUse(name=info.name, strength=strength,

@@ -47,6 +47,8 @@ class JobLora:
     strength: float = 1.0  # the diffusion model (UNet / transformer)
     text_encoder_strength: float | None = None  # None: same as `strength`
     expert: str | None = None  # Wan 2.2: "high", "low" or "both"; None: from the library
+    # False: the job gave no strength (the LoRA's A1111 "preferred weight" applies, if set)
+    strength_given: bool = True
 
 
 @dataclass(frozen=True)
@@ -291,7 +293,7 @@ def _check_loras(entries: list[Any], text: str) -> tuple[JobLora, ...]:
         result.append(JobLora(name=name.strip(),
                               strength=1.0 if strength is None else strength,
                               text_encoder_strength=strengths["text_encoder_strength"],
-                              expert=expert))
+                              expert=expert, strength_given=strength is not None))
     return tuple(result)
 
 

@@ -94,3 +94,33 @@ def test_an_sdxl_checkpoint_renders_with_its_own_vae_and_refuses_a_flux_one(
     assert torch.equal(pipe.vae.decoder.conv_out.weight, own_vae.decoder.conv_out.weight)
     original = AutoencoderKL.from_pretrained(assets.models / "tiny-sdxl" / "vae")
     assert not torch.equal(pipe.vae.decoder.conv_out.weight, original.decoder.conv_out.weight)
+
+
+def test_a_lora_s_a1111_sidecar_gives_its_weight_and_trigger_words(farm) -> None:
+    import json
+
+    from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
+
+    loras = farm.config.paths.loras
+    write_kohya_original(make_tiny_lora(seed=2), loras / "ink.safetensors",
+                         metadata={"ss_sd_model_name": "sd_xl_base_1.0"})
+    (loras / "ink.json").write_text(json.dumps({
+        "description": "", "sd version": "SDXL", "activation text": "inkstyle, bold lines",
+        "preferred weight": 0.6, "negative text": "", "notes": ""}))
+    base = 'checkpoint = "tiny-sdxl"\nseed = 1\nsteps = 1\nwidth = 64\nheight = 64\n'
+    daemon = farm.daemon()
+    daemon.start()
+    try:
+        def loras_of(text: str) -> list[tuple[str, float, str]]:
+            _, renders, _ = daemon.intake.parse("job.toml", text.encode())
+            return [(lora.name, lora.strength, renders[0].prompt) for lora in renders[0].loras]
+
+        assert loras_of(base + 'prompt = "a cat"\ntrigger_words = true\n'
+                        '[[loras]]\nname = "ink"\n') == [
+            ("ink", 0.6, "a cat, inkstyle, bold lines")]
+        assert loras_of(base + 'prompt = "<lora:ink> a cat"\n') == [("ink", 0.6, "a cat")]
+        assert loras_of(base + 'prompt = "<lora:ink:0.9> a cat"\n') == [("ink", 0.9, "a cat")]
+        assert loras_of(base + 'prompt = "a cat"\n[[loras]]\nname = "ink"\nstrength = 1.0\n'
+                        ) == [("ink", 1.0, "a cat")]
+    finally:
+        daemon.close()
