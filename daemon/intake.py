@@ -410,7 +410,8 @@ class Intake:
             record["negative_prompt_template"] = spec.negative_prompt
         limit = self.config.limits.max_count
         if spec.combinatorial:
-            prompts = wildcards.combinations(spec.prompt, limit)
+            prompts = wildcards.combinations(spec.prompt, limit, "prompt",
+                                             line_of_key(text, "prompt"))
             if len(prompts) > limit:
                 raise JobFileError(f"the prompt's wildcards make more than {limit} combinations",
                                    key="combinatorial", line=line_of_key(text, "combinatorial"),
@@ -421,7 +422,8 @@ class Intake:
                 wildcards, spec.negative_prompt, seed)), record) for prompt in prompts]
         seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
         return [(replace(spec, seed=seed + i, count=1,
-                         prompt=wildcards.random(spec.prompt, seed + i),
+                         prompt=wildcards.random(spec.prompt, seed + i, "prompt",
+                                                 line_of_key(text, "prompt")),
                          negative_prompt=_draw(wildcards, spec.negative_prompt, seed + i)),
                  record) for i in range(spec.count)]
 
@@ -861,7 +863,7 @@ def file_hash(path: Path) -> str:
 def _draw(wildcards: Wildcards, template: str | None, seed: int) -> str | None:
     if template is None or not has_dynamic_syntax(template):
         return template
-    return wildcards.random(template, seed)
+    return wildcards.random(template, seed, "negative_prompt")
 
 
 def unique_destination(folder: Path, file_name: str, job_id: int) -> Path:

@@ -10,7 +10,9 @@ would leave it in the prompt as literal text.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from dynamicprompts.generators import CombinatorialPromptGenerator, RandomPromptGenerator
@@ -55,12 +57,30 @@ class Wildcards:
                             f"name (known wildcards: {known})")
                 pending += [str(value) for value in values]
 
-    def random(self, template: str, seed: int) -> str:
-        """One expansion, the same for the same seed."""
+    def random(self, template: str, seed: int, key: str = "prompt",
+               line: int | None = None) -> str:
+        """One expansion, the same for the same seed; raises JobFileError for a template the
+        library cannot read."""
         generator = RandomPromptGenerator(self.manager)
-        return str(generator.generate(template, 1, seeds=[seed])[0])
+        with _readable(template, key, line):
+            return str(generator.generate(template, 1, seeds=[seed])[0])
 
-    def combinations(self, template: str, limit: int) -> list[str]:
+    def combinations(self, template: str, limit: int, key: str = "prompt",
+                     line: int | None = None) -> list[str]:
         """Every expansion, at most `limit + 1` (more than `limit` means too many)."""
         generator = CombinatorialPromptGenerator(self.manager)
-        return [str(p) for p in generator.generate(template, max_prompts=limit + 1)]
+        with _readable(template, key, line):
+            return [str(p) for p in generator.generate(template, max_prompts=limit + 1)]
+
+
+@contextlib.contextmanager
+def _readable(template: str, key: str, line: int | None) -> Iterator[None]:
+    """A template dynamicprompts cannot parse (an unclosed `{`, an unsupported command)
+    is the job's error, said as one."""
+    try:
+        yield
+    except Exception as exc:  # pyparsing's ParseException, NotImplementedError, ...
+        raise JobFileError(f"the wildcard syntax in {template!r} cannot be read: "
+                           f"{type(exc).__name__}: {exc}", key=key, line=line,
+                           fix="close every { with }, separate choices with |, e.g. "
+                               "{red|blue|green}; write {2$$a|b|c} to pick two") from exc

@@ -74,6 +74,9 @@ def test_a_missing_wildcard_file_is_refused_with_its_name(wildcard_daemon) -> No
     with pytest.raises(JobFileError) as nested:
         _prompts(wildcard_daemon, JOB.format(prompt="__broken__", seed=1, count=1))
     assert "__ghost__" in str(nested.value)
+    with pytest.raises(JobFileError) as unclosed:
+        _prompts(wildcard_daemon, JOB.format(prompt="a {red|blue lighthouse", seed=1, count=1))
+    assert "cannot be read" in str(unclosed.value) and "{red|blue|green}" in unclosed.value.fix
 
 
 def test_lora_tags_are_read_after_expansion_and_the_infotext_has_the_prompt(farm) -> None:
