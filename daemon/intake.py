@@ -329,7 +329,7 @@ class Intake:
             path = find_input_file(spec.prompts_file, self.config.paths.input_roots,
                                    "prompts_file", text)
             prompt_lines = read_prompt_file(path, self.config.limits, warnings)
-        checkpoints: dict[str, tuple[CheckpointInfo, Family]] = {}
+        checkpoints: dict[str, tuple[CheckpointInfo, Family, dict[str, object]]] = {}
         axis_names: list[str] = []
         if not spec.sweep and prompt_lines is None:
             variants: list[tuple[JobSpec, dict[str, object]]] = [(spec, {})]
@@ -343,9 +343,11 @@ class Intake:
         renders: list[RenderSpec] = []
         for variant, labels in variants:
             if variant.checkpoint not in checkpoints:
-                checkpoints[variant.checkpoint] = self._checkpoint(variant.checkpoint, text)
-            info, family = checkpoints[variant.checkpoint]
-            variant = apply_preset(variant, self.registry.preset(info))
+                found, its_family = self._checkpoint(variant.checkpoint, text)
+                checkpoints[variant.checkpoint] = (found, its_family,
+                                                   self.registry.preset(found))
+            info, family, preset = checkpoints[variant.checkpoint]
+            variant = apply_preset(variant, preset)
             vae = info.components.get("vae")
             if vae is not None:
                 # A1111's infotext names the VAE and its hash (sha256, 10 hex).
