@@ -31,7 +31,8 @@ def find_input_file(name: str, roots: Sequence[Path], key: str, text: str) -> Pa
     line = line_of_key(text, key)
     shown = ", ".join(str(r) for r in roots)
     relative = Path(name)
-    if relative.is_absolute() or ".." in relative.parts or not name.strip():
+    if (relative.is_absolute() or ".." in relative.parts or not name.strip()
+            or "\x00" in name):
         raise JobFileError(f"`{key}` = {name!r} must be a path inside the inputs folder "
                            f"({shown}), without `..` or a leading /", key=key, line=line,
                            fix=f'copy the file into the inputs folder and give its name, e.g. '
