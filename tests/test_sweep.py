@@ -230,8 +230,9 @@ def test_a_checkpoint_axis_checks_each_checkpoint_and_its_loras(started_daemon) 
         ("tiny-sdxl", "tiny-sdxl"), ("tiny-sdxl", "tiny-sdxl")]
     assert {r.checkpoint for r in renders} == {"tiny-sdxl", "tiny-sdxl-single"}
     assert {r.extra["sweep"]["prompt"] for r in renders} == {"a red lighthouse", "a cat"}
-    hashes = {r.checkpoint: r.checkpoint_hash for r in renders}
-    assert hashes["tiny-sdxl"] != hashes["tiny-sdxl-single"]
+    # Each checkpoint's renders carry the swept LoRA files, each checked against it.
+    assert {(r.checkpoint, r.loras[0].name) for r in renders} == {
+        (c, f"mystyle-00000{n}") for c in ("tiny-sdxl", "tiny-sdxl-single") for n in (1, 2)}
     # A Pony checkpoint in the list: the SDXL-lineage epoch files are refused on it.
     pony = SWEEP_BASE + '[sweep]\ncheckpoint = ["tiny-sdxl", "tiny-pony"]\n' \
         'prompt = ["a fox"]\nlora = ["mystyle-*"]\n'
