@@ -100,4 +100,5 @@ def test_lora_tags_are_read_after_expansion_and_the_infotext_has_the_prompt(farm
         with Image.open(path) as image:
             parameters = image.info["parameters"]
         assert parameters.startswith(spec.prompt.strip())
-        assert "__style__" not in parameters and "{" not in parameters.splitlines()[0]
+        assert "__style__" not in parameters.splitlines()[0]
+        assert 'Template: "a {red|blue} lighthouse, __style__"' in parameters
