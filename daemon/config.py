@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from daemon.presets import PRESET_KEYS, check_preset
+
 
 class ConfigError(ValueError):
     """config.toml is unreadable or holds a bad value; the message says where and how to fix."""
@@ -27,6 +29,7 @@ class Paths:
     inputs: Path
     outputs: Path
     state: Path
+    wildcards: Path = Path("wildcards")  # __name__ in prompts reads wildcards/name.txt
     extra_inputs: tuple[Path, ...] = ()  # more folders a job's `image` may come from
     # Existing UI installs whose models and LoRAs are indexed in place, never modified.
     comfyui: tuple[Path, ...] = ()
@@ -165,6 +168,14 @@ class CheckpointOverride:
     text_encoder: Path | None = None
     text_encoder_2: Path | None = None
     vae: Path | None = None
+    # Defaults for the jobs that use this checkpoint (daemon/presets.py): a job's own value
+    # wins, the family default comes last.
+    steps: int | None = None
+    cfg: float | None = None
+    sampler: str | None = None
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 # Checkpoint keys naming component files, and the kind of UI folder each is looked up in.
@@ -262,7 +273,7 @@ OFFLOAD_MODES = ("none", "model", "group", "sequential")
 POSTPROCESS_KINDS = ("upscale", "scores", "tags")
 POSTPROCESS_GATES = ("flag", "reseed")
 POSTPROCESS_KEYS = ("model", "kind", "labels", "threshold", "min_score", "gate", "gate_on")
-PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state")
+PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state", "wildcards")
 TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
             "plugins", "database_url", "lease_seconds", "forget_hosts_after_seconds",
             "postprocess", "devices")
@@ -347,7 +358,11 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
             raise ConfigError(f"{where}: [checkpoints.{name}] must be a table, e.g. "
                               f'[checkpoints.{name}]\\nfamily = "sdxl"')
         _reject_unknown(table, ("family", "lineage", "config", "variant", "transformer_2",
-                                *COMPONENT_KEYS), where, f"checkpoints.{name}.")
+                                *COMPONENT_KEYS, *PRESET_KEYS), where, f"checkpoints.{name}.")
+        try:
+            preset = check_preset(table, f"{where}: [checkpoints.{name}]")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         config_dir = table.get("config")
         checkpoints[name] = CheckpointOverride(
             family=table.get("family"),
@@ -357,6 +372,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
             transformer_2=_second_expert_path(table.get("transformer_2"), base, where, name),
             **{key: component_path(table[key], base, where, f"checkpoints.{name}.{key}")
                for key in COMPONENT_KEYS if key in table},
+            **preset,
         )
     loras: dict[str, LoraOverride] = {}
     for name, table in data.get("loras", {}).items():

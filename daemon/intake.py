@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
-import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -43,7 +44,6 @@ from daemon.intake_guard import (
     wrong_suffix,
 )
 from daemon.jobfile import (
-    LORA_AXIS,
     JobFileError,
     JobSpec,
     check_job,
@@ -51,11 +51,14 @@ from daemon.jobfile import (
     line_of_key,
 )
 from daemon.lifecycle import fault_point
-from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError
+from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError, preferred_weight
 from daemon.plugin_faults import FaultLog, describe_fault, fault_key
 from daemon.plugins import Plugins
+from daemon.presets import apply_preset
+from daemon.prompt_files import find_input_file, read_prompt_file
 from daemon.prompt_tags import PromptTagError, extract_lora_tags
 from daemon.registry import CheckpointInfo, Registry
+from daemon.safetensors_header import sha256_file
 from daemon.samplers import SamplerError, choose_sampler, samplers_for_kind
 from daemon.spec import LoraUse, RenderSpec
 from daemon.store import (
@@ -71,8 +74,12 @@ from daemon.store import (
     add_event,
     utcnow,
 )
+from daemon.sweep import epoch_of, expand_axes, sweep_variants
+from daemon.wildcards import Wildcards, has_dynamic_syntax
 
 log = logging.getLogger(__name__)
+
+_BARE_LORA_TAG = re.compile(r"<lora:([^:<>]+)>", re.IGNORECASE)  # a tag without a weight
 
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 MAX_JOB_FILE_BYTES = 1024 * 1024  # a job file is a few hundred bytes; 1 MB is not a job
@@ -400,39 +407,111 @@ class Intake:
             by_hash = self.registry.find_by_hash(spec.checkpoint_hash)
             if by_hash is not None:
                 spec = replace(spec, checkpoint=by_hash.name)
-        info = self.registry.find(spec.checkpoint)
+        warnings: list[str] = []
+        prompt_lines = None
+        if spec.prompts_file is not None:
+            path = find_input_file(spec.prompts_file, self.config.paths.input_roots,
+                                   "prompts_file", text)
+            prompt_lines = read_prompt_file(path, self.config.limits, warnings)
+        checkpoints: dict[str, tuple[CheckpointInfo, Family, dict[str, object]]] = {}
+        axis_names: list[str] = []
+        if not spec.sweep and prompt_lines is None:
+            variants: list[tuple[JobSpec, dict[str, object]]] = [(spec, {})]
+        else:
+            lora_names = sorted({info.name for info in self.library.all(anywhere=True)
+                                 if info.state == "ok"})
+            axes = expand_axes(spec, text, lora_names, prompt_lines)
+            axis_names = [axis.name for axis in axes]
+            variants = sweep_variants(spec, text, axes, self.config.limits.max_count)
+        wildcards = Wildcards(self.config.paths.wildcards)
+        renders: list[RenderSpec] = []
+        for variant, labels in variants:
+            if variant.checkpoint not in checkpoints:
+                found, its_family = self._checkpoint(variant.checkpoint, text)
+                checkpoints[variant.checkpoint] = (found, its_family,
+                                                   self.registry.preset(found))
+            info, family, preset = checkpoints[variant.checkpoint]
+            variant = apply_preset(variant, preset)
+            vae = info.components.get("vae")
+            if vae is not None:
+                # A1111's infotext names the VAE and its hash (sha256, 10 hex).
+                vae_record: dict[str, object] = {"vae": vae.name,
+                                                 "vae_hash": file_hash(vae)[:10]}
+            else:
+                vae_record = {}
+            for expanded, record in self._wildcard_variants(variant, wildcards, text):
+                variant_renders, notes = self._expand(expanded, family, text, info)
+                if labels:
+                    record = {**record, "sweep": labels, "sweep_axes": axis_names}
+                    swept = next((lora for lora in expanded.loras[len(spec.loras):]), None)
+                    epoch = epoch_of(swept.name) if swept is not None else None
+                    if epoch is not None:
+                        record["epoch"] = epoch
+                renders += [replace(r, extra={**r.extra, **vae_record, **record})
+                            for r in variant_renders]
+                warnings += [n for n in notes if n not in warnings]
+        return renders, warnings
+
+    def _checkpoint(self, name: str, text: str) -> tuple[CheckpointInfo, Family]:
+        """The usable checkpoint a job (or one value of its checkpoint axis) names, and its
+        family; raises JobFileError saying what is wrong and how to fix it."""
+        info = self.registry.find(name)
         line = line_of_key(text, "checkpoint")
         if info is None or info.state == "missing":
             known = self.registry.known_names()
-            close = difflib.get_close_matches(spec.checkpoint, known, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close else
                     f"known checkpoints: {', '.join(known) or 'none yet'}")
-            raise JobFileError(f"unknown checkpoint {spec.checkpoint!r}", key="checkpoint",
+            raise JobFileError(f"unknown checkpoint {name!r}", key="checkpoint",
                                line=line, fix=f"{hint} Put the model under "
                                f"{self.config.paths.models} (a diffusers folder or a "
                                ".safetensors file); `lorafarm models` lists what is known")
         if info.state != "ok" or info.family is None:
-            raise JobFileError(f"checkpoint {spec.checkpoint!r} cannot be used: {info.reason}",
+            raise JobFileError(f"checkpoint {name!r} cannot be used: {info.reason}",
                                key="checkpoint", line=line,
                                fix="fix or replace the model file (see `lorafarm models`)")
         family = self.plugins.families.get(info.family)
         if family is None:
-            raise JobFileError(f"checkpoint {spec.checkpoint!r} is a {info.family} model but the "
+            raise JobFileError(f"checkpoint {name!r} is a {info.family} model but the "
                                f"{info.family} family plugin is not installed", key="checkpoint",
                                line=line, fix="install the family plugin or pick another model")
         problem = family.missing_requirements(info.loaded())
         if problem:
             raise JobFileError(problem, key="checkpoint", line=line,
                                fix="set it in config.toml, then drop the job file again")
-        if not spec.sweep:
-            return self._expand(spec, family, text, info)
-        renders: list[RenderSpec] = []
-        warnings: list[str] = []
-        for variant, labels in sweep_variants(spec, text):
-            variant_renders, notes = self._expand(variant, family, text, info)
-            renders += [replace(r, extra={**r.extra, "sweep": labels}) for r in variant_renders]
-            warnings += [n for n in notes if n not in warnings]
-        return renders, warnings
+        return info, family
+
+    def _wildcard_variants(self, spec: JobSpec, wildcards: Wildcards,
+                           text: str) -> list[tuple[JobSpec, dict[str, object]]]:
+        """The job once per drawn (or, with `combinatorial`, every) expansion of the
+        wildcards in its prompts, with the template to record; the job itself when there
+        are none. A random draw is seeded from each render's seed."""
+        if not (has_dynamic_syntax(spec.prompt) or has_dynamic_syntax(spec.negative_prompt)):
+            return [(spec, {})]
+        for key, template in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt)):
+            if template:
+                wildcards.check(template, key, line_of_key(text, key))
+        record: dict[str, object] = {"prompt_template": spec.prompt}
+        if spec.negative_prompt is not None and has_dynamic_syntax(spec.negative_prompt):
+            record["negative_prompt_template"] = spec.negative_prompt
+        limit = self.config.limits.max_count
+        if spec.combinatorial:
+            prompts = wildcards.combinations(spec.prompt, limit, "prompt",
+                                             line_of_key(text, "prompt"))
+            if len(prompts) > limit:
+                raise JobFileError(f"the prompt's wildcards make more than {limit} combinations",
+                                   key="combinatorial", line=line_of_key(text, "combinatorial"),
+                                   fix="use fewer choices, or remove combinatorial to draw one "
+                                       "prompt per seed (limits.max_count in config.toml)")
+            seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+            return [(replace(spec, prompt=prompt, seed=seed, negative_prompt=_draw(
+                wildcards, spec.negative_prompt, seed)), record) for prompt in prompts]
+        seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+        return [(replace(spec, seed=seed + i, count=1,
+                         prompt=wildcards.random(spec.prompt, seed + i, "prompt",
+                                                 line_of_key(text, "prompt")),
+                         negative_prompt=_draw(wildcards, spec.negative_prompt, seed + i)),
+                 record) for i in range(spec.count)]
 
     def _expand(self, spec: JobSpec, family: Family, text: str,
                 checkpoint: CheckpointInfo) -> tuple[list[RenderSpec], list[str]]:
@@ -627,6 +706,9 @@ class Intake:
                                fix="write tags as <lora:NAME:WEIGHT>") from exc
         wanted = [(lora.name, lora.strength, lora.text_encoder_strength, "loras")
                   for lora in spec.loras]
+        # Named without a strength: the LoRA's own preferred weight (A1111 NAME.json) applies.
+        unweighted = {lora.name for lora in spec.loras if not lora.strength_given}
+        unweighted |= {match.group(1).strip() for match in _BARE_LORA_TAG.finditer(spec.prompt)}
         experts = {lora.name: lora.expert for lora in spec.loras if lora.expert}
         wanted += [(tag.name, tag.strength, tag.text_encoder_strength, "prompt")
                    for tag in tagged]
@@ -650,6 +732,9 @@ class Intake:
                                        f"{self.config.paths.loras}, or fix the name") from exc
             for info in infos:
                 self._check_lora_fits(info, family, checkpoint, spec, key, line, warnings)
+                preferred = preferred_weight(info.path) if name in unweighted else None
+                if preferred is not None:
+                    strength, te_strength = preferred, None
                 # A HIGH/LOW pair is two files, each for its own expert.
                 expert = experts.get(name) if len(infos) == 1 else info.expert
                 uses.append(LoraUse(name=info.name, strength=strength,
@@ -894,36 +979,21 @@ class _WakeupHandler(FileSystemEventHandler):
         self.intake.wakeup.set()
 
 
-def sweep_variants(spec: JobSpec, text: str) -> list[tuple[JobSpec, dict[str, object]]]:
-    """The job once per combination of its sweep axes, with the axis labels of each."""
-    axes = [axis for axis, _ in spec.sweep]
-    variants = []
-    base_seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
-    for combo in itertools.product(*(values for _, values in spec.sweep)):
-        labels = dict(zip(axes, combo, strict=True))
-        variant = replace(spec, seed=base_seed)
-        for axis, value in labels.items():
-            if axis == "prompt_sr":
-                search = spec.sweep[axes.index(axis)][1][0]
-                if search not in spec.prompt:
-                    raise JobFileError(f"sweep.prompt_sr searches for {search!r}, which is not "
-                                       "in the prompt", key="sweep.prompt_sr",
-                                       line=line_of_key(text, "prompt_sr"),
-                                       fix="make the first value a word of the prompt")
-                variant = replace(variant, prompt=variant.prompt.replace(search, str(value)))
-            elif axis.startswith(LORA_AXIS):
-                name = axis[len(LORA_AXIS):]
-                if name not in [lora.name for lora in spec.loras]:
-                    raise JobFileError(f"sweep axis `{axis}` names a LoRA the job does not list "
-                                       "in [[loras]]", key=f"sweep.{axis}",
-                                       fix=f'add [[loras]] name = "{name}"')
-                variant = replace(variant, loras=tuple(
-                    replace(lora, strength=float(value)) if lora.name == name else lora
-                    for lora in variant.loras))
-            else:
-                variant = replace(variant, **{axis: float(value) if axis == "cfg" else value})
-        variants.append((variant, labels))
-    return variants
+@functools.lru_cache(maxsize=64)
+def _file_hash(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file, computed once per version of it (a VAE is hashed at intake)."""
+    stat = path.stat()
+    return _file_hash(path, stat.st_size, stat.st_mtime_ns)
+
+
+def _draw(wildcards: Wildcards, template: str | None, seed: int) -> str | None:
+    if template is None or not has_dynamic_syntax(template):
+        return template
+    return wildcards.random(template, seed, "negative_prompt")
 
 
 def unique_destination(folder: Path, file_name: str, job_id: int) -> Path:

@@ -47,6 +47,8 @@ class JobLora:
     strength: float = 1.0  # the diffusion model (UNet / transformer)
     text_encoder_strength: float | None = None  # None: same as `strength`
     expert: str | None = None  # Wan 2.2: "high", "low" or "both"; None: from the library
+    # False: the job gave no strength (the LoRA's A1111 "preferred weight" applies, if set)
+    strength_given: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ class JobSpec:
     trigger_words: bool = False  # append each LoRA's trigger words to the prompt
     allow_cross_lineage: bool = False  # e.g. a Pony LoRA on an Illustrious checkpoint
     clip_skip: int | None = None  # A1111 "Clip skip"; families that have it (SD 1.5)
+    prompts_file: str | None = None  # a kohya sample-prompt file in inputs/: the prompt axis
+    combinatorial: bool = False  # wildcards: every combination instead of one per seed
+    sweep_lora_strength: float = 1.0  # [sweep] lora_strength: the swept LoRA's strength
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
@@ -99,7 +104,8 @@ class _Key:
 
 KEYS: dict[str, _Key] = {
     "checkpoint": _Key(str, required=True, example='checkpoint = "my-model"'),
-    "prompt": _Key(str, required=True, example='prompt = "a lighthouse at dusk"'),
+    # Required unless a prompt axis ([sweep] prompt, prompts_file) gives the prompts.
+    "prompt": _Key(str, example='prompt = "a lighthouse at dusk"'),
     "negative_prompt": _Key(str, example='negative_prompt = "blurry"'),
     "seed": _Key(int, low=0, high=MAX_SEED, example="seed = 1234"),
     "count": _Key(int, low=1, high_limit="max_count", example="count = 4"),
@@ -125,6 +131,8 @@ KEYS: dict[str, _Key] = {
     "trigger_words": _Key(bool, example="trigger_words = true"),
     "allow_cross_lineage": _Key(bool, example="allow_cross_lineage = true"),
     "clip_skip": _Key(int, low=1, high=12, example="clip_skip = 2"),
+    "prompts_file": _Key(str, example='prompts_file = "sample_prompts.txt"'),
+    "combinatorial": _Key(bool, example="combinatorial = true"),
 }
 LORA_KEYS = ("name", "strength", "text_encoder_strength", "expert")
 EXPERTS = ("high", "low", "both")
@@ -182,7 +190,20 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
             values[key] = None
             continue
         values[key] = _check_value(key, data[key], rule, limits, text)
-    if not values["prompt"].strip():
+    sweep_table = dict(values["sweep"] or {})
+    lora_strength = check_lora_strength(sweep_table.pop("lora_strength", None), text)
+    prompt_axis = "prompt" in sweep_table or values["prompts_file"] is not None
+    if values["prompt"] is None and not prompt_axis:
+        raise JobFileError("required key `prompt` is missing", key="prompt",
+                           fix=f"add a line like: {KEYS['prompt'].example} (or give the prompts "
+                               "as [sweep] prompt = [...] or prompts_file = \"NAME.txt\")")
+    if "prompt" in sweep_table and values["prompts_file"] is not None:
+        raise JobFileError("`prompts_file` and `sweep.prompt` both give the prompts",
+                           key="prompts_file", line=line_of_key(text, "prompts_file"),
+                           fix="keep one of them")
+    if values["prompt"] is None:
+        values["prompt"] = ""  # each render takes its prompt from the prompt axis
+    elif not values["prompt"].strip():
         raise JobFileError("the prompt is empty", key="prompt",
                            line=line_of_key(text, "prompt"), fix=KEYS["prompt"].example)
     if not values["checkpoint"].strip():
@@ -210,13 +231,28 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         priority=values["priority"] if values["priority"] is not None else 0,
         conventions=values["conventions"] if values["conventions"] is not None else True,
         loras=_check_loras(values["loras"] or [], text),
-        sweep=_check_sweep(values["sweep"] or {}, text, limits),
+        sweep=_check_sweep(sweep_table, text, limits),
         checkpoint_hash=values["checkpoint_hash"],
         lora_hashes={str(k): str(v) for k, v in (values["lora_hashes"] or {}).items()},
         trigger_words=bool(values["trigger_words"]),
         allow_cross_lineage=bool(values["allow_cross_lineage"]),
         clip_skip=values["clip_skip"],
+        prompts_file=values["prompts_file"],
+        combinatorial=bool(values["combinatorial"]),
+        sweep_lora_strength=lora_strength,
     )
+
+
+def check_lora_strength(value: Any, text: str) -> float:
+    """`[sweep] lora_strength`: the strength of the LoRA the `lora` axis sweeps (default 1)."""
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            -MAX_STRENGTH <= value <= MAX_STRENGTH):
+        raise JobFileError(f"`sweep.lora_strength` = {value!r} must be a number from "
+                           f"{-MAX_STRENGTH:g} to {MAX_STRENGTH:g}", key="sweep.lora_strength",
+                           line=line_of_key(text, "lora_strength"), fix="lora_strength = 0.8")
+    return float(value)
 
 
 def _check_loras(entries: list[Any], text: str) -> tuple[JobLora, ...]:
@@ -260,7 +296,7 @@ def _check_loras(entries: list[Any], text: str) -> tuple[JobLora, ...]:
         result.append(JobLora(name=name.strip(),
                               strength=1.0 if strength is None else strength,
                               text_encoder_strength=strengths["text_encoder_strength"],
-                              expert=expert))
+                              expert=expert, strength_given=strength is not None))
     return tuple(result)
 
 
@@ -270,6 +306,11 @@ SWEEP_AXES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "steps": (int, "steps = [20, 30]"),
     "sampler": (str, 'sampler = ["Euler a", "DPM++ 2M Karras"]'),
     "prompt_sr": (str, 'prompt_sr = ["red", "blue", "green"]  # A1111 Prompt S/R'),
+    # Files and whole prompts (daemon/sweep.py expands them at intake).
+    "lora": (str, 'lora = ["mystyle-*", "none"]  # every epoch file, and a baseline'),
+    "checkpoint": (str, 'checkpoint = ["base-model", "lightning-model"]'),
+    "prompt": (str, 'prompt = ["a lighthouse at dusk", "a cat on a sofa"]'),
+    "negative_prompt": (str, 'negative_prompt = ["blurry", "lowres, watermark"]'),
 }
 LORA_AXIS = "lora:"  # "lora:NAME" = [0.0, 0.5, 1.0]: that LoRA's strength
 

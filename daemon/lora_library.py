@@ -8,7 +8,10 @@ no family recognises. A LoRA's identity is its content hash, so a renamed file k
 history; a deleted one is marked missing.
 
 The user overrides what the header suggests with a sidecar `NAME.toml` beside the file or a
-`[loras.NAME]` table in config.toml (keys: family, lineage, trigger_words).
+`[loras.NAME]` table in config.toml (keys: family, lineage, trigger_words). A1111's own
+sidecar `NAME.json` is read too: its "activation text" is the LoRA's trigger words (unless
+NAME.toml sets trigger_words), its "preferred weight" the strength a job gets that names the
+LoRA without one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -118,8 +122,8 @@ class LoraLibrary:
                 seen.add(key)
                 try:
                     stat = path.stat()
-                    sidecar = path.with_suffix(".toml")
-                    sidecar_mtime = sidecar.stat().st_mtime_ns if sidecar.exists() else 0
+                    sidecar_mtime = sum(side.stat().st_mtime_ns for side in (
+                        path.with_suffix(".toml"), path.with_suffix(".json")) if side.exists())
                 except OSError:
                     continue
                 row = rows.get(key)
@@ -208,7 +212,8 @@ class LoraLibrary:
             return _Recognition(QUARANTINED, str(exc))
         facts = probe_lora_file(header)
         base = dict(layout=facts.layout, rank=facts.rank, alpha=facts.alpha,
-                    triggers=tuple(override.get("trigger_words") or facts.triggers),
+                    triggers=tuple(override.get("trigger_words")
+                                   or _activation_triggers(path) or facts.triggers),
                     base_model=facts.base_model, base_model_hash=facts.base_model_hash,
                     data_offset=header.data_offset)
         if facts.layout in ("lycoris-loha", "lycoris-lokr"):
@@ -381,6 +386,33 @@ class LoraLibrary:
             if info.state == OK and info.name == name:
                 return info.path
         return None
+
+
+def a1111_sidecar(path: Path) -> dict[str, Any]:
+    """A1111's `NAME.json` beside a LoRA file ({} when there is none or it is not JSON):
+    "activation text", "preferred weight" (0 means unset), "negative text", "sd version"."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("ignoring %s: not a JSON object (%s)", sidecar, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def preferred_weight(path: Path) -> float | None:
+    """The strength A1111 users set for a LoRA in its NAME.json; None when unset (0)."""
+    weight = a1111_sidecar(path).get("preferred weight")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight == 0:
+        return None
+    return float(weight)
+
+
+def _activation_triggers(path: Path) -> tuple[str, ...]:
+    text = a1111_sidecar(path).get("activation text")
+    return (text.strip(),) if isinstance(text, str) and text.strip() else ()
 
 
 def _info(row: Lora) -> LoraInfo:

@@ -70,6 +70,16 @@ def output_relpath(outputs: Path, output: str | None) -> str | None:
         return None
 
 
+def grid_relpaths(outputs: Path, job_id: int, job_name: str) -> list[str]:
+    """A sweep job's grid and its pages, relative to the outputs folder (none for others)."""
+    from daemon.grid import grid_files
+    from daemon.outputs import job_folder
+
+    found = (output_relpath(outputs, str(path))
+             for path in grid_files(job_folder(outputs, job_id, job_name)))
+    return [rel for rel in found if rel]
+
+
 def poster_relpath(relpath: str | None) -> str | None:
     """What to show as a thumbnail: the image itself, or a video's poster (same name, .png),
     which the worker writes before the video."""
@@ -291,7 +301,7 @@ def history(session: Session, outputs: Path, *, limit: int = 50,
                      "checkpoint": spec.get("checkpoint"),
                      "prompt": spec.get("prompt"), "renders": states,
                      "created_at": iso(job.created_at), "finished_at": iso(job.finished_at),
-                     "thumbs": thumbs})
+                     "thumbs": thumbs, "grids": grid_relpaths(outputs, job.id, job.name)})
     return jobs
 
 
@@ -374,7 +384,8 @@ def job_detail(session: Session, outputs: Path, job_id: int) -> dict[str, Any] |
     return {
         "id": job.id, "name": job.name, "file": job.file_name, "file_path": job.file_path,
         "state": job.state, "priority": job.priority, "error": job.error,
-        "warnings": job.warnings, "created_at": iso(job.created_at),
+        "grids": grid_relpaths(outputs, job.id, job.name), "warnings": job.warnings,
+        "created_at": iso(job.created_at),
         "finished_at": iso(job.finished_at),
         "job": json.loads(job.spec_json) if job.spec_json else None,
         "renders": renders, "loras": list(loras.values()), "events": events,

@@ -34,6 +34,7 @@ from daemon.config import COMPONENT_KEYS, CheckpointOverride, Config, component_
 from daemon.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
 from daemon.gguf_header import TEXT_ARCHITECTURES, GgufError, read_gguf_header
 from daemon.plugins import Plugins
+from daemon.presets import PRESET_KEYS, check_preset
 from daemon.quantization import checkpoint_quantization
 from daemon.safetensors_header import SafetensorsError, read_header, sha256_file
 from daemon.store import Checkpoint, FileHash, Host, Store, add_event, lease_now, utcnow
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # In a diffusers folder, the file whose hash stands for the model (A1111 hashes one file).
 DENOISER_WEIGHTS = ("unet", "transformer")
-SIDECAR_KEYS = ("family", "lineage", "config", "variant", "transformer_2", *COMPONENT_KEYS)
+SIDECAR_KEYS = ("family", "lineage", "config", "variant", "transformer_2", *COMPONENT_KEYS,
+                *PRESET_KEYS)
 
 
 @dataclass(frozen=True)
@@ -399,6 +401,18 @@ class Registry:
             rows = sorted(rows, key=lambda row: row.host != self.host)
             return self._row_info(rows[0]) if rows else None
 
+    def preset(self, info: CheckpointInfo) -> dict[str, Any]:
+        """The defaults the checkpoint brings for jobs (steps, cfg, sampler, negative_prompt,
+        width, height): its sidecar's, with config.toml's [checkpoints.NAME] on top."""
+        try:
+            override, _ = self._override(info.name, info.path)
+        except ValueError:
+            return {}  # a broken sidecar makes the checkpoint unusable; the scan says why
+        if override is None:
+            return {}
+        return {key: getattr(override, key) for key in PRESET_KEYS
+                if getattr(override, key) is not None}
+
     def known_names(self) -> list[str]:
         """Usable checkpoint names on any live host (for did-you-mean)."""
         with self.store.session() as session:
@@ -547,6 +561,7 @@ def read_sidecar(name: str, path: Path) -> dict[str, object]:
         raise ValueError(f"sidecar {sidecar.name}: unknown key(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(SIDECAR_KEYS)}")
     values: dict[str, object] = dict(data)
+    values.update(check_preset(values, f"sidecar {sidecar.name}"))
     for key in ("config", "transformer_2"):
         if key in values:
             values[key] = (sidecar.parent / str(values[key])).resolve()

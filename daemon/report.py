@@ -55,6 +55,7 @@ def night_summary(session: Session, outputs: Path, since: dt.datetime) -> dict[s
     counts = {RENDER_DONE: 0, RENDER_FAILED: 0, RENDER_CANCELLED: 0}
     per_checkpoint: dict[str, dict[str, int]] = {}
     sheet: list[dict[str, Any]] = []
+    grids: dict[int, dict[str, Any]] = {}  # job id -> its sweep grid and pages
     failures: list[dict[str, Any]] = []
     for render, job_name, file_name in rows:
         counts[render.state] += 1
@@ -65,6 +66,10 @@ def night_summary(session: Session, outputs: Path, since: dt.datetime) -> dict[s
         if render.state == RENDER_DONE:
             rel = overview.output_relpath(outputs, render.output_path)
             spec = json.loads(render.spec_json)
+            if render.job_id not in grids and spec.get("extra", {}).get("sweep"):
+                grids[render.job_id] = {"job_id": render.job_id, "job": job_name, "files":
+                                        overview.grid_relpaths(outputs, render.job_id,
+                                                               job_name)}
             sheet.append({"job_id": render.job_id, "job": job_name, "index": render.index,
                           "seed": render.seed, "checkpoint": render.checkpoint,
                           "prompt": spec.get("user_prompt") or spec.get("prompt", ""),
@@ -105,6 +110,7 @@ def night_summary(session: Session, outputs: Path, since: dt.datetime) -> dict[s
         "per_checkpoint": per_checkpoint,
         "renders": sheet,
         "failures": failures,
+        "grids": [entry for entry in grids.values() if entry["files"]],
     }
 
 
@@ -279,6 +285,13 @@ table { border-collapse:collapse; } th, td { text-align:left; padding:.25rem .6r
  <td>#{{ f.index }} seed {{ f.seed }}</td><td>{{ f.checkpoint }}</td>
  <td class="error">{{ f.error }}</td></tr>
 {% endfor %}</table>
+{% endif %}
+{% if s.grids %}
+<h2>Sweep grids</h2>
+<ul id="grids">
+{% for g in s.grids %}<li>{{ g.job }} <span class="muted">(job {{ g.job_id }})</span>:
+ {% for f in g.files %}<a href="{{ href(f) }}">{{ f.rsplit('/', 1)[-1] }}</a> {% endfor %}</li>
+{% endfor %}</ul>
 {% endif %}
 <h2>Contact sheet</h2>
 <div class="sheet" id="sheet">

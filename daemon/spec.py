@@ -13,6 +13,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# Extras that only record where a render came from (its sweep labels, a LoRA's epoch, the
+# wildcard template): they change no pixel, so renders differing only there share a batch.
+RECORD_ONLY_EXTRAS = frozenset({"sweep", "sweep_axes", "epoch", "prompt_template",
+                                "negative_prompt_template"})
+
 
 @dataclass(frozen=True)
 class LoraUse:
@@ -60,7 +65,8 @@ class RenderSpec:
             "height": self.height,
             "clip_skip": self.clip_skip,
             "loras": [dataclasses.asdict(lora) for lora in self.loras],
-            "extra": self.extra,
+            "extra": {key: value for key, value in self.extra.items()
+                      if key not in RECORD_ONLY_EXTRAS},
         }
         canonical = json.dumps(shared, sort_keys=True, separators=(",", ":"))
         # A short digest: it is stored per render and indexed for the scheduler.

@@ -276,6 +276,9 @@ HISTORY = """{% extends "base.html" %}{% import "macros.html" as m %}
  {% for f in job.failures %}<div class="error">{{ f }}</div>{% endfor %}
  {% if job.thumbs %}<div class="gallery">
   {%- for t in job.thumbs %}{{ m.thumb(t, u) }}{% endfor %}</div>{% endif %}
+ {% if job.grids %}<div class="grids">sweep grid:
+  {%- for g in job.grids %} <a href="{{ u('/files/' ~ g) }}">{{ g.rsplit('/', 1)[-1] }}</a>
+  {%- endfor %}</div>{% endif %}
 </div>
 {% else %}<p class="muted">No jobs yet: drop a job file into the jobs folder.</p>
 {% endfor %}
@@ -299,6 +302,9 @@ JOB = """{% extends "base.html" %}{% import "macros.html" as m %}
 {% if job.can_retry %}
  {{- m.button('/jobs/' ~ job.id ~ '/retry', 'Retry failed renders', u) }}{% endif %}</p>
 {% if job.error %}<div class="error" id="job-error">{{ job.error }}</div>{% endif %}
+{% if job.grids %}<p class="grids" id="job-grids">Sweep grid:
+ {%- for g in job.grids %} <a href="{{ u('/files/' ~ g) }}">{{ g.rsplit('/', 1)[-1] }}</a>
+ {%- endfor %}</p>{% endif %}
 {% for w in job.warnings %}<div class="warning">{{ w }}</div>{% endfor %}
 </div>
 {% if job.job %}

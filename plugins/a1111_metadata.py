@@ -116,6 +116,9 @@ def infotext_for(
         ("Model", spec.checkpoint),
         ("Clip skip", spec.clip_skip),
         *(family_fields or []),
+        # sd-dynamic-prompts' fields: the wildcard template the prompt was drawn from.
+        ("Template", spec.extra.get("prompt_template")),
+        ("Negative Template", spec.extra.get("negative_prompt_template")),
     ]
     if spec.loras:
         fields.append(("Lora hashes", _lora_hashes(spec.loras)))

@@ -167,18 +167,20 @@ def test_component_files_named_ambiguous_and_missing(make_farm, tmp_path: Path) 
 
 def test_component_keys_on_a_family_that_cannot_take_them_are_refused(
         make_farm, assets, tmp_path: Path) -> None:
-    """SDXL loads its text encoders and VAE from the checkpoint: a `vae` key for it would be
-    ignored without a word, so the checkpoint is refused, saying which key to remove."""
-    vae = tmp_path / "sdxl_vae.safetensors"
-    shutil.copy(assets.models / "tiny-sdxl-single.safetensors", vae)  # any existing file
+    """SDXL loads its text encoders from the checkpoint (only its VAE may be a file of its
+    own): a `text_encoder` key for it would be ignored without a word, so the checkpoint is
+    refused, saying which key to remove."""
+    clip = tmp_path / "clip_l.safetensors"
+    shutil.copy(assets.models / "tiny-sdxl-single.safetensors", clip)  # any existing file
     farm = make_farm(checkpoints={"tiny-sdxl-single": {"config": str(assets.configs / "tiny-sdxl"),
-                                                       "vae": str(vae)}})
+                                                       "text_encoder": str(clip)}})
     farm.drop("sdxl.toml", 'checkpoint = "tiny-sdxl-single"\nprompt = "a fox"\nseed = 1\n'
                            'steps = 2\nwidth = 64\nheight = 64\n')
     assert farm.run() == 0
     assert farm.files_in("done") == [] and "sdxl.toml" in farm.files_in("rejected")
     report = farm.rejection("sdxl.toml")
-    assert "vae set for tiny-sdxl-single" in report
+    assert "text_encoder set for tiny-sdxl-single" in report
+    assert "it takes only vae" in report
     assert "does not assemble its pipeline from component files" in report
     assert "remove the key" in report
 

@@ -34,6 +34,7 @@ from daemon.plugin_api import (
     to_compel_conjunction,
 )
 from families.sdxl.lineage import guess_lineage
+from families.shared.components import fit_problem, load_component
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 # Keys only an SDXL original-layout file has: the OpenCLIP-G second text encoder of the
@@ -55,6 +56,9 @@ class SDXLFamily(Family):
     # A1111 weights and BREAK are encoded through compel (encode_weighted_sdxl); the base
     # apply_conventions warns about what compel cannot read (unbalanced brackets, editing).
     prompt_weighting = "a1111"
+    # A VAE of its own (`vae = "sdxl_vae_fp16_fix.safetensors"` for the checkpoint): the
+    # fp16-fix VAE users swap in against black images in half precision.
+    component_files = ("vae",)
 
     # -- recognition -----------------------------------------------------------------------
 
@@ -125,27 +129,39 @@ class SDXLFamily(Family):
                 checkpoint.config_path / "model_index.json").is_file():
             return (f"the config folder {checkpoint.config_path} for {checkpoint.name!r} has no "
                     "model_index.json; point it at a diffusers SDXL folder")
-        return None
+        return vae_problem(checkpoint)
 
     # -- loading and rendering -------------------------------------------------------------
 
     def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
                       dtype: torch.dtype) -> Any:
         self.require_loadable(checkpoint)
+        parts: dict[str, Any] = {}
+        vae = checkpoint.components.get("vae")
+        if vae is not None:
+            base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
+            assert base is not None  # missing_requirements made sure
+            parts["vae"] = load_component(vae, base, "vae", dtype)
         if checkpoint.kind == "folder":
             # use_safetensors: a folder's .bin weights are pickles and are never loaded.
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                checkpoint.path, dtype=dtype, local_files_only=True, use_safetensors=True)
+                checkpoint.path, dtype=dtype, local_files_only=True, use_safetensors=True,
+                **parts)
         else:
             pipe = StableDiffusionXLPipeline.from_single_file(
                 str(checkpoint.path), config=str(checkpoint.config_path), dtype=dtype,
-                local_files_only=True)
+                local_files_only=True, **parts)
         pipe.set_progress_bar_config(disable=True)
         # Samplers are swapped per batch; each is built from the checkpoint's own training
         # settings, kept here untouched.
         pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
         # Loaded on the CPU already; `.to("cpu")` would only warn about fp32 modules.
         return pipe if device.type == "cpu" else pipe.to(device)
+
+    def infotext_fields(self, spec: RenderSpec) -> list[tuple[str, object]]:
+        """A1111's `VAE` and `VAE hash` when the checkpoint renders with a VAE of its own."""
+        return [*super().infotext_fields(spec), ("VAE hash", spec.extra.get("vae_hash")),
+                ("VAE", spec.extra.get("vae"))]
 
     def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
                      progress: Progress | None = None) -> list[Image.Image]:
@@ -228,6 +244,21 @@ class SDXLFamily(Family):
             jobs={"sdxl-folder.toml": job.format(name="tiny-sdxl", seed=1000),
                   "sdxl-single-file.toml": job.format(name="tiny-sdxl-single", seed=2000)},
         )
+
+
+def vae_problem(checkpoint: LoadedCheckpoint) -> str | None:
+    """Why the VAE file named for an SDXL-lineage checkpoint cannot be its VAE (a Flux or
+    SD3 VAE has 16 latent channels, not 4); None when it fits or none is named."""
+    vae = checkpoint.components.get("vae")
+    base = checkpoint.path if checkpoint.kind == "folder" else checkpoint.config_path
+    if vae is None or base is None:
+        return None
+    problem = fit_problem(vae, base, "vae")
+    if problem is None:
+        return None
+    return (f"vae = {vae.name!r} ([checkpoints.{checkpoint.name}] in config.toml or the sidecar "
+            f"{checkpoint.name}.toml) is not an SDXL VAE: {vae.name} {problem}. Name an SDXL "
+            "VAE (e.g. sdxl_vae_fp16_fix.safetensors), or remove the key")
 
 
 def _plain(parsed: ParsedPrompt) -> str:
