@@ -57,6 +57,12 @@ class Progress:
         self.on_step(step + 1, self.total_steps)
         return callback_kwargs
 
+    def stage(self, done: int, total: int) -> Progress:
+        """The progress of one pipeline call among several for one batch (a hires fix's
+        second pass): its steps count on from `done`, out of `total` for the whole batch."""
+        return Progress(total, lambda step, _total: self.on_step(done + step, total),
+                        self.should_abort)
+
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
@@ -205,6 +211,12 @@ class Family(ABC):
     supports_true_cfg: bool = False
     produces: str = "image"  # "image" or "video"
     takes_image: bool = False  # accepts the job key `image` (image-to-video)
+    # A `[hires]` table (render, upscale, second denoising pass; see daemon/hires.py): the
+    # family's render_batch reads RenderSpec.extra["hires"].
+    supports_hires: bool = False
+    # Image-to-image: `image` + `denoising_strength` on an image family; render_batch reads
+    # extra["image_path"] and extra["denoising_strength"].
+    supports_img2img: bool = False
     # Loads quantized `.gguf` transformers (probe_checkpoint may claim kind "gguf" sources).
     reads_gguf: bool = False
     # Pipeline components it can take from files of their own (config.toml / sidecar keys
@@ -228,7 +240,7 @@ class Family(ABC):
     def image_input(self, variant: str | None) -> str:
         """Whether a job for this variant gives an input image: "required", "optional" or
         "none" (checked at intake)."""
-        return "optional" if self.takes_image else "none"
+        return "optional" if self.takes_image or self.supports_img2img else "none"
 
     def size_for_image(self, variant: str | None, image_width: int,
                        image_height: int) -> tuple[int, int] | None:

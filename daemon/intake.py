@@ -34,6 +34,7 @@ from watchdog.observers import Observer
 
 from daemon.config import Config
 from daemon.family import Family, FamilyDefaults
+from daemon.hires import DEFAULT_IMG2IMG_DENOISING, hires_target
 from daemon.jobfile import (
     LORA_AXIS,
     JobFileError,
@@ -420,6 +421,8 @@ class Intake:
             # the batch key and (via Family.infotext_fields) every output's infotext.
             extra["quantization"] = checkpoint.quantization
         extra.update(self._video_settings(spec, family, d, checkpoint.variant, text))
+        extra.update(self._refine_settings(spec, family, d, width, height, text, warnings))
+        warnings.extend(w for w in spec.rerender_warnings if w not in warnings)
         renders = [
             RenderSpec(
                 family=family.name, checkpoint=spec.checkpoint, prompt=prompt,
@@ -478,6 +481,57 @@ class Intake:
             # The absolute path is for the worker; `image` and its hash are for the record.
             settings["image_path"] = str(path)
             settings["image_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return settings
+
+    def _refine_settings(self, spec: JobSpec, family: Family, d: FamilyDefaults, width: int,
+                         height: int, text: str, warnings: list[str]) -> dict[str, object]:
+        """`[hires]` and image-to-image's `denoising_strength`, checked against the family
+        (see daemon/hires.py)."""
+        settings: dict[str, object] = {}
+        img2img = spec.image is not None and family.produces == "image"
+        if spec.denoising_strength is not None and not img2img:
+            raise JobFileError("`denoising_strength` is for image-to-image: the job gives no "
+                               "`image`", key="denoising_strength",
+                               line=line_of_key(text, "denoising_strength"),
+                               fix='add image = "input.png" (in the inputs folder), or put '
+                                   "denoising_strength into [hires] for the hires pass")
+        if img2img:
+            if not family.supports_img2img:
+                raise JobFileError(f"{family.display_name} has no image-to-image here",
+                                   key="image", line=line_of_key(text, "image"),
+                                   fix="remove image, or use an SDXL-lineage checkpoint")
+            settings["denoising_strength"] = (spec.denoising_strength
+                                              if spec.denoising_strength is not None
+                                              else DEFAULT_IMG2IMG_DENOISING)
+        if spec.hires is None:
+            return settings
+        line = line_of_key(text, "hires") or line_of_key(text, "scale")
+        if not family.supports_hires:
+            raise JobFileError(f"{family.display_name} has no hires fix", key="hires", line=line,
+                               fix="remove [hires], or render at the size you want")
+        if img2img:
+            raise JobFileError("[hires] is for text-to-image; this job gives an `image`",
+                               key="hires", line=line,
+                               fix="remove [hires], or set the img2img width/height larger")
+        if spec.hires.get("sampler"):
+            try:
+                choose_sampler(spec.hires["sampler"], None, family.sampler_kind)
+            except SamplerError as exc:
+                raise JobFileError(f"hires.sampler: {exc}", key="hires.sampler", line=line,
+                                   fix="use one of: "
+                                   + ", ".join(samplers_for_kind(family.sampler_kind))) from exc
+        target_w, target_h = hires_target(width, height, spec.hires, d.size_multiple)
+        limits = self.config.limits
+        if not (64 <= target_w <= limits.max_width and 64 <= target_h <= limits.max_height):
+            raise JobFileError(f"the hires size {target_w}x{target_h} is out of range (64 to "
+                               f"{limits.max_width}x{limits.max_height}, limits in config.toml)",
+                               key="hires", line=line, fix="use a smaller scale or size")
+        if "scale" in spec.hires and (target_w, target_h) != (
+                int(width * spec.hires["scale"]), int(height * spec.hires["scale"])):
+            warnings.append(f"hires: {width}x{height} x {spec.hires['scale']:g} renders at "
+                            f"{target_w}x{target_h} ({family.display_name} needs multiples "
+                            f"of {d.size_multiple})")
+        settings["hires"] = dict(spec.hires)
         return settings
 
     def input_image(self, name: str, text: str) -> Path:

@@ -78,6 +78,10 @@ class JobSpec:
     lora_hashes: dict[str, str] = field(default_factory=dict)
     trigger_words: bool = False  # append each LoRA's trigger words to the prompt
     allow_cross_lineage: bool = False  # e.g. a Pony LoRA on an Illustrious checkpoint
+    hires: dict[str, Any] | None = None  # [hires] as checked (daemon.hires.check_hires)
+    denoising_strength: float | None = None  # image-to-image: how much of `image` is redrawn
+    # What a re-render could not honour of its source (infotext fields): job warnings.
+    rerender_warnings: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
@@ -123,6 +127,11 @@ KEYS: dict[str, _Key] = {
     "lora_hashes": _Key(dict, example='lora_hashes = { ink = "0a1b2c3d4e5f" }'),
     "trigger_words": _Key(bool, example="trigger_words = true"),
     "allow_cross_lineage": _Key(bool, example="allow_cross_lineage = true"),
+    "hires": _Key(dict, example="[hires]\nscale = 2.0\nsteps = 10\ndenoising_strength = 0.5"),
+    "denoising_strength": _Key((int, float), low=0.0, high=1.0,
+                               example="denoising_strength = 0.6"),
+    # Written by the re-render plugin: infotext fields it could not turn into job keys.
+    "rerender_warnings": _Key(list, example='rerender_warnings = ["..."]'),
 }
 LORA_KEYS = ("name", "strength", "text_encoder_strength", "expert")
 EXPERTS = ("high", "low", "both")
@@ -213,7 +222,19 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         lora_hashes={str(k): str(v) for k, v in (values["lora_hashes"] or {}).items()},
         trigger_words=bool(values["trigger_words"]),
         allow_cross_lineage=bool(values["allow_cross_lineage"]),
+        hires=_check_hires(values["hires"], text, limits),
+        denoising_strength=(float(values["denoising_strength"])
+                            if values["denoising_strength"] is not None else None),
+        rerender_warnings=tuple(str(w) for w in values["rerender_warnings"] or ()),
     )
+
+
+def _check_hires(table: dict[str, Any] | None, text: str, limits: Limits) -> dict[str, Any] | None:
+    if table is None:
+        return None
+    from daemon.hires import check_hires  # daemon.hires builds on this module
+
+    return check_hires(table, text, limits)
 
 
 def _check_loras(entries: list[Any], text: str) -> tuple[JobLora, ...]:

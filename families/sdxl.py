@@ -49,6 +49,8 @@ class SDXLFamily(Family):
     sampler_kind = "eps"
     defaults = FamilyDefaults(width=1024, height=1024, steps=25, cfg=6.0, sampler="DPM++ 2M",
                               schedule="Karras")
+    supports_hires = True
+    supports_img2img = True
 
     # -- recognition -----------------------------------------------------------------------
 
@@ -121,6 +123,13 @@ class SDXLFamily(Family):
                     "model_index.json; point it at a diffusers SDXL folder")
         return None
 
+    def size_for_image(self, variant: str | None, image_width: int,
+                       image_height: int) -> tuple[int, int] | None:
+        """Image-to-image without width/height renders at the input's size (down to a
+        multiple of 8)."""
+        multiple = self.defaults.size_multiple
+        return image_width - image_width % multiple, image_height - image_height % multiple
+
     # -- loading and rendering -------------------------------------------------------------
 
     def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
@@ -175,10 +184,33 @@ class SDXLFamily(Family):
                     "prompt": [_plain(parsed[i][0]) for i in indices],
                     "negative_prompt": [_plain(parsed[i][1]) for i in indices],
                 }
-            for i, image in zip(indices, self._call_pipeline(pipe, group, conditioning,
-                                                             progress), strict=True):
+            for i, image in zip(indices, self._render_group(pipe, group, conditioning,
+                                                            progress), strict=True):
                 images[i] = image
         return [images[i] for i in range(len(specs))]
+
+    def _render_group(self, pipe: Any, specs: list[RenderSpec], conditioning: dict[str, Any],
+                      progress: Progress | None) -> list[Image.Image]:
+        """One pipeline call's worth of renders: text-to-image, image-to-image (an input
+        image with denoising below 1; at 1 the image is ignored, as it is redrawn whole), or
+        text-to-image plus a hires pass (families/sdxl_refine.py)."""
+        from families import sdxl_refine
+
+        first = specs[0]
+        denoising = first.extra.get("denoising_strength")
+        if "image_path" in first.extra and denoising is not None and denoising < 1:
+            return sdxl_refine.render_img2img(self, pipe, specs, conditioning, progress)
+        hires = first.extra.get("hires")
+        if hires:
+            hires_conditioning = conditioning
+            if hires.get("prompt") is not None or hires.get("negative_prompt") is not None:
+                hires_conditioning = encode_weighted_sdxl(
+                    pipe, [parse_prompt(hires.get("prompt", spec.prompt)) for spec in specs],
+                    [parse_prompt(hires.get("negative_prompt", spec.negative_prompt))
+                     for spec in specs])
+            return sdxl_refine.render_hires(self, pipe, specs, conditioning,
+                                            hires_conditioning, progress)
+        return self._call_pipeline(pipe, specs, conditioning, progress)
 
     def _call_pipeline(self, pipe: Any, specs: list[RenderSpec], conditioning: dict[str, Any],
                        progress: Progress | None) -> list[Image.Image]:

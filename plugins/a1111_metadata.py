@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from daemon import __version__, hookimpl
+from daemon.hires import infotext_fields as refine_fields
 from daemon.spec import LoraUse, RenderSpec
 
 if TYPE_CHECKING:
@@ -117,6 +118,9 @@ def infotext_for(
         ("Model", spec.checkpoint),
         ("Clip skip", spec.clip_skip),
         *(family_fields or []),
+        # Hires fix and image-to-image, whatever the family (daemon/hires.py).
+        *refine_fields(spec.extra, spec.sampler, spec.schedule, spec.prompt,
+                       spec.negative_prompt),
     ]
     if spec.loras:
         fields.append(("Lora hashes", _lora_hashes(spec.loras)))
