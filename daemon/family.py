@@ -168,6 +168,14 @@ class LoraProbe:
 
 
 @dataclass(frozen=True)
+class EmbeddingProbe:
+    """A family's answer to "is this textual-inversion embedding for your models?"."""
+
+    reason: str  # what in the file made the family say so
+    vectors: int  # how many tokens the embedding stands for
+
+
+@dataclass(frozen=True)
 class LoadedCheckpoint:
     """What the worker hands a family to load a pipeline from."""
 
@@ -235,6 +243,12 @@ class Family(ABC):
     def probe_lora(self, header: SafetensorsHeader, facts: LoraFacts) -> LoraProbe | None:
         """Recognise a LoRA meant for this family's models from its header (no weights are
         loaded). The default recognises nothing."""
+        return None
+
+    def probe_embedding(self, header: SafetensorsHeader) -> EmbeddingProbe | None:
+        """Recognise a textual-inversion embedding for this family's text encoders from its
+        header (daemon/embeddings.py). The default recognises none: the family takes no
+        embeddings, and a job naming one is refused."""
         return None
 
     def image_input(self, variant: str | None) -> str:

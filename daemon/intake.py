@@ -33,6 +33,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.config import Config
+from daemon.embeddings import OK as EMBEDDING_OK
+from daemon.embeddings import EmbeddingInfo, EmbeddingLibrary
 from daemon.family import Family, FamilyDefaults
 from daemon.hires import DEFAULT_IMG2IMG_DENOISING, hires_target
 from daemon.jobfile import (
@@ -88,6 +90,8 @@ class Intake:
         self.library = library
         self.owner = owner.replace("/", "_")  # names this daemon's claim folder
         self.plugins = plugins
+        # Textual-inversion embeddings, indexed in memory (rescanned for every job).
+        self.embeddings = EmbeddingLibrary(config, plugins)
         self.jobs_dir = config.paths.jobs
         self.wakeup = threading.Event()  # set by the watcher; the scan loop waits on it
         self._closed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at close-write
@@ -341,6 +345,7 @@ class Intake:
         if problem:
             raise JobFileError(problem, key="checkpoint", line=line,
                                fix="set it in config.toml, then drop the job file again")
+        self.embeddings.scan()
         if not spec.sweep:
             return self._expand(spec, family, text, info)
         renders: list[RenderSpec] = []
@@ -422,6 +427,9 @@ class Intake:
             extra["quantization"] = checkpoint.quantization
         extra.update(self._video_settings(spec, family, d, checkpoint.variant, text))
         extra.update(self._refine_settings(spec, family, d, width, height, text, warnings))
+        embeddings = self._resolve_embeddings(spec, family, prompt, negative, text)
+        if embeddings:
+            extra["embeddings"] = embeddings
         warnings.extend(w for w in spec.rerender_warnings if w not in warnings)
         renders = [
             RenderSpec(
@@ -482,6 +490,57 @@ class Intake:
             settings["image_path"] = str(path)
             settings["image_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         return settings
+
+    def _resolve_embeddings(self, spec: JobSpec, family: Family, prompt: str, negative: str,
+                            text: str) -> list[dict[str, str]]:
+        """The textual-inversion embeddings the prompts name (A1111: an embedding's name as a
+        word of either prompt), plus a re-render's `embedding_hashes` found by hash, then by
+        name; each checked against the checkpoint's architecture."""
+        chosen: dict[str, EmbeddingInfo] = {}
+        missing = []
+        for name, digest in spec.embedding_hashes.items():
+            found = self.embeddings.find_by_hash(digest) or next(
+                (info for info in self.embeddings.all()
+                 if info.name.lower() == name.lower() and info.state == EMBEDDING_OK), None)
+            if found is None:
+                missing.append(f"{name} (hash {digest})")
+            else:
+                chosen[name] = found
+        if missing:
+            folders = ", ".join(str(p) for p in self.config.paths.embedding_folders)
+            raise JobFileError(f"embedding(s) not found by hash or by name: "
+                               f"{', '.join(missing)}", key="embedding_hashes",
+                               line=line_of_key(text, "embedding_hashes"),
+                               fix=f"put the .safetensors file(s) into {folders}")
+        taken = {name.lower() for name in chosen}
+        for info in self.embeddings.named_in(prompt, negative):
+            if info.name.lower() not in taken:
+                chosen[info.name] = info
+        used = []
+        for name, info in sorted(chosen.items()):
+            where = "negative_prompt" if name.lower() not in prompt.lower() else "prompt"
+            if info.state != EMBEDDING_OK:
+                raise JobFileError(f"the {where} names embedding {name!r} ({info.path}), which "
+                                   f"is {info.state}: {info.reason}", key=where,
+                                   line=line_of_key(text, where),
+                                   fix="replace the file with an SDXL .safetensors embedding, "
+                                       "or remove the word from the prompt")
+            if info.architecture != family.architecture:
+                owner = self.plugins.families.get(info.family or "")
+                made_for = owner.display_name if owner else info.family
+                raise JobFileError(f"the {where} names embedding {name!r}, which is for "
+                                   f"{made_for} ({info.architecture} text encoders), but "
+                                   f"checkpoint {spec.checkpoint!r} is {family.display_name}",
+                                   key=where, line=line_of_key(text, where),
+                                   fix=(f"use a {family.display_name} embedding, or remove "
+                                        "the word from the prompt")
+                                   if type(family).probe_embedding is not Family.probe_embedding
+                                   else f"{family.display_name} takes no textual-inversion "
+                                        "embeddings: remove the word from the prompt, or "
+                                        "rename the embedding file if the word is meant")
+            used.append({"name": name, "file": info.name, "autov2": info.autov2 or "",
+                         "path": str(info.path)})
+        return used
 
     def _refine_settings(self, spec: JobSpec, family: Family, d: FamilyDefaults, width: int,
                          height: int, text: str, warnings: list[str]) -> dict[str, object]:

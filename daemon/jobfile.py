@@ -82,6 +82,8 @@ class JobSpec:
     denoising_strength: float | None = None  # image-to-image: how much of `image` is redrawn
     # What a re-render could not honour of its source (infotext fields): job warnings.
     rerender_warnings: tuple[str, ...] = ()
+    # Re-renders: textual-inversion embeddings by hash first (A1111's "TI hashes").
+    embedding_hashes: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
@@ -132,6 +134,7 @@ KEYS: dict[str, _Key] = {
                                example="denoising_strength = 0.6"),
     # Written by the re-render plugin: infotext fields it could not turn into job keys.
     "rerender_warnings": _Key(list, example='rerender_warnings = ["..."]'),
+    "embedding_hashes": _Key(dict, example='embedding_hashes = { negativeXL_D = "fff5d51ab6" }'),
 }
 LORA_KEYS = ("name", "strength", "text_encoder_strength", "expert")
 EXPERTS = ("high", "low", "both")
@@ -226,6 +229,8 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         denoising_strength=(float(values["denoising_strength"])
                             if values["denoising_strength"] is not None else None),
         rerender_warnings=tuple(str(w) for w in values["rerender_warnings"] or ()),
+        embedding_hashes={str(k): str(v)
+                          for k, v in (values["embedding_hashes"] or {}).items()},
     )
 
 

@@ -7,6 +7,7 @@ lineage; they build on `SDXLFamily` rather than copying it.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from daemon.family import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
+    EmbeddingProbe,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
@@ -160,8 +162,27 @@ class SDXLFamily(Family):
             notes.extend(f"{which}: {warning}" for warning in parse_prompt(text).warnings)
         return prompt, negative, notes
 
+    def probe_embedding(self, header: SafetensorsHeader) -> EmbeddingProbe | None:
+        from families.sdxl_embeddings import probe_sdxl_embedding
+
+        return probe_sdxl_embedding(header)
+
     def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
                      progress: Progress | None = None) -> list[Image.Image]:
+        from families.sdxl_embeddings import embeddings_loaded, spelled_as_loaded
+
+        # Textual-inversion embeddings the prompts name (intake found them; every render of
+        # a batch names the same ones): loaded for this batch only.
+        embeddings = specs[0].extra.get("embeddings") or []
+        if embeddings:
+            specs = [replace(spec, prompt=spelled_as_loaded(spec.prompt, embeddings),
+                             negative_prompt=spelled_as_loaded(spec.negative_prompt, embeddings))
+                     for spec in specs]
+        with embeddings_loaded(pipe, embeddings):
+            return self._render_prompts(pipe, specs, progress)
+
+    def _render_prompts(self, pipe: Any, specs: list[RenderSpec],
+                        progress: Progress | None) -> list[Image.Image]:
         # A render whose prompts carry A1111 weights (or BREAK) is encoded through compel; one
         # without keeps diffusers' own text encoding. A mixed batch is rendered as two
         # pipeline calls, so that no image depends on which batch it shared.
@@ -289,7 +310,7 @@ def encode_weighted_sdxl(pipe: Any, prompts: list[ParsedPrompt],
     first chunk's plain text: A1111 does not weight it either, and compel would otherwise
     pool over its own syntax characters.
     """
-    from compel import Compel, ReturnedEmbeddingsType
+    from compel import Compel, DiffusersTextualInversionManager, ReturnedEmbeddingsType
 
     device = pipe._execution_device
     # Built per batch, not cached: the text encoders change when a LoRA set with text-encoder
@@ -297,7 +318,12 @@ def encode_weighted_sdxl(pipe: Any, prompts: list[ParsedPrompt],
     encoders = [
         Compel(tokenizer=tokenizer, text_encoder=text_encoder, truncate_long_prompts=False,
                returned_embeddings_type=ReturnedEmbeddingsType
-               .PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED, device=str(device))
+               .PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED, device=str(device),
+               # A multi-vector embedding's name stands for all its tokens (name, name_1, ..);
+               # only while embeddings are loaded: the manager re-tokenizes every prompt.
+               textual_inversion_manager=(DiffusersTextualInversionManager(pipe)
+                                          if getattr(pipe, "lorafarm_embeddings", None)
+                                          else None))
         for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder),
                                         (pipe.tokenizer_2, pipe.text_encoder_2))
     ]

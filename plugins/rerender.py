@@ -34,7 +34,7 @@ HONOURED_FIELDS = frozenset({
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
     "Distilled CFG Scale", "Lora hashes", "Hashes", "Version", "Denoising strength",
     "Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler",
-    "Hires schedule type", "Hires prompt", "Hires negative prompt",
+    "Hires schedule type", "Hires prompt", "Hires negative prompt", "TI hashes",
 })
 
 
@@ -102,6 +102,9 @@ def job_from_spec(spec: RenderSpec) -> dict[str, Any]:
     for key in EXTRA_KEYS:
         if key in spec.extra:
             job[key] = spec.extra[key]
+    if spec.extra.get("embeddings"):
+        job["embedding_hashes"] = {e["name"]: e["autov2"] for e in spec.extra["embeddings"]
+                                   if e.get("autov2")}
     return job
 
 
@@ -140,6 +143,8 @@ def job_from_infotext(infotext: str) -> dict[str, Any]:
         job["width"], job["height"] = width, height
     if "Lora hashes" in fields:
         job["lora_hashes"] = _name_hashes(fields["Lora hashes"])
+    if "TI hashes" in fields:
+        job["embedding_hashes"] = _name_hashes(fields["TI hashes"])
     warnings = [f"the source image's `{key}: {value}` is not honoured by this re-render"
                 for key, value in fields.items() if key not in HONOURED_FIELDS]
     try:
