@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon import control, overview
 from daemon.config import Config
+from daemon.embeddings import EmbeddingLibrary
 from daemon.metrics import build_registry
 from daemon.store import Store
 from daemon.web_templates import CSS, SCRIPT, TEMPLATES
@@ -212,10 +213,22 @@ def create_app(config: Config, store_factory: Callable[[], Store]) -> Starlette:
                               "/history")
         return page(request, "job.html", job=job)
 
+    embedding_library: list[EmbeddingLibrary] = []  # built at first use: it loads plugins
+
+    def embedding_rows() -> list[dict[str, object]]:
+        if not embedding_library:
+            from daemon.plugins import Plugins
+
+            embedding_library.append(EmbeddingLibrary(config, Plugins(config.plugins)))
+        return [info.as_dict() for info in embedding_library[0].scan()]
+
     def loras_page(request: Request) -> Response:
         with farm.stores.reader().session() as session:
             loras = overview.lora_rows(session)
-        return page(request, "loras.html", loras=loras)
+        return page(request, "loras.html", loras=loras, embeddings=embedding_rows())
+
+    def api_embeddings(request: Request) -> Response:
+        return JSONResponse(embedding_rows())
 
     # -- control: the same functions as the CLI --
 
@@ -333,6 +346,7 @@ def create_app(config: Config, store_factory: Callable[[], Store]) -> Starlette:
         Route("/api/gallery", api_gallery),
         Route("/api/jobs/{job_id:int}", api_job),
         Route("/api/loras", api_loras),
+        Route("/api/embeddings", api_embeddings),
     ]
     for prefix, make in (("", verb_form), ("/api", verb_api)):
         routes += [Route(f"{prefix}/{verb}", make(verb), methods=["POST"])

@@ -165,3 +165,21 @@ def test_embeddings_are_unloaded_after_their_batch(tmp_path) -> None:
         assert len(pipe.tokenizer_2) == sizes[1] + 3
     assert (len(pipe.tokenizer), len(pipe.tokenizer_2),
             pipe.text_encoder.get_input_embeddings().weight.shape[0]) == sizes
+
+
+def test_the_status_page_lists_the_embeddings(farm) -> None:
+    from starlette.testclient import TestClient
+
+    from daemon.store import Store
+    from daemon.web import create_app
+
+    write_sdxl_embedding(farm.root / "embeddings" / "pagevibes.safetensors", 2)
+    (farm.root / "embeddings" / "risky.bin").write_bytes(b"pickle")
+    assert farm.run() == 0  # creates the history database the page reads
+    app = create_app(farm.config, lambda: Store.for_path(farm.config.paths.database))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        rows = {row["name"]: row for row in client.get("/api/embeddings").json()}
+        page = client.get("/loras").text
+    assert rows["pagevibes"]["state"] == "ok" and rows["risky"]["state"] == "quarantined"
+    assert 'id="embedding-pagevibes"' in page and rows["pagevibes"]["autov2"] in page
+    assert "never loads them" in page
