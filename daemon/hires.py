@@ -141,12 +141,14 @@ def hires_target(width: int, height: int, hires: dict[str, Any],
     return target_w - target_w % multiple, target_h - target_h % multiple
 
 
-def exact_steps(steps: int, denoising: float) -> tuple[int, float]:
+def exact_steps(steps: int, denoising: float, rounds_up: bool = False) -> tuple[int, float]:
     """(num_inference_steps, strength) that make diffusers' img2img run exactly `steps` steps
-    at `denoising` (A1111's hires pass runs exactly its steps; diffusers runs
-    int(N * strength) of N, which would be 0 for N=4 at 0.2)."""
+    at `denoising` (A1111's hires pass runs exactly its steps; diffusers' SD/SDXL img2img runs
+    int(N * strength) of N, which would be 0 for N=4 at 0.2; Flux's runs N - int(N - N *
+    strength), i.e. rounds up: `rounds_up`)."""
     total = max(steps, int(steps / denoising))
-    return total, min(1.0, (steps + 1e-6) / total)
+    nudge = -1e-6 if rounds_up else 1e-6
+    return total, min(1.0, (steps + nudge) / total)
 
 
 def hires_steps(spec_steps: int, hires: dict[str, Any]) -> int:

@@ -134,3 +134,38 @@ def test_an_a1111_png_with_hires_fields_re_renders_with_them(farm) -> None:
     # What lorafarm cannot do is named in the job's warnings, never dropped silently.
     [job] = farm.history()
     assert any("ADetailer model" in warning for warning in job["warnings"])
+
+
+def test_flux_takes_the_hires_fix_too(plugins, assets, farm) -> None:
+    flux = plugins.families["flux-dev"]
+    pipe = flux.load_pipeline(LoadedCheckpoint(name="tiny-flux-dev",
+                                               path=assets.models / "tiny-flux-dev",
+                                               kind="folder", config_path=None),
+                              torch.device("cpu"), torch.float32)
+    device = torch.device("cpu")
+    for upscaler in ("Latent", "Nearest"):
+        specs = [RenderSpec(family="flux-dev", checkpoint="tiny-flux-dev", prompt=prompt,
+                            negative_prompt="", seed=seed, steps=2, cfg=1.0, sampler="Euler",
+                            schedule=None, width=64, height=64,
+                            extra={"guidance": 3.5,
+                                   "hires": {"scale": 1.5, "steps": 3, "upscaler": upscaler,
+                                             "denoising_strength": 0.4}})
+                 for seed, prompt in ((1, "a lighthouse"), (2, "a boat"))]
+        steps: list[int] = []
+        progress = Progress(2, lambda step, _total, seen=steps: seen.append(step),
+                            lambda: False)
+        together = flux.render_batch(pipe, specs, device, progress)
+        # 2 first-pass steps, then exactly the 3 hires steps (Flux's img2img rounds up).
+        assert steps == [1, 2, 3, 4, 5]
+        alone = [flux.render_batch(pipe, [spec], device)[0] for spec in specs]
+        for a, b in zip(together, alone, strict=True):
+            assert a.size == (96, 96)
+            assert np.abs(_pixels(a) - _pixels(b)).max() <= 1, upscaler
+    # Through a job: the infotext carries the hires fields beside Forge's Distilled CFG.
+    farm.drop("flux.toml", 'checkpoint = "tiny-flux-dev"\nprompt = "a cat"\nseed = 3\n'
+              'steps = 2\nwidth = 64\nheight = 64\n[hires]\nscale = 2\nupscaler = "Lanczos"\n')
+    assert farm.run() == 0
+    [png] = list(farm.outputs.rglob("*.png"))
+    assert Image.open(png).size == (128, 128)
+    parameters = Image.open(png).text["parameters"]
+    assert "Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Lanczos" in parameters
