@@ -214,13 +214,15 @@ def infotext_fields(extra: dict[str, Any], sampler: str, schedule: str | None,
 
 
 def job_hires_from_infotext(fields: dict[str, str]) -> tuple[dict[str, Any] | None,
-                                                             float | None]:
-    """([hires] table, top-level denoising_strength) from A1111 infotext fields. A
+                                                             float | None, list[str]]:
+    """([hires] table, top-level denoising_strength, warnings) from A1111 infotext fields. A
     `Denoising strength` with no hires field is image-to-image (its input is not in the
-    infotext: the caller warns)."""
+    infotext: the caller warns). A model upscaler lorafarm lacks (ESRGAN and the like) is
+    replaced by Lanczos, with a warning naming it."""
     denoising = float(fields["Denoising strength"]) if "Denoising strength" in fields else None
+    warnings: list[str] = []
     if not any(key in fields for key in ("Hires upscale", "Hires resize")):
-        return None, denoising
+        return None, denoising, warnings
     table: dict[str, Any] = {}
     if "Hires upscale" in fields:
         table["scale"] = float(fields["Hires upscale"])
@@ -232,7 +234,12 @@ def job_hires_from_infotext(fields: dict[str, str]) -> tuple[dict[str, Any] | No
     if denoising is not None:
         table["denoising_strength"] = denoising
     if "Hires upscaler" in fields:
-        table["upscaler"] = fields["Hires upscaler"]
+        upscaler = fields["Hires upscaler"]
+        known = [name for name in UPSCALERS if name.lower() == upscaler.strip().lower()]
+        table["upscaler"] = known[0] if known else "Lanczos"
+        if not known:
+            warnings.append(f"the source image's `Hires upscaler: {upscaler}` is not available "
+                            "here; the hires pass upscales with Lanczos instead")
     if "Hires sampler" in fields:
         schedule = fields.get("Hires schedule type", "")
         table["sampler"] = (f"{fields['Hires sampler']} {schedule}".strip()
@@ -241,4 +248,4 @@ def job_hires_from_infotext(fields: dict[str, str]) -> tuple[dict[str, Any] | No
         table["prompt"] = fields["Hires prompt"]
     if "Hires negative prompt" in fields:
         table["negative_prompt"] = fields["Hires negative prompt"]
-    return table, None
+    return table, None, warnings

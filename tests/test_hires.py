@@ -3,6 +3,8 @@ and re-renders of A1111 images that carry hires fields."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -121,7 +123,7 @@ def test_an_a1111_png_with_hires_fields_re_renders_with_them(farm) -> None:
                "a castle on a hill\nNegative prompt: blurry\n"
                "Steps: 3, Sampler: Euler a, CFG scale: 5, Seed: 77, Size: 64x64, "
                "Model: tiny-sdxl, Denoising strength: 0.4, "
-               "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos, "
+               "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: 4x-UltraSharp, "
                "ADetailer model: face_yolov8n.pt, Version: v1.10.1")
     assert farm.run() == 0
     [png] = list(farm.outputs.rglob("*.png"))
@@ -133,7 +135,24 @@ def test_an_a1111_png_with_hires_fields_re_renders_with_them(farm) -> None:
     assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos" in parameters
     # What lorafarm cannot do is named in the job's warnings, never dropped silently.
     [job] = farm.history()
-    assert any("ADetailer model" in warning for warning in job["warnings"])
+    assert any("`ADetailer model: face_yolov8n.pt` is not honoured" in warning
+               for warning in job["warnings"])
+    assert any("`Hires upscaler: 4x-UltraSharp` is not available here; the hires pass "
+               "upscales with Lanczos instead" in warning for warning in job["warnings"])
+
+
+def test_a_lorafarm_hires_png_re_renders_the_same_image(farm) -> None:
+    resize = HIRES.replace("scale = 2", "width = 96\nheight = 128")
+    farm.drop("first.toml", sdxl_job(count=1, seed=8) + resize)
+    assert farm.run() == 0
+    [original] = list(farm.outputs.rglob("*.png"))
+    assert Image.open(original).size == (96, 128)
+    assert "Hires resize: 96x128" in Image.open(original).text["parameters"]
+    shutil.copy(original, farm.jobs / "again.png")
+    assert farm.run() == 0
+    [again] = [p for p in farm.outputs.rglob("*.png") if p != original]
+    assert np.array_equal(_pixels(Image.open(original)), _pixels(Image.open(again)))
+    assert read_spec(again).extra["hires"] == read_spec(original).extra["hires"]
 
 
 def test_flux_takes_the_hires_fix_too(plugins, assets, farm) -> None:
