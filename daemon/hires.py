@@ -16,6 +16,7 @@ in) and `extra["denoising_strength"]`, so renders with equal settings share a ba
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.jobfile import JobFileError, line_of_key
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from daemon.config import Limits
+    from daemon.config import Limits, PostprocessStep
 
 # A1111's latent upscalers: name -> torch.nn.functional.interpolate (mode, antialias).
 LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
@@ -40,7 +41,7 @@ PIXEL_UPSCALERS = ("Lanczos", "Nearest")
 UPSCALERS = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
 
 HIRES_KEYS = ("scale", "width", "height", "steps", "denoising_strength", "upscaler",
-              "sampler", "prompt", "negative_prompt")
+              "upscaler_fallback", "sampler", "prompt", "negative_prompt")
 HIRES_EXAMPLE = ('[hires]\nscale = 2.0\nsteps = 10\ndenoising_strength = 0.5\n'
                  'upscaler = "Latent"')
 DEFAULT_DENOISING = 0.7  # A1111's default for the hires pass
@@ -85,13 +86,24 @@ def check_hires(table: dict[str, Any], text: str, limits: Limits) -> dict[str, A
         raise JobFileError("[hires] needs `scale` or `width`/`height`", key="hires", line=line,
                            fix=HIRES_EXAMPLE)
     strings = {}
-    for key in ("upscaler", "sampler", "prompt", "negative_prompt"):
+    for key in ("upscaler", "upscaler_fallback", "sampler", "prompt", "negative_prompt"):
         value = table.get(key)
         if value is not None and not isinstance(value, str):
             raise JobFileError(f"`hires.{key}` must be a string", key=f"hires.{key}",
                                line=line_of_key(text, key) or line, fix=HIRES_EXAMPLE)
         strings[key] = value
-    upscaler = _canonical_upscaler(strings["upscaler"] or DEFAULT_UPSCALER, text, line)
+    # A name that is not built in may be an ONNX upscaler of config.toml's [[postprocess]]:
+    # intake, which knows the config, decides (resolve_upscaler).
+    upscaler = builtin_upscaler(strings["upscaler"] or DEFAULT_UPSCALER) or (
+        strings["upscaler"] or "").strip()
+    if strings["upscaler_fallback"] is not None:
+        fallback = builtin_upscaler(strings["upscaler_fallback"])
+        if fallback is None:
+            raise JobFileError(f"`hires.upscaler_fallback` = {strings['upscaler_fallback']!r} "
+                               "is not a built-in upscaler", key="hires.upscaler_fallback",
+                               line=line_of_key(text, "upscaler_fallback") or line,
+                               fix=f"use one of: {', '.join(UPSCALERS)}")
+        strings["upscaler_fallback"] = fallback
     checked: dict[str, Any] = {
         "steps": int(steps or 0),
         "denoising_strength": float(denoising if denoising is not None else DEFAULT_DENOISING),
@@ -106,17 +118,35 @@ def check_hires(table: dict[str, Any], text: str, limits: Limits) -> dict[str, A
     return checked
 
 
-def _canonical_upscaler(name: str, text: str, line: int | None) -> str:
-    for known in UPSCALERS:
-        if name.strip().lower() == known.lower():
-            return known
-    close = difflib.get_close_matches(name, UPSCALERS, n=1, cutoff=0.5)
+def builtin_upscaler(name: str) -> str | None:
+    """The built-in upscaler `name` stands for (any case), or None."""
+    return next((known for known in UPSCALERS if name.strip().lower() == known.lower()), None)
+
+
+def resolve_upscaler(hires: dict[str, Any], steps: tuple[PostprocessStep, ...], text: str,
+                     warnings: list[str]) -> tuple[dict[str, Any], Path | None]:
+    """(the [hires] table, the ONNX model file) for the table's upscaler: a built-in one,
+    the stem of an `upscale` model of config.toml's [[postprocess]] (as A1111 names ESRGAN
+    models by file stem), or else `upscaler_fallback` with a warning; otherwise the job is
+    refused."""
+    name = hires["upscaler"]
+    if name in UPSCALERS:
+        return hires, None
+    models = {step.model.stem.lower(): step.model for step in steps if step.kind == "upscale"}
+    if name.lower() in models:
+        return hires, models[name.lower()]
+    if hires.get("upscaler_fallback"):
+        warnings.append(f"hires upscaler {name!r} is not available here; the hires pass "
+                        f"upscales with {hires['upscaler_fallback']} instead")
+        return {**hires, "upscaler": hires["upscaler_fallback"]}, None
+    known = [*UPSCALERS, *(model.stem for model in models.values())]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     raise JobFileError(
-        f"`hires.upscaler` = {name!r} is not an upscaler lorafarm has",
-        key="hires.upscaler", line=line_of_key(text, "upscaler") or line,
-        fix=(f"did you mean {close[0]!r}? " if close else "")
-        + f"use one of: {', '.join(UPSCALERS)} (model upscalers such as ESRGAN are not "
-        "supported in the hires pass)")
+        f"`hires.upscaler` = {name!r} is not an upscaler lorafarm has", key="hires.upscaler",
+        line=line_of_key(text, "upscaler"),
+        fix=(f"did you mean {close[0]!r}? " if close else "") + f"use one of: {', '.join(known)}"
+        + "; a model upscaler is an ONNX file of a [[postprocess]] step with kind = "
+        '"upscale" in config.toml, named by its file stem')
 
 
 def _line_of_table(text: str) -> int | None:
@@ -172,11 +202,24 @@ def upscale_latents(latents: torch.Tensor, size: tuple[int, int], upscaler: str,
                                   mode=mode, **kwargs)
 
 
-def upscale_image(image: Image.Image, size: tuple[int, int], upscaler: str) -> Image.Image:
+def upscale_image(image: Image.Image, size: tuple[int, int], upscaler: str,
+                  model: str | None = None) -> Image.Image:
+    """A pixel upscale to `size`: a PIL resampler, or an ONNX model (`model`, its file) run
+    until the image reaches the size, then Lanczos to the exact size, as A1111 does with
+    ESRGAN models."""
     from PIL import Image
 
-    resample = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
-    return image.resize(size, resample[upscaler])
+    if model is None:
+        resample = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+        return image.resize(size, resample[upscaler])
+    from plugins.onnx_postprocess import load_model
+
+    network = load_model(Path(model))
+    for _ in range(4):  # a 2x model reaches 8x in three passes; enough for MAX_SCALE
+        if image.width >= size[0] and image.height >= size[1]:
+            break
+        image = network.upscale(image)
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def infotext_fields(extra: dict[str, Any], sampler: str, schedule: str | None,
@@ -214,15 +257,13 @@ def infotext_fields(extra: dict[str, Any], sampler: str, schedule: str | None,
 
 
 def job_hires_from_infotext(fields: dict[str, str]) -> tuple[dict[str, Any] | None,
-                                                             float | None, list[str]]:
-    """([hires] table, top-level denoising_strength, warnings) from A1111 infotext fields. A
+                                                             float | None]:
+    """([hires] table, top-level denoising_strength) from A1111 infotext fields. A
     `Denoising strength` with no hires field is image-to-image (its input is not in the
-    infotext: the caller warns). A model upscaler lorafarm lacks (ESRGAN and the like) is
-    replaced by Lanczos, with a warning naming it."""
+    infotext: the caller warns)."""
     denoising = float(fields["Denoising strength"]) if "Denoising strength" in fields else None
-    warnings: list[str] = []
     if not any(key in fields for key in ("Hires upscale", "Hires resize")):
-        return None, denoising, warnings
+        return None, denoising
     table: dict[str, Any] = {}
     if "Hires upscale" in fields:
         table["scale"] = float(fields["Hires upscale"])
@@ -234,12 +275,11 @@ def job_hires_from_infotext(fields: dict[str, str]) -> tuple[dict[str, Any] | No
     if denoising is not None:
         table["denoising_strength"] = denoising
     if "Hires upscaler" in fields:
-        upscaler = fields["Hires upscaler"]
-        known = [name for name in UPSCALERS if name.lower() == upscaler.strip().lower()]
-        table["upscaler"] = known[0] if known else "Lanczos"
-        if not known:
-            warnings.append(f"the source image's `Hires upscaler: {upscaler}` is not available "
-                            "here; the hires pass upscales with Lanczos instead")
+        table["upscaler"] = fields["Hires upscaler"]
+        if builtin_upscaler(fields["Hires upscaler"]) is None:
+            # A model upscaler (ESRGAN...): used if config.toml has it, else Lanczos, and
+            # intake warns (resolve_upscaler).
+            table["upscaler_fallback"] = "Lanczos"
     if "Hires sampler" in fields:
         schedule = fields.get("Hires schedule type", "")
         table["sampler"] = (f"{fields['Hires sampler']} {schedule}".strip()
@@ -248,4 +288,4 @@ def job_hires_from_infotext(fields: dict[str, str]) -> tuple[dict[str, Any] | No
         table["prompt"] = fields["Hires prompt"]
     if "Hires negative prompt" in fields:
         table["negative_prompt"] = fields["Hires negative prompt"]
-    return table, None, warnings
+    return table, None

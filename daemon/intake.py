@@ -36,7 +36,7 @@ from daemon.config import Config
 from daemon.embeddings import OK as EMBEDDING_OK
 from daemon.embeddings import EmbeddingInfo, EmbeddingLibrary
 from daemon.family import Family, FamilyDefaults
-from daemon.hires import DEFAULT_IMG2IMG_DENOISING, hires_target
+from daemon.hires import DEFAULT_IMG2IMG_DENOISING, hires_target, resolve_upscaler
 from daemon.jobfile import (
     LORA_AXIS,
     JobFileError,
@@ -579,6 +579,8 @@ class Intake:
                 raise JobFileError(f"hires.sampler: {exc}", key="hires.sampler", line=line,
                                    fix="use one of: "
                                    + ", ".join(samplers_for_kind(family.sampler_kind))) from exc
+        hires, upscaler_model = resolve_upscaler(spec.hires, self.config.postprocess, text,
+                                                 warnings)
         target_w, target_h = hires_target(width, height, spec.hires, d.size_multiple)
         limits = self.config.limits
         if not (64 <= target_w <= limits.max_width and 64 <= target_h <= limits.max_height):
@@ -590,7 +592,9 @@ class Intake:
             warnings.append(f"hires: {width}x{height} x {spec.hires['scale']:g} renders at "
                             f"{target_w}x{target_h} ({family.display_name} needs multiples "
                             f"of {d.size_multiple})")
-        settings["hires"] = dict(spec.hires)
+        settings["hires"] = dict(hires)
+        if upscaler_model is not None:
+            settings["hires_upscaler_model"] = str(upscaler_model)
         return settings
 
     def input_image(self, name: str, text: str) -> Path:

@@ -53,7 +53,9 @@ def render_flux_hires(family: FluxFamily, pipe: Any, specs: list[RenderSpec],
                                         pipe.vae_scale_factor)
         image: Any = upscale_latents(unpacked, size, hires["upscaler"], pipe.vae_scale_factor)
     else:
-        image = [upscale_image(picture, size, hires["upscaler"]) for picture in low.images]
+        model = first.extra.get("hires_upscaler_model")  # an ONNX upscaler's file
+        image = [upscale_image(picture, size, hires["upscaler"], model)
+                 for picture in low.images]
     second = [replace(spec, prompt=hires.get("prompt", spec.prompt),
                       negative_prompt=hires.get("negative_prompt", spec.negative_prompt))
               for spec in specs]

@@ -98,7 +98,9 @@ def render_hires(family: Family, pipe: Any, specs: list[RenderSpec],
     if latent:
         image: Any = upscale_latents(low.images, size, hires["upscaler"], pipe.vae_scale_factor)
     else:
-        image = [upscale_image(picture, size, hires["upscaler"]) for picture in low.images]
+        model = first.extra.get("hires_upscaler_model")  # an ONNX upscaler's file
+        image = [upscale_image(picture, size, hires["upscaler"], model)
+                 for picture in low.images]
     sampler, schedule = first.sampler, first.schedule
     if hires.get("sampler"):
         choice = choose_sampler(hires["sampler"], None, family.sampler_kind)

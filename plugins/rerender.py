@@ -148,11 +148,10 @@ def job_from_infotext(infotext: str) -> dict[str, Any]:
     warnings = [f"the source image's `{key}: {value}` is not honoured by this re-render"
                 for key, value in fields.items() if key not in HONOURED_FIELDS]
     try:
-        hires, denoising, hires_warnings = job_hires_from_infotext(fields)
+        hires, denoising = job_hires_from_infotext(fields)
     except ValueError as exc:
         raise JobFileError(f"the hires fields cannot be read ({exc})", key="Hires upscale",
                            fix="drop an image whose parameters are complete") from exc
-    warnings += hires_warnings
     if hires is not None:
         job["hires"] = hires
     elif denoising is not None:

@@ -130,14 +130,14 @@ def test_an_a1111_png_with_hires_fields_re_renders_with_them(farm) -> None:
     assert Image.open(png).size == (96, 96)
     spec = read_spec(png)
     assert spec.extra["hires"] == {"scale": 1.5, "steps": 2, "denoising_strength": 0.4,
-                                   "upscaler": "Lanczos"}
+                                   "upscaler": "Lanczos", "upscaler_fallback": "Lanczos"}
     parameters = Image.open(png).text["parameters"]
     assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos" in parameters
     # What lorafarm cannot do is named in the job's warnings, never dropped silently.
     [job] = farm.history()
     assert any("`ADetailer model: face_yolov8n.pt` is not honoured" in warning
                for warning in job["warnings"])
-    assert any("`Hires upscaler: 4x-UltraSharp` is not available here; the hires pass "
+    assert any("hires upscaler '4x-UltraSharp' is not available here; the hires pass "
                "upscales with Lanczos instead" in warning for warning in job["warnings"])
 
 
@@ -188,3 +188,23 @@ def test_flux_takes_the_hires_fix_too(plugins, assets, farm) -> None:
     assert Image.open(png).size == (128, 128)
     parameters = Image.open(png).text["parameters"]
     assert "Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Lanczos" in parameters
+
+
+def test_an_onnx_upscaler_of_the_postprocess_chain_serves_the_hires_pass(farm) -> None:
+    from tests.test_onnx_postprocess import run_with_chain, upscaler
+
+    model = upscaler(farm.root / "onnx" / "up2x.onnx")  # nearest neighbour, 2x
+    for name in ("up2x", "Nearest", "Lanczos"):
+        farm.drop(f"{name}.toml", sdxl_job(count=1, seed=6)
+                  + HIRES.replace('"Latent"', f'"{name}"'))
+    assert run_with_chain(farm, [{"model": str(model), "kind": "upscale"}]) == 0
+    made = {p.parent.name.rsplit("-", 1)[0]: p for p in farm.outputs.rglob("*.png")}
+    # The hires pass ran at 128 (the model's 2x, exactly Nearest's pixels); the chain then
+    # upscaled every output 2x again, as it does for every image.
+    assert {Image.open(p).size for p in made.values()} == {(256, 256)}
+    assert read_spec(made["up2x"]).extra["hires_upscaler_model"] == str(model)
+    assert "Hires upscaler: up2x" in Image.open(made["up2x"]).text["parameters"]
+    assert np.array_equal(_pixels(Image.open(made["up2x"])),
+                          _pixels(Image.open(made["Nearest"])))
+    assert not np.array_equal(_pixels(Image.open(made["up2x"])),
+                              _pixels(Image.open(made["Lanczos"])))
