@@ -225,6 +225,8 @@ class Family(ABC):
     # Image-to-image: `image` + `denoising_strength` on an image family; render_batch reads
     # extra["image_path"] and extra["denoising_strength"].
     supports_img2img: bool = False
+    # Inpainting: a `mask` beside the image; render_batch reads extra["mask_path"].
+    supports_inpainting: bool = False
     # Loads quantized `.gguf` transformers (probe_checkpoint may claim kind "gguf" sources).
     reads_gguf: bool = False
     # Pipeline components it can take from files of their own (config.toml / sidecar keys

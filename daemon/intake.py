@@ -562,6 +562,19 @@ class Intake:
             settings["denoising_strength"] = (spec.denoising_strength
                                               if spec.denoising_strength is not None
                                               else DEFAULT_IMG2IMG_DENOISING)
+        if spec.mask is not None:
+            line = line_of_key(text, "mask")
+            if not img2img:
+                raise JobFileError("`mask` is for inpainting: the job gives no `image`",
+                                   key="mask", line=line,
+                                   fix='add image = "input.png" beside the mask')
+            if not family.supports_inpainting:
+                raise JobFileError(f"{family.display_name} has no inpainting here", key="mask",
+                                   line=line, fix="remove mask")
+            path = self.input_image(spec.mask, text, key="mask")
+            settings["mask"] = spec.mask
+            settings["mask_path"] = str(path)
+            settings["mask_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         if spec.hires is None:
             return settings
         line = line_of_key(text, "hires") or line_of_key(text, "scale")
@@ -597,16 +610,17 @@ class Intake:
             settings["hires_upscaler_model"] = str(upscaler_model)
         return settings
 
-    def input_image(self, name: str, text: str) -> Path:
-        """The image a job names, which must lie inside a configured inputs folder (no
-        absolute paths, no `..`, no symlink leading out) and open as an image."""
-        line = line_of_key(text, "image")
+    def input_image(self, name: str, text: str, key: str = "image") -> Path:
+        """The image a job names (`key`: image, or an inpainting mask), which must lie inside
+        a configured inputs folder (no absolute paths, no `..`, no symlink leading out) and
+        open as an image."""
+        line = line_of_key(text, key)
         roots = self.config.paths.input_roots
         shown = ", ".join(str(r) for r in roots)
         relative = Path(name)
         if relative.is_absolute() or ".." in relative.parts or not name.strip():
-            raise JobFileError(f"`image` = {name!r} must be a path inside the inputs folder "
-                               f"({shown}), without `..` or a leading /", key="image",
+            raise JobFileError(f"`{key}` = {name!r} must be a path inside the inputs folder "
+                               f"({shown}), without `..` or a leading /", key=key,
                                line=line, fix="copy the image into the inputs folder and give "
                                "its name, e.g. image = \"start.png\"")
         for root in roots:
@@ -615,19 +629,19 @@ class Intake:
                 continue
             real = candidate.resolve()
             if not real.is_relative_to(root.resolve()):
-                raise JobFileError(f"`image` = {name!r} is a link that leads out of the inputs "
-                                   f"folder ({real})", key="image", line=line,
+                raise JobFileError(f"`{key}` = {name!r} is a link that leads out of the inputs "
+                                   f"folder ({real})", key=key, line=line,
                                    fix="copy the image itself into the inputs folder")
             try:
                 with Image.open(real) as image:
                     image.verify()
             except Exception as exc:
-                raise JobFileError(f"`image` = {name!r} cannot be read as an image ({exc})",
-                                   key="image", line=line,
+                raise JobFileError(f"`{key}` = {name!r} cannot be read as an image ({exc})",
+                                   key=key, line=line,
                                    fix="save it again as PNG, JPEG or WEBP") from exc
             return real
-        raise JobFileError(f"`image` = {name!r} is not in the inputs folder ({shown})",
-                           key="image", line=line,
+        raise JobFileError(f"`{key}` = {name!r} is not in the inputs folder ({shown})",
+                           key=key, line=line,
                            fix="put the image into the inputs folder; images dropped into jobs/ "
                                "are taken as jobs, not inputs")
 

@@ -84,6 +84,7 @@ class JobSpec:
     rerender_warnings: tuple[str, ...] = ()
     # Re-renders: textual-inversion embeddings by hash first (A1111's "TI hashes").
     embedding_hashes: dict[str, str] = field(default_factory=dict)
+    mask: str | None = None  # inpainting: white = redraw, black = keep (inputs folder)
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
@@ -134,6 +135,7 @@ KEYS: dict[str, _Key] = {
                                example="denoising_strength = 0.6"),
     # Written by the re-render plugin: infotext fields it could not turn into job keys.
     "rerender_warnings": _Key(list, example='rerender_warnings = ["..."]'),
+    "mask": _Key(str, example='mask = "sketch-mask.png"'),
     "embedding_hashes": _Key(dict, example='embedding_hashes = { negativeXL_D = "fff5d51ab6" }'),
 }
 LORA_KEYS = ("name", "strength", "text_encoder_strength", "expert")
@@ -229,6 +231,7 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         denoising_strength=(float(values["denoising_strength"])
                             if values["denoising_strength"] is not None else None),
         rerender_warnings=tuple(str(w) for w in values["rerender_warnings"] or ()),
+        mask=values["mask"],
         embedding_hashes={str(k): str(v)
                           for k, v in (values["embedding_hashes"] or {}).items()},
     )

@@ -53,6 +53,7 @@ class SDXLFamily(Family):
                               schedule="Karras")
     supports_hires = True
     supports_img2img = True
+    supports_inpainting = True
 
     # -- recognition -----------------------------------------------------------------------
 
@@ -219,6 +220,8 @@ class SDXLFamily(Family):
 
         first = specs[0]
         denoising = first.extra.get("denoising_strength")
+        if "mask_path" in first.extra:
+            return sdxl_refine.render_inpaint(self, pipe, specs, conditioning, progress)
         if "image_path" in first.extra and denoising is not None and denoising < 1:
             return sdxl_refine.render_img2img(self, pipe, specs, conditioning, progress)
         hires = first.extra.get("hires")

@@ -25,7 +25,7 @@ from plugins.a1111_metadata import parse_infotext
 
 # Extra render settings a spec may carry that are job keys too.
 EXTRA_KEYS = ("guidance", "true_cfg", "frames", "fps", "flow_shift", "guidance_2", "image",
-              "hires", "denoising_strength")
+              "hires", "denoising_strength", "mask")
 
 # Infotext fields a re-render turns into job keys, or that only describe the file (Version,
 # Civitai's Hashes, the Size the job keys carry). Any other field gets a job warning naming

@@ -86,3 +86,27 @@ def test_image_paths_outside_inputs_and_stray_strengths_are_refused(farm, tmp_pa
         assert "must be a path inside the inputs folder" in farm.rejection(name)
     assert "the job gives no `image`" in farm.rejection("alone.toml")
     assert "out of range" in farm.rejection("range.toml")
+
+
+def test_inpainting_redraws_the_masked_part_only(farm) -> None:
+    inputs = farm.config.paths.inputs
+    _input(inputs / "photo.png", 7)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, :32] = 255  # redraw the left half
+    Image.fromarray(mask).save(inputs / "left.png")
+    farm.drop("inpaint.toml", sdxl_job(count=2, seed=30, steps=4)
+              + 'image = "photo.png"\nmask = "left.png"\ndenoising_strength = 0.9\n')
+    farm.drop("no-image.toml", sdxl_job(count=1) + 'mask = "left.png"\n')
+    farm.drop("outside.toml", sdxl_job(count=1) + 'image = "photo.png"\nmask = "../left.png"\n')
+    assert farm.run() == 0
+    source = _pixels(inputs / "photo.png")
+    outputs = sorted(farm.outputs.rglob("*.png"))
+    assert len(outputs) == 2
+    for path in outputs:
+        pixels = _pixels(path)
+        assert np.array_equal(pixels[:, 32:], source[:, 32:])  # kept exactly
+        assert np.abs(pixels[:, :32] - source[:, :32]).mean() > 10  # redrawn
+        assert read_spec(path).extra["mask"] == "left.png"
+    assert "`mask` is for inpainting: the job gives no `image`" in farm.rejection("no-image.toml")
+    assert "`mask` = '../left.png' must be a path inside the inputs folder" in farm.rejection(
+        "outside.toml")
