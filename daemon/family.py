@@ -331,7 +331,14 @@ class Family(ABC):
         are those of the unquantized model. What quantization changes is the weights' own
         memory: see `weights_cost`."""
         frames = int(spec.extra.get("frames", 1))
-        return int(0.9 * 2**30 * (spec.width * spec.height / 1024**2) * max(1, frames // 4 + 1))
+        width, height = spec.width, spec.height
+        if spec.extra.get("hires"):
+            # The hires fix's second pass runs at its target size: that is the peak.
+            from daemon.hires import hires_target
+
+            width, height = hires_target(width, height, spec.extra["hires"],
+                                         self.defaults.size_multiple)
+        return int(0.9 * 2**30 * (width * height / 1024**2) * max(1, frames // 4 + 1))
 
     def component_sources(self, checkpoint: LoadedCheckpoint) -> dict[str, Path]:
         """The files the pipeline's parts load from instead of the config folder's weights

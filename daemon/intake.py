@@ -513,7 +513,9 @@ class Intake:
                                line=line_of_key(text, "embedding_hashes"),
                                fix=f"put the .safetensors file(s) into {folders}")
         taken = {name.lower() for name in chosen}
-        for info in self.embeddings.named_in(prompt, negative):
+        hires = spec.hires or {}
+        for info in self.embeddings.named_in(prompt, negative, hires.get("prompt", ""),
+                                             hires.get("negative_prompt", "")):
             if info.name.lower() not in taken:
                 chosen[info.name] = info
         used = []

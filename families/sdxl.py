@@ -177,7 +177,8 @@ class SDXLFamily(Family):
         embeddings = specs[0].extra.get("embeddings") or []
         if embeddings:
             specs = [replace(spec, prompt=spelled_as_loaded(spec.prompt, embeddings),
-                             negative_prompt=spelled_as_loaded(spec.negative_prompt, embeddings))
+                             negative_prompt=spelled_as_loaded(spec.negative_prompt, embeddings),
+                             extra=_hires_spelled(spec.extra, embeddings))
                      for spec in specs]
         with embeddings_loaded(pipe, embeddings):
             return self._render_prompts(pipe, specs, progress)
@@ -288,6 +289,18 @@ class SDXLFamily(Family):
             jobs={"sdxl-folder.toml": job.format(name="tiny-sdxl", seed=1000),
                   "sdxl-single-file.toml": job.format(name="tiny-sdxl-single", seed=2000)},
         )
+
+
+def _hires_spelled(extra: dict[str, Any], embeddings: list[dict[str, str]]) -> dict[str, Any]:
+    """`extra` with the hires pass's own prompts spelled as the embeddings were loaded."""
+    from families.sdxl_embeddings import spelled_as_loaded
+
+    hires = extra.get("hires")
+    if not hires:
+        return extra
+    respelled = {key: spelled_as_loaded(hires[key], embeddings)
+                 for key in ("prompt", "negative_prompt") if key in hires}
+    return {**extra, "hires": {**hires, **respelled}}
 
 
 def _plain(parsed: ParsedPrompt) -> str:

@@ -4,6 +4,7 @@ and re-renders of A1111 images that carry hires fields."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -208,3 +209,9 @@ def test_an_onnx_upscaler_of_the_postprocess_chain_serves_the_hires_pass(farm) -
                           _pixels(Image.open(made["Nearest"])))
     assert not np.array_equal(_pixels(Image.open(made["up2x"])),
                               _pixels(Image.open(made["Lanczos"])))
+
+
+def test_a_hires_render_costs_the_memory_of_its_second_pass(sdxl) -> None:
+    plain = replace(_spec(1), extra={})
+    # The scheduler sizes batches by this: the 2x second pass holds 4x the latent.
+    assert abs(sdxl.batch_cost(_spec(1)) - 4 * sdxl.batch_cost(plain)) <= 4
