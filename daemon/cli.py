@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("history", cmd_history, "jobs and their renders"),
                                 ("models", cmd_models, "checkpoints the registry knows"),
                                 ("loras", cmd_loras, "the LoRA library"),
+                                ("embeddings", cmd_embeddings,
+                                 "textual-inversion embeddings (embeddings/, UI trees)"),
                                 ("stats", cmd_stats, "throughput, busy fraction, ETA"),
                                 ("hosts", cmd_hosts, "the daemons sharing this database")):
         query = sub.add_parser(name, help=text)
@@ -407,6 +409,25 @@ def cmd_loras(args: argparse.Namespace) -> int:
         notes += [f"triggers: {', '.join(info.triggers)}"] if info.triggers else []
         rows += [["", "", "", "", "", "", f"  {note}"] for note in notes if note]
     print(format_table(["NAME", "FAMILY", "LINEAGE", "LAYOUT", "RANK", "AUTOV3", "STATE"], rows))
+    return 0
+
+
+def cmd_embeddings(args: argparse.Namespace) -> int:
+    from daemon.embeddings import EmbeddingLibrary
+    from daemon.plugins import Plugins
+
+    config = load_config(args.config)
+    infos = EmbeddingLibrary(config, Plugins(config.plugins)).scan()
+    if args.json:
+        print(json.dumps([info.as_dict() for info in infos], indent=2))
+        return 0
+    if not infos:
+        print("no embeddings in " + ", ".join(str(p) for p in config.paths.embedding_folders))
+    for info in infos:
+        print(f"{info.name:<28} {info.architecture or '?':<8} {info.vectors or '?':<3} "
+              f"{info.autov2 or '-':<11} {info.state}")
+        print(f"{'':<28} {info.path}" + (f"\n{'':<28} {info.reason}" if info.state != "ok"
+                                         else ""))
     return 0
 
 

@@ -34,6 +34,7 @@ class Paths:
     # Existing UI installs whose models and LoRAs are indexed in place, never modified.
     comfyui: tuple[Path, ...] = ()
     a1111: tuple[Path, ...] = ()
+    embeddings: Path | None = None  # textual-inversion embeddings (None: none of our own)
 
     @property
     def checkpoint_folders(self) -> tuple[Path, ...]:
@@ -58,6 +59,14 @@ class Paths:
             "vae": (*(root / "models" / "vae" for root in self.comfyui),
                     *(root / "models" / "VAE" for root in self.a1111)),
         }
+
+    @property
+    def embedding_folders(self) -> tuple[Path, ...]:
+        """embeddings/, then ComfyUI's models/embeddings and A1111's embeddings/ (read in
+        place)."""
+        own = (self.embeddings,) if self.embeddings is not None else ()
+        return (*own, *(root / "models" / "embeddings" for root in self.comfyui),
+                *(root / "embeddings" for root in self.a1111))
 
     @property
     def lora_folders(self) -> tuple[Path, ...]:
@@ -313,8 +322,8 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     where = str(source) if source else "config"
     _reject_unknown(data, TOP_KEYS, where, "")
     raw_paths = data.get("paths", {})
-    _reject_unknown(raw_paths, (*PATH_KEYS, "extra_inputs", "comfyui", "a1111"), where,
-                    "paths.")
+    _reject_unknown(raw_paths, (*PATH_KEYS, "extra_inputs", "comfyui", "a1111", "embeddings"),
+                    where, "paths.")
     resolved = {key: (base / str(raw_paths.get(key, key))).resolve() for key in PATH_KEYS}
     extra = raw_paths.get("extra_inputs", [])
     if not isinstance(extra, list) or not all(isinstance(p, str) for p in extra):
@@ -328,7 +337,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
             raise ConfigError(f'{where}: paths.{key} must be a list of install folders, e.g. '
                               f'["/home/me/{example}"]')
         trees[key] = tuple((base / p).resolve() for p in roots)
-    paths = Paths(**resolved, extra_inputs=tuple((base / p).resolve() for p in extra), **trees)
+    embeddings = (base / str(raw_paths.get("embeddings", "embeddings"))).resolve()
+    paths = Paths(**resolved, extra_inputs=tuple((base / p).resolve() for p in extra), **trees,
+                  embeddings=embeddings)
 
     limits = _section(Limits, data.get("limits", {}), where, "limits")
     intake = _section(IntakeSettings, data.get("intake", {}), where, "intake")

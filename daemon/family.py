@@ -59,6 +59,12 @@ class Progress:
         self.on_step(step + 1, self.total_steps)
         return callback_kwargs
 
+    def stage(self, done: int, total: int) -> Progress:
+        """The progress of one pipeline call among several for one batch (a hires fix's
+        second pass): its steps count on from `done`, out of `total` for the whole batch."""
+        return Progress(total, lambda step, _total: self.on_step(done + step, total),
+                        self.should_abort)
+
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
@@ -166,6 +172,14 @@ class LoraProbe:
 
 
 @dataclass(frozen=True)
+class EmbeddingProbe:
+    """A family's answer to "is this textual-inversion embedding for your models?"."""
+
+    reason: str  # what in the file made the family say so
+    vectors: int  # how many tokens the embedding stands for
+
+
+@dataclass(frozen=True)
 class LoadedCheckpoint:
     """What the worker hands a family to load a pipeline from.
 
@@ -251,6 +265,14 @@ class Family(ABC):
     supports_true_cfg: bool = False
     produces: str = "image"  # "image" or "video"
     takes_image: bool = False  # accepts the job key `image` (image-to-video)
+    # A `[hires]` table (render, upscale, second denoising pass; see daemon/hires.py): the
+    # family's render_batch reads RenderSpec.extra["hires"].
+    supports_hires: bool = False
+    # Image-to-image: `image` + `denoising_strength` on an image family; render_batch reads
+    # extra["image_path"] and extra["denoising_strength"].
+    supports_img2img: bool = False
+    # Inpainting: a `mask` beside the image; render_batch reads extra["mask_path"].
+    supports_inpainting: bool = False
     # Loads quantized `.gguf` transformers (probe_checkpoint may claim kind "gguf" sources).
     reads_gguf: bool = False
     # Pipeline components it can take from files of their own (config.toml / sidecar keys
@@ -292,10 +314,16 @@ class Family(ABC):
         recognises nothing."""
         return None
 
+    def probe_embedding(self, header: SafetensorsHeader) -> EmbeddingProbe | None:
+        """Recognise a textual-inversion embedding for this family's text encoders from its
+        header (daemon/embeddings.py). The default recognises none: the family takes no
+        embeddings, and a job naming one is refused."""
+        return None
+
     def image_input(self, variant: str | None) -> str:
         """Whether a job for this variant gives an input image: "required", "optional" or
         "none" (checked at intake)."""
-        return "optional" if self.takes_image else "none"
+        return "optional" if self.takes_image or self.supports_img2img else "none"
 
     def size_for_image(self, variant: str | None, image_width: int,
                        image_height: int) -> tuple[int, int] | None:
@@ -396,7 +424,14 @@ class Family(ABC):
         are those of the unquantized model. What quantization changes is the weights' own
         memory: see `weights_cost`."""
         frames = int(spec.extra.get("frames", 1))
-        return int(0.9 * 2**30 * (spec.width * spec.height / 1024**2) * max(1, frames // 4 + 1))
+        width, height = spec.width, spec.height
+        if spec.extra.get("hires"):
+            # The hires fix's second pass runs at its target size: that is the peak.
+            from daemon.hires import hires_target
+
+            width, height = hires_target(width, height, spec.extra["hires"],
+                                         self.defaults.size_multiple)
+        return int(0.9 * 2**30 * (width * height / 1024**2) * max(1, frames // 4 + 1))
 
     def component_sources(self, checkpoint: LoadedCheckpoint) -> dict[str, Path]:
         """The files the pipeline's parts load from instead of the config folder's weights

@@ -35,7 +35,15 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.config import Config
+from daemon.embeddings import OK as EMBEDDING_OK
+from daemon.embeddings import EmbeddingInfo, EmbeddingLibrary
 from daemon.family import Family, FamilyDefaults
+from daemon.hires import (
+    DEFAULT_IMG2IMG_DENOISING,
+    check_hires,
+    hires_target,
+    resolve_upscaler,
+)
 from daemon.intake_guard import (
     UnreadableEntries,
     check_fault,
@@ -104,6 +112,8 @@ class Intake:
         self.library = library
         self.owner = owner.replace("/", "_")  # names this daemon's claim folder
         self.plugins = plugins
+        # Textual-inversion embeddings, indexed in memory (rescanned for every job).
+        self.embeddings = EmbeddingLibrary(config, plugins)
         self.jobs_dir = config.paths.jobs
         self.wakeup = threading.Event()  # set by the watcher; the scan loop waits on it
         self._closed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at close-write
@@ -394,6 +404,8 @@ class Intake:
                 fix="this is a bug in that plugin; save the job as TOML meanwhile")
         try:
             spec = check_job(data, text, self.config.limits)
+            if spec.hires is not None:
+                spec = replace(spec, hires=check_hires(spec.hires, text, self.config.limits))
             return (spec, *self.resolve(spec, text))
         except JobFileError:
             raise
@@ -424,6 +436,7 @@ class Intake:
             axis_names = [axis.name for axis in axes]
             variants = sweep_variants(spec, text, axes, self.config.limits.max_count)
         wildcards = Wildcards(self.config.paths.wildcards)
+        self.embeddings.scan()  # an embedding dropped with the job is found
         renders: list[RenderSpec] = []
         for variant, labels in variants:
             if variant.checkpoint not in checkpoints:
@@ -584,6 +597,11 @@ class Intake:
             # the batch key and (via Family.infotext_fields) every output's infotext.
             extra["quantization"] = checkpoint.quantization
         extra.update(self._video_settings(spec, family, d, checkpoint.variant, text))
+        extra.update(self._refine_settings(spec, family, d, width, height, text, warnings))
+        embeddings = self._resolve_embeddings(spec, family, prompt, negative, text)
+        if embeddings:
+            extra["embeddings"] = embeddings
+        warnings.extend(w for w in spec.rerender_warnings if w not in warnings)
         renders = [
             RenderSpec(
                 family=family.name, checkpoint=spec.checkpoint, prompt=prompt,
@@ -660,16 +678,138 @@ class Intake:
             settings["image_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         return settings
 
-    def input_image(self, name: str, text: str) -> Path:
-        """The image a job names, which must lie inside a configured inputs folder (no
-        absolute paths, no `..`, no symlink leading out) and open as an image."""
-        line = line_of_key(text, "image")
+    def _resolve_embeddings(self, spec: JobSpec, family: Family, prompt: str, negative: str,
+                            text: str) -> list[dict[str, str]]:
+        """The textual-inversion embeddings the prompts name (A1111: an embedding's name as a
+        word of either prompt), plus a re-render's `embedding_hashes` found by hash, then by
+        name; each checked against the checkpoint's architecture."""
+        chosen: dict[str, EmbeddingInfo] = {}
+        missing = []
+        for name, digest in spec.embedding_hashes.items():
+            found = self.embeddings.find_by_hash(digest) or next(
+                (info for info in self.embeddings.all()
+                 if info.name.lower() == name.lower() and info.state == EMBEDDING_OK), None)
+            if found is None:
+                missing.append(f"{name} (hash {digest})")
+            else:
+                chosen[name] = found
+        if missing:
+            folders = ", ".join(str(p) for p in self.config.paths.embedding_folders)
+            raise JobFileError(f"embedding(s) not found by hash or by name: "
+                               f"{', '.join(missing)}", key="embedding_hashes",
+                               line=line_of_key(text, "embedding_hashes"),
+                               fix=f"put the .safetensors file(s) into {folders}")
+        taken = {name.lower() for name in chosen}
+        hires = spec.hires or {}
+        for info in self.embeddings.named_in(prompt, negative, hires.get("prompt", ""),
+                                             hires.get("negative_prompt", "")):
+            if info.name.lower() not in taken:
+                chosen[info.name] = info
+        used = []
+        for name, info in sorted(chosen.items()):
+            where = "negative_prompt" if name.lower() not in prompt.lower() else "prompt"
+            if info.state != EMBEDDING_OK:
+                raise JobFileError(f"the {where} names embedding {name!r} ({info.path}), which "
+                                   f"is {info.state}: {info.reason}", key=where,
+                                   line=line_of_key(text, where),
+                                   fix="replace the file with an SDXL .safetensors embedding, "
+                                       "or remove the word from the prompt")
+            if info.architecture != family.architecture:
+                owner = self.plugins.families.get(info.family or "")
+                made_for = owner.display_name if owner else info.family
+                raise JobFileError(f"the {where} names embedding {name!r}, which is for "
+                                   f"{made_for} ({info.architecture} text encoders), but "
+                                   f"checkpoint {spec.checkpoint!r} is {family.display_name}",
+                                   key=where, line=line_of_key(text, where),
+                                   fix=(f"use a {family.display_name} embedding, or remove "
+                                        "the word from the prompt")
+                                   if type(family).probe_embedding is not Family.probe_embedding
+                                   else f"{family.display_name} takes no textual-inversion "
+                                        "embeddings: remove the word from the prompt, or "
+                                        "rename the embedding file if the word is meant")
+            used.append({"name": name, "file": info.name, "autov2": info.autov2 or "",
+                         "path": str(info.path)})
+        return used
+
+    def _refine_settings(self, spec: JobSpec, family: Family, d: FamilyDefaults, width: int,
+                         height: int, text: str, warnings: list[str]) -> dict[str, object]:
+        """`[hires]` and image-to-image's `denoising_strength`, checked against the family
+        (see daemon/hires.py)."""
+        settings: dict[str, object] = {}
+        img2img = spec.image is not None and family.produces == "image"
+        if spec.denoising_strength is not None and not img2img:
+            raise JobFileError("`denoising_strength` is for image-to-image: the job gives no "
+                               "`image`", key="denoising_strength",
+                               line=line_of_key(text, "denoising_strength"),
+                               fix='add image = "input.png" (in the inputs folder), or put '
+                                   "denoising_strength into [hires] for the hires pass")
+        if img2img:
+            if not family.supports_img2img:
+                raise JobFileError(f"{family.display_name} has no image-to-image here",
+                                   key="image", line=line_of_key(text, "image"),
+                                   fix="remove image, or use an SDXL-lineage checkpoint")
+            settings["denoising_strength"] = (spec.denoising_strength
+                                              if spec.denoising_strength is not None
+                                              else DEFAULT_IMG2IMG_DENOISING)
+        if spec.mask is not None:
+            line = line_of_key(text, "mask")
+            if not img2img:
+                raise JobFileError("`mask` is for inpainting: the job gives no `image`",
+                                   key="mask", line=line,
+                                   fix='add image = "input.png" beside the mask')
+            if not family.supports_inpainting:
+                raise JobFileError(f"{family.display_name} has no inpainting here", key="mask",
+                                   line=line, fix="remove mask")
+            path = self.input_image(spec.mask, text, key="mask")
+            settings["mask"] = spec.mask
+            settings["mask_path"] = str(path)
+            settings["mask_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if spec.hires is None:
+            return settings
+        line = line_of_key(text, "hires") or line_of_key(text, "scale")
+        if not family.supports_hires:
+            raise JobFileError(f"{family.display_name} has no hires fix", key="hires", line=line,
+                               fix="remove [hires], or render at the size you want")
+        if img2img:
+            raise JobFileError("[hires] is for text-to-image; this job gives an `image`",
+                               key="hires", line=line,
+                               fix="remove [hires], or set the img2img width/height larger")
+        if spec.hires.get("sampler"):
+            try:
+                choose_sampler(spec.hires["sampler"], None, family.sampler_kind)
+            except SamplerError as exc:
+                raise JobFileError(f"hires.sampler: {exc}", key="hires.sampler", line=line,
+                                   fix="use one of: "
+                                   + ", ".join(samplers_for_kind(family.sampler_kind))) from exc
+        hires, upscaler_model = resolve_upscaler(spec.hires, self.config.postprocess, text,
+                                                 warnings)
+        target_w, target_h = hires_target(width, height, spec.hires, d.size_multiple)
+        limits = self.config.limits
+        if not (64 <= target_w <= limits.max_width and 64 <= target_h <= limits.max_height):
+            raise JobFileError(f"the hires size {target_w}x{target_h} is out of range (64 to "
+                               f"{limits.max_width}x{limits.max_height}, limits in config.toml)",
+                               key="hires", line=line, fix="use a smaller scale or size")
+        if "scale" in spec.hires and (target_w, target_h) != (
+                int(width * spec.hires["scale"]), int(height * spec.hires["scale"])):
+            warnings.append(f"hires: {width}x{height} x {spec.hires['scale']:g} renders at "
+                            f"{target_w}x{target_h} ({family.display_name} needs multiples "
+                            f"of {d.size_multiple})")
+        settings["hires"] = dict(hires)
+        if upscaler_model is not None:
+            settings["hires_upscaler_model"] = str(upscaler_model)
+        return settings
+
+    def input_image(self, name: str, text: str, key: str = "image") -> Path:
+        """The image a job names (`key`: image, or an inpainting mask), which must lie inside
+        a configured inputs folder (no absolute paths, no `..`, no symlink leading out) and
+        open as an image."""
+        line = line_of_key(text, key)
         roots = self.config.paths.input_roots
         shown = ", ".join(str(r) for r in roots)
         relative = Path(name)
         if relative.is_absolute() or ".." in relative.parts or not name.strip():
-            raise JobFileError(f"`image` = {name!r} must be a path inside the inputs folder "
-                               f"({shown}), without `..` or a leading /", key="image",
+            raise JobFileError(f"`{key}` = {name!r} must be a path inside the inputs folder "
+                               f"({shown}), without `..` or a leading /", key=key,
                                line=line, fix="copy the image into the inputs folder and give "
                                "its name, e.g. image = \"start.png\"")
         for root in roots:
@@ -678,19 +818,19 @@ class Intake:
                 continue
             real = candidate.resolve()
             if not real.is_relative_to(root.resolve()):
-                raise JobFileError(f"`image` = {name!r} is a link that leads out of the inputs "
-                                   f"folder ({real})", key="image", line=line,
+                raise JobFileError(f"`{key}` = {name!r} is a link that leads out of the inputs "
+                                   f"folder ({real})", key=key, line=line,
                                    fix="copy the image itself into the inputs folder")
             try:
                 with Image.open(real) as image:
                     image.verify()
             except Exception as exc:
-                raise JobFileError(f"`image` = {name!r} cannot be read as an image ({exc})",
-                                   key="image", line=line,
+                raise JobFileError(f"`{key}` = {name!r} cannot be read as an image ({exc})",
+                                   key=key, line=line,
                                    fix="save it again as PNG, JPEG or WEBP") from exc
             return real
-        raise JobFileError(f"`image` = {name!r} is not in the inputs folder ({shown})",
-                           key="image", line=line,
+        raise JobFileError(f"`{key}` = {name!r} is not in the inputs folder ({shown})",
+                           key=key, line=line,
                            fix="put the image into the inputs folder; images dropped into jobs/ "
                                "are taken as jobs, not inputs")
 

@@ -84,6 +84,14 @@ class JobSpec:
     prompts_file: str | None = None  # a kohya sample-prompt file in inputs/: the prompt axis
     combinatorial: bool = False  # wildcards: every combination instead of one per seed
     sweep_lora_strength: float = 1.0  # [sweep] lora_strength: the swept LoRA's strength
+    # [hires] as written; intake checks it (daemon.hires.check_hires) right after check_job
+    hires: dict[str, Any] | None = None
+    denoising_strength: float | None = None  # image-to-image: how much of `image` is redrawn
+    # What a re-render could not honour of its source (infotext fields): job warnings.
+    rerender_warnings: tuple[str, ...] = ()
+    # Re-renders: textual-inversion embeddings by hash first (A1111's "TI hashes").
+    embedding_hashes: dict[str, str] = field(default_factory=dict)
+    mask: str | None = None  # inpainting: white = redraw, black = keep (inputs folder)
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
@@ -133,6 +141,13 @@ KEYS: dict[str, _Key] = {
     "clip_skip": _Key(int, low=1, high=12, example="clip_skip = 2"),
     "prompts_file": _Key(str, example='prompts_file = "sample_prompts.txt"'),
     "combinatorial": _Key(bool, example="combinatorial = true"),
+    "hires": _Key(dict, example="[hires]\nscale = 2.0\nsteps = 10\ndenoising_strength = 0.5"),
+    "denoising_strength": _Key((int, float), low=0.0, high=1.0,
+                               example="denoising_strength = 0.6"),
+    # Written by the re-render plugin: infotext fields it could not turn into job keys.
+    "rerender_warnings": _Key(list, example='rerender_warnings = ["..."]'),
+    "mask": _Key(str, example='mask = "sketch-mask.png"'),
+    "embedding_hashes": _Key(dict, example='embedding_hashes = { negativeXL_D = "fff5d51ab6" }'),
 }
 LORA_KEYS = ("name", "strength", "text_encoder_strength", "expert")
 EXPERTS = ("high", "low", "both")
@@ -240,6 +255,13 @@ def check_job(data: dict[str, Any], text: str, limits: Limits) -> JobSpec:
         prompts_file=values["prompts_file"],
         combinatorial=bool(values["combinatorial"]),
         sweep_lora_strength=lora_strength,
+        hires=values["hires"],
+        denoising_strength=(float(values["denoising_strength"])
+                            if values["denoising_strength"] is not None else None),
+        rerender_warnings=tuple(str(w) for w in values["rerender_warnings"] or ()),
+        mask=values["mask"],
+        embedding_hashes={str(k): str(v)
+                          for k, v in (values["embedding_hashes"] or {}).items()},
     )
 
 

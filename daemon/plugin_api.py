@@ -14,6 +14,8 @@ What is here:
 * render helpers every diffusers family needs: `sampling_arguments` (the job's A1111
   sampler as a diffusers scheduler, one CPU generator per render, the step callback), and
   `encode_clip_prompts` (A1111 weighting and BREAK through compel for CLIP text encoders);
+* hires fix and image-to-image helpers (`hires_target`, `hires_steps`, `img2img_steps`,
+  `upscale_image`, `upscale_latents`, their infotext fields and the A1111 reader);
 * header readers (`read_header`, `read_gguf_header`) and A1111 prompt parsing;
 * offline tokenizer builders for tiny demo and test checkpoints (`tiny_clip_tokenizer`).
 """
@@ -32,6 +34,7 @@ from daemon.family import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
+    EmbeddingProbe,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
@@ -43,8 +46,22 @@ from daemon.family import (
     read_json_object,
 )
 from daemon.gguf_header import GgufError, GgufHeader, read_gguf_header
+from daemon.hires import (
+    LATENT_UPSCALERS,
+    exact_steps,
+    hires_steps,
+    hires_target,
+    img2img_steps,
+    job_hires_from_infotext,
+    upscale_image,
+    upscale_latents,
+)
+from daemon.hires import infotext_fields as refinement_infotext_fields
 from daemon.jobfile import JobFileError, parse_json, parse_toml
 from daemon.lora_probe import KOHYA_PREFIXES, LoraFacts, tag_frequency
+from daemon.onnx_models import OnnxModel, OnnxModelError
+from daemon.onnx_models import clear_cache as clear_onnx_models
+from daemon.onnx_models import load_model as load_onnx_model
 from daemon.outputs import SPEC_CHUNK
 from daemon.postprocess import GATE_RESEED, PostProcessResult
 from daemon.prompt_weights import (
@@ -56,7 +73,7 @@ from daemon.prompt_weights import (
     unweighted_notes,
 )
 from daemon.safetensors_header import SafetensorsError, SafetensorsHeader, TensorInfo, read_header
-from daemon.samplers import SamplerError, make_scheduler
+from daemon.samplers import SamplerError, choose_sampler, make_scheduler
 from daemon.spec import LoraUse, RenderSpec
 from daemon.tiny_tokenizers import (
     CLIP_BOS_TOKEN,
@@ -74,12 +91,14 @@ __all__ = [
     "CLIP_SKIP_LEVELS",
     "GATE_RESEED",
     "KOHYA_PREFIXES",
+    "LATENT_UPSCALERS",
     "LORAFARM_VERSION",
     "SPEC_CHUNK",
     "BatchAborted",
     "CheckpointProbe",
     "CheckpointSource",
     "DemoAssets",
+    "EmbeddingProbe",
     "Family",
     "FamilyDefaults",
     "GgufError",
@@ -89,6 +108,8 @@ __all__ = [
     "LoraFacts",
     "LoraProbe",
     "LoraUse",
+    "OnnxModel",
+    "OnnxModelError",
     "ParsedPrompt",
     "PostProcessResult",
     "PostprocessStep",
@@ -103,9 +124,17 @@ __all__ = [
     "WeightedText",
     "a1111_prompt_warnings",
     "byte_level_alphabet",
+    "choose_sampler",
+    "clear_onnx_models",
     "cpu_generators",
     "encode_clip_prompts",
+    "exact_steps",
+    "hires_steps",
+    "hires_target",
     "hookimpl",
+    "img2img_steps",
+    "job_hires_from_infotext",
+    "load_onnx_model",
     "job_scheduler",
     "make_scheduler",
     "parse_json",
@@ -115,6 +144,7 @@ __all__ = [
     "read_gguf_header",
     "read_header",
     "read_json_object",
+    "refinement_infotext_fields",
     "remember_scheduler_config",
     "sampling_arguments",
     "step_callback",
@@ -124,6 +154,8 @@ __all__ = [
     "tiny_clip_vocab",
     "to_compel_conjunction",
     "unweighted_notes",
+    "upscale_image",
+    "upscale_latents",
 ]
 
 # Where the pipeline's scheduler config as loaded is kept: every batch builds its sampler

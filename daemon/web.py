@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon import control, overview
 from daemon.config import Config
+from daemon.embeddings import EmbeddingLibrary
 from daemon.metrics import build_registry
 from daemon.state_lock import daemon_pid
 from daemon.store import Store
@@ -227,10 +228,22 @@ def create_app(config: Config, store_factory: Callable[[], Store],
                               "/history")
         return page(request, "job.html", job=job)
 
+    embedding_library: list[EmbeddingLibrary] = []  # built at first use: it loads plugins
+
+    def embedding_rows() -> list[dict[str, object]]:
+        if not embedding_library:
+            from daemon.plugins import Plugins
+
+            embedding_library.append(EmbeddingLibrary(config, Plugins(config.plugins)))
+        return [info.as_dict() for info in embedding_library[0].scan()]
+
     def loras_page(request: Request) -> Response:
         with farm.stores.reader().session() as session:
             loras = overview.lora_rows(session)
-        return page(request, "loras.html", loras=loras)
+        return page(request, "loras.html", loras=loras, embeddings=embedding_rows())
+
+    def api_embeddings(request: Request) -> Response:
+        return JSONResponse(embedding_rows())
 
     def plugins_page(request: Request) -> Response:
         return page(request, "plugins.html", report=plugin_report())
@@ -356,6 +369,7 @@ def create_app(config: Config, store_factory: Callable[[], Store],
         Route("/api/loras", api_loras),
         Route("/plugins", plugins_page),
         Route("/api/plugins", api_plugins),
+        Route("/api/embeddings", api_embeddings),
     ]
     for prefix, make in (("", verb_form), ("/api", verb_api)):
         routes += [Route(f"{prefix}/{verb}", make(verb), methods=["POST"])

@@ -392,6 +392,21 @@ LORAS = """{% extends "base.html" %}{% import "macros.html" as m %}
 {% else %}<tr><td colspan="7" class="muted">
  No LoRAs yet: put .safetensors files into the loras folder.</td></tr>
 {% endfor %}</tbody></table></div>
+<h2>Embeddings</h2>
+<div class="card"><table id="embeddings"><thead><tr><th>Name</th><th>For</th><th>Vectors</th>
+<th>AutoV2</th><th>State</th></tr></thead>
+<tbody>
+{% for e in embeddings %}
+<tr id="embedding-{{ e.name }}">
+ <td><b>{{ e.name }}</b><br><span class="mono muted">{{ e.path }}</span></td>
+ <td>{{ e.architecture or '?' }}</td><td>{{ e.vectors or '?' }}</td>
+ <td class="mono">{{ e.autov2 or '—' }}</td>
+ <td>{{ m.state(e.state) }}{% if e.state != 'ok' %}<div class="error">{{ e.reason }}</div>
+  {%- endif %}</td></tr>
+{% else %}<tr><td colspan="5" class="muted">
+ No embeddings: put .safetensors textual-inversion files into the embeddings folder; a
+ prompt uses one by naming it.</td></tr>
+{% endfor %}</tbody></table></div>
 {% endblock %}
 """
 

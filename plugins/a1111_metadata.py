@@ -27,7 +27,13 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from daemon.plugin_api import LORAFARM_VERSION, LoraUse, RenderSpec, hookimpl
+from daemon.plugin_api import (
+    LORAFARM_VERSION,
+    LoraUse,
+    RenderSpec,
+    hookimpl,
+)
+from daemon.plugin_api import refinement_infotext_fields as refine_fields
 
 if TYPE_CHECKING:
     from daemon.plugin_api import Family
@@ -119,9 +125,18 @@ def infotext_for(
         # sd-dynamic-prompts' fields: the wildcard template the prompt was drawn from.
         ("Template", spec.extra.get("prompt_template")),
         ("Negative Template", spec.extra.get("negative_prompt_template")),
+        # Hires fix and image-to-image, whatever the family (daemon/hires.py).
+        *refine_fields(spec.extra, spec.sampler, spec.schedule, spec.prompt,
+                       spec.negative_prompt),
     ]
-    if spec.loras:
-        fields.append(("Lora hashes", _lora_hashes(spec.loras)))
+    embeddings = spec.extra.get("embeddings") or []
+    if embeddings:
+        # A1111's textual-inversion record: "name: AutoV2, name2: AutoV2" (quoted).
+        fields.append(("TI hashes", ", ".join(f"{_safe_name(e['name'])}: {e['autov2']}"
+                                              for e in embeddings if e.get("autov2")) or None))
+    if spec.loras or embeddings:
+        if spec.loras:
+            fields.append(("Lora hashes", _lora_hashes(spec.loras)))
         fields.append(("Hashes", _civitai_hashes(spec)))
     fields.append(("Version", version))
     prompt = _prompt_with_lora_tags(spec.prompt, spec.loras)
@@ -235,6 +250,9 @@ def _civitai_hashes(spec: RenderSpec) -> dict[str, str] | None:
     for lora in spec.loras:
         if lora.autov2:
             hashes[f"lora:{_safe_name(lora.name)}"] = lora.autov2
+    for embedding in spec.extra.get("embeddings") or []:
+        if embedding.get("autov2"):
+            hashes[f"embed:{_safe_name(embedding['name'])}"] = embedding["autov2"]
     return hashes or None
 
 

@@ -16,11 +16,28 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from daemon.plugin_api import SPEC_CHUNK, JobFileError, RenderSpec, hookimpl
+from daemon.plugin_api import (
+    SPEC_CHUNK,
+    JobFileError,
+    RenderSpec,
+    hookimpl,
+    job_hires_from_infotext,
+)
 from plugins.a1111_metadata import parse_infotext
 
 # Extra render settings a spec may carry that are job keys too.
-EXTRA_KEYS = ("guidance", "true_cfg", "frames", "fps", "flow_shift", "guidance_2", "image")
+EXTRA_KEYS = ("guidance", "true_cfg", "frames", "fps", "flow_shift", "guidance_2", "image",
+              "hires", "denoising_strength", "mask")
+
+# Infotext fields a re-render turns into job keys, or that only describe the file (Version,
+# Civitai's Hashes, the Size the job keys carry). Any other field gets a job warning naming
+# it: a re-render never differs from its source without a word.
+HONOURED_FIELDS = frozenset({
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
+    "Distilled CFG Scale", "Lora hashes", "Hashes", "Version", "Denoising strength",
+    "Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler",
+    "Hires schedule type", "Hires prompt", "Hires negative prompt", "TI hashes",
+})
 
 
 @hookimpl
@@ -87,6 +104,9 @@ def job_from_spec(spec: RenderSpec) -> dict[str, Any]:
     for key in EXTRA_KEYS:
         if key in spec.extra:
             job[key] = spec.extra[key]
+    if spec.extra.get("embeddings"):
+        job["embedding_hashes"] = {e["name"]: e["autov2"] for e in spec.extra["embeddings"]
+                                   if e.get("autov2")}
     return job
 
 
@@ -124,10 +144,33 @@ def job_from_infotext(infotext: str) -> dict[str, Any]:
                                key="Size") from exc
         job["width"], job["height"] = width, height
     if "Lora hashes" in fields:
-        hashes = {}
-        for pair in fields["Lora hashes"].split(","):
-            name, _, value = pair.partition(":")
-            if name.strip() and value.strip():
-                hashes[name.strip()] = value.strip()
-        job["lora_hashes"] = hashes
+        job["lora_hashes"] = _name_hashes(fields["Lora hashes"])
+    if "TI hashes" in fields:
+        job["embedding_hashes"] = _name_hashes(fields["TI hashes"])
+    warnings = [f"the source image's `{key}: {value}` is not honoured by this re-render"
+                for key, value in fields.items() if key not in HONOURED_FIELDS]
+    try:
+        hires, denoising = job_hires_from_infotext(fields)
+    except ValueError as exc:
+        raise JobFileError(f"the hires fields cannot be read ({exc})", key="Hires upscale",
+                           fix="drop an image whose parameters are complete") from exc
+    if hires is not None:
+        job["hires"] = hires
+    elif denoising is not None:
+        # Image-to-image: the input image is not in the infotext.
+        warnings.append(f"the source image was image-to-image (`Denoising strength: "
+                        f"{fields['Denoising strength']}`); its input image is not in the "
+                        "file, so this re-render is text-to-image")
+    if warnings:
+        job["rerender_warnings"] = warnings
     return job
+
+
+def _name_hashes(value: str) -> dict[str, str]:
+    """"name: hash, name2: hash" (A1111's Lora hashes and TI hashes) as a dict."""
+    hashes = {}
+    for pair in value.split(","):
+        name, _, digest = pair.partition(":")
+        if name.strip() and digest.strip():
+            hashes[name.strip()] = digest.strip()
+    return hashes

@@ -117,6 +117,7 @@ _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 class FluxFamily(Family):
     """What FLUX.1 [dev] and [schnell] share; the two subclasses hold what differs."""
 
+    supports_hires = True  # families/flux_hires.py
     architecture = ARCHITECTURE
     sampler_kind = "flow"
     # A1111 weights reach CLIP and T5 through compel (prompt_conditioning).
@@ -313,16 +314,20 @@ class FluxFamily(Family):
             raise RenderError(f"{self.display_name} has no CFG scale (cfg = {first.cfg:g}): use "
                               "`guidance` for its distilled guidance, or `true_cfg` for real "
                               "classifier-free guidance with a negative prompt")
-        pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
-                                        first.schedule, kind=self.sampler_kind)
-        # CPU generators: the same seed gives the same noise on any device, and one generator
-        # per render keeps each image independent of its batch.
-        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         options: dict[str, Any] = {}
         true_cfg = first.extra.get("true_cfg")
         if true_cfg is not None:
             # FluxPipeline runs real CFG only when a negative prompt is given; "" is one.
             options = {"true_cfg_scale": float(true_cfg)}
+        if first.extra.get("hires"):
+            from families.flux.hires import render_flux_hires
+
+            return render_flux_hires(self, pipe, specs, options, progress)
+        pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
+                                        first.schedule, kind=self.sampler_kind)
+        # CPU generators: the same seed gives the same noise on any device, and one generator
+        # per render keeps each image independent of its batch.
+        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         result = pipe(
             **self.prompt_conditioning(pipe, specs, negative=true_cfg is not None),
             guidance_scale=self.guidance(first),  # ignored by schnell's transformer

@@ -7,6 +7,7 @@ lineage; they build on `SDXLFamily` rather than copying it.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
+    EmbeddingProbe,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
@@ -59,6 +61,9 @@ class SDXLFamily(Family):
     # A VAE of its own (`vae = "sdxl_vae_fp16_fix.safetensors"` for the checkpoint): the
     # fp16-fix VAE users swap in against black images in half precision.
     component_files = ("vae",)
+    supports_hires = True
+    supports_img2img = True
+    supports_inpainting = True
 
     # -- recognition -----------------------------------------------------------------------
 
@@ -131,6 +136,13 @@ class SDXLFamily(Family):
                     "model_index.json; point it at a diffusers SDXL folder")
         return vae_problem(checkpoint)
 
+    def size_for_image(self, variant: str | None, image_width: int,
+                       image_height: int) -> tuple[int, int] | None:
+        """Image-to-image without width/height renders at the input's size (down to a
+        multiple of 8)."""
+        multiple = self.defaults.size_multiple
+        return image_width - image_width % multiple, image_height - image_height % multiple
+
     # -- loading and rendering -------------------------------------------------------------
 
     def load_pipeline(self, checkpoint: LoadedCheckpoint, device: torch.device,
@@ -163,8 +175,28 @@ class SDXLFamily(Family):
         return [*super().infotext_fields(spec), ("VAE hash", spec.extra.get("vae_hash")),
                 ("VAE", spec.extra.get("vae"))]
 
+    def probe_embedding(self, header: SafetensorsHeader) -> EmbeddingProbe | None:
+        from families.sdxl.embeddings import probe_sdxl_embedding
+
+        return probe_sdxl_embedding(header)
+
     def render_batch(self, pipe: Any, specs: list[RenderSpec], device: torch.device,
                      progress: Progress | None = None) -> list[Image.Image]:
+        from families.sdxl.embeddings import embeddings_loaded, spelled_as_loaded
+
+        # Textual-inversion embeddings the prompts name (intake found them; every render of
+        # a batch names the same ones): loaded for this batch only.
+        embeddings = specs[0].extra.get("embeddings") or []
+        if embeddings:
+            specs = [replace(spec, prompt=spelled_as_loaded(spec.prompt, embeddings),
+                             negative_prompt=spelled_as_loaded(spec.negative_prompt, embeddings),
+                             extra=_hires_spelled(spec.extra, embeddings))
+                     for spec in specs]
+        with embeddings_loaded(pipe, embeddings):
+            return self._render_prompts(pipe, specs, progress)
+
+    def _render_prompts(self, pipe: Any, specs: list[RenderSpec],
+                        progress: Progress | None) -> list[Image.Image]:
         # A render whose prompts carry A1111 weights (or BREAK) is encoded through compel; one
         # without keeps diffusers' own text encoding. A mixed batch is rendered as two
         # pipeline calls, so that no image depends on which batch it shared.
@@ -187,10 +219,35 @@ class SDXLFamily(Family):
                     "prompt": [_plain(parsed[i][0]) for i in indices],
                     "negative_prompt": [_plain(parsed[i][1]) for i in indices],
                 }
-            for i, image in zip(indices, self._call_pipeline(pipe, group, conditioning,
-                                                             progress), strict=True):
+            for i, image in zip(indices, self._render_group(pipe, group, conditioning,
+                                                            progress), strict=True):
                 images[i] = image
         return [images[i] for i in range(len(specs))]
+
+    def _render_group(self, pipe: Any, specs: list[RenderSpec], conditioning: dict[str, Any],
+                      progress: Progress | None) -> list[Image.Image]:
+        """One pipeline call's worth of renders: text-to-image, image-to-image (an input
+        image with denoising below 1; at 1 the image is ignored, as it is redrawn whole), or
+        text-to-image plus a hires pass (families/sdxl_refine.py)."""
+        from families import sdxl_refine
+
+        first = specs[0]
+        denoising = first.extra.get("denoising_strength")
+        if "mask_path" in first.extra:
+            return sdxl_refine.render_inpaint(self, pipe, specs, conditioning, progress)
+        if "image_path" in first.extra and denoising is not None and denoising < 1:
+            return sdxl_refine.render_img2img(self, pipe, specs, conditioning, progress)
+        hires = first.extra.get("hires")
+        if hires:
+            hires_conditioning = conditioning
+            if hires.get("prompt") is not None or hires.get("negative_prompt") is not None:
+                hires_conditioning = encode_weighted_sdxl(
+                    pipe, [parse_prompt(hires.get("prompt", spec.prompt)) for spec in specs],
+                    [parse_prompt(hires.get("negative_prompt", spec.negative_prompt))
+                     for spec in specs])
+            return sdxl_refine.render_hires(self, pipe, specs, conditioning,
+                                            hires_conditioning, progress)
+        return self._call_pipeline(pipe, specs, conditioning, progress)
 
     def _call_pipeline(self, pipe: Any, specs: list[RenderSpec], conditioning: dict[str, Any],
                        progress: Progress | None) -> list[Image.Image]:
@@ -261,6 +318,18 @@ def vae_problem(checkpoint: LoadedCheckpoint) -> str | None:
             "VAE (e.g. sdxl_vae_fp16_fix.safetensors), or remove the key")
 
 
+def _hires_spelled(extra: dict[str, Any], embeddings: list[dict[str, str]]) -> dict[str, Any]:
+    """`extra` with the hires pass's own prompts spelled as the embeddings were loaded."""
+    from families.sdxl.embeddings import spelled_as_loaded
+
+    hires = extra.get("hires")
+    if not hires:
+        return extra
+    respelled = {key: spelled_as_loaded(hires[key], embeddings)
+                 for key in ("prompt", "negative_prompt") if key in hires}
+    return {**extra, "hires": {**hires, **respelled}}
+
+
 def _plain(parsed: ParsedPrompt) -> str:
     return "".join(parsed.plain_chunks)
 
@@ -284,7 +353,7 @@ def encode_weighted_sdxl(pipe: Any, prompts: list[ParsedPrompt],
     first chunk's plain text: A1111 does not weight it either, and compel would otherwise
     pool over its own syntax characters.
     """
-    from compel import Compel, ReturnedEmbeddingsType
+    from compel import Compel, DiffusersTextualInversionManager, ReturnedEmbeddingsType
 
     device = pipe._execution_device
     # Built per batch, not cached: the text encoders change when a LoRA set with text-encoder
@@ -292,7 +361,12 @@ def encode_weighted_sdxl(pipe: Any, prompts: list[ParsedPrompt],
     encoders = [
         Compel(tokenizer=tokenizer, text_encoder=text_encoder, truncate_long_prompts=False,
                returned_embeddings_type=ReturnedEmbeddingsType
-               .PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED, device=str(device))
+               .PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED, device=str(device),
+               # A multi-vector embedding's name stands for all its tokens (name, name_1, ..);
+               # only while embeddings are loaded: the manager re-tokenizes every prompt.
+               textual_inversion_manager=(DiffusersTextualInversionManager(pipe)
+                                          if getattr(pipe, "lorafarm_embeddings", None)
+                                          else None))
         for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder),
                                         (pipe.tokenizer_2, pipe.text_encoder_2))
     ]
