@@ -25,7 +25,7 @@ from daemon.config import Config
 from daemon.control import is_paused
 from daemon.grid import write_sweep_grid
 from daemon.hosts import forget_dead_inventories, heartbeat, register_host, stop_host
-from daemon.intake import CLAIM_FOLDER_PREFIX, Intake
+from daemon.intake import CLAIM_FOLDER_PREFIX, Intake, Submitted
 from daemon.lifecycle import put_back, recover_interrupted, stale_outputs
 from daemon.lora_library import LoraLibrary
 from daemon.output_writer import OutputWriter
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # How long a job may have ended with its file not yet filed before another daemon files it,
 # when leaving with --until-idle (the heartbeat waits lease_seconds).
 STRANDED_GRACE_SECONDS = 5.0
+STARTUP_WAIT_SECONDS = 60.0  # a job posted while the daemon scans its models waits this long
 
 
 class DaemonLockedError(RuntimeError):
@@ -92,6 +93,7 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self.web: WebHandle | None = None
+        self._started = threading.Event()  # start-up scans done: jobs may come over HTTP
         self.drain_watch = DrainWatch(config, self.store)
 
     @property
@@ -106,7 +108,8 @@ class Daemon:
         if self.config.web.enabled:
             try:
                 self.web = serve_in_thread(self.config, create_app(
-                    self.config, lambda: Store.for_url(self.config.database_url)))
+                    self.config, lambda: Store.for_url(self.config.database_url),
+                    submit=self._submit))
                 log.info("status page: %s", self.web.url)
             except WebStartError as exc:
                 log.error("%s; rendering goes on without the page", exc)
@@ -138,6 +141,18 @@ class Daemon:
         with self.store.session() as session:
             add_event(session, "daemon_started", f"pid {os.getpid()}", pid=os.getpid(),
                       devices=[str(w.device) for w in self.workers])
+        self._started.set()
+
+    def _submit(self, file_name: str, raw: bytes) -> Submitted:
+        """A job posted to the page: checked once the registry and library have been
+        scanned at start-up (before, every checkpoint would look unknown)."""
+        if not self._started.wait(timeout=STARTUP_WAIT_SECONDS):
+            raise RuntimeError("the daemon is still starting (scanning models); send the job "
+                               "again in a minute")
+        try:
+            return self.intake.submit(file_name, raw)
+        finally:
+            self._work.set()  # a waiting worker claims it now, not at its next poll
 
     def stop(self) -> None:
         self._stop.set()

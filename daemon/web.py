@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 import jinja2
@@ -52,7 +52,11 @@ from daemon import control, overview
 from daemon.config import Config
 from daemon.metrics import build_registry
 from daemon.store import Store
+from daemon.submit import submit_job
 from daemon.web_templates import CSS, SCRIPT, TEMPLATES
+
+if TYPE_CHECKING:
+    from daemon.intake import Submitted
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +174,12 @@ class _Farm:
         self.stores.close()
 
 
-def create_app(config: Config, store_factory: Callable[[], Store]) -> Starlette:
+def create_app(config: Config, store_factory: Callable[[], Store],
+               submit: Callable[[str, bytes], Submitted] | None = None) -> Starlette:
     """The status page app. `store_factory` is called once, at the first request; the store
     it returns is disposed when the app is closed (`app.state.farm.close()`, which
-    `serve_in_thread`'s handle does on stop)."""
+    `serve_in_thread`'s handle does on stop). `submit` (the daemon's `Intake.submit`) takes
+    jobs posted to /api/jobs; without it (no daemon behind the page) that answers 503."""
     templates = jinja2.Environment(loader=jinja2.DictLoader(TEMPLATES), autoescape=True,
                                    undefined=jinja2.StrictUndefined)
     farm = _Farm(config, _Stores(store_factory), templates, OrderedDict(), threading.Lock())
@@ -292,6 +298,9 @@ def create_app(config: Config, store_factory: Callable[[], Store]) -> Starlette:
         with farm.stores.reader().session() as session:
             return JSONResponse(overview.lora_rows(session))
 
+    async def api_submit(request: Request) -> Response:
+        return await submit_job(request, submit)
+
     # -- files --
 
     def output_file(request: Request) -> Response:
@@ -331,6 +340,7 @@ def create_app(config: Config, store_factory: Callable[[], Store]) -> Starlette:
         Route("/api/queue", api_queue),
         Route("/api/history", api_history),
         Route("/api/gallery", api_gallery),
+        Route("/api/jobs", api_submit, methods=["POST"]),
         Route("/api/jobs/{job_id:int}", api_job),
         Route("/api/loras", api_loras),
     ]
