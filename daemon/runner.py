@@ -37,6 +37,7 @@ from daemon.scheduler import ClaimedRender, Inventory, claim_next_batch, peek_ne
 from daemon.spec import RenderSpec
 from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Render, Store, add_event
 from daemon.web import WebHandle, WebStartError, create_app, serve_in_thread
+from daemon.webhooks import Webhooks
 from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Daemon:
         self.web: WebHandle | None = None
         self._started = threading.Event()  # start-up scans done: jobs may come over HTTP
         self.drain_watch = DrainWatch(config, self.store)
+        self.webhooks = Webhooks(config, self.store, self._page_url, host=self.name)
 
     @property
     def worker(self) -> Worker:
@@ -105,6 +107,7 @@ class Daemon:
     def start(self) -> None:
         self._acquire_lock()
         self.store.migrate()
+        self.webhooks.start()
         if self.config.web.enabled:
             try:
                 self.web = serve_in_thread(self.config, create_app(
@@ -154,6 +157,9 @@ class Daemon:
         finally:
             self._work.set()  # a waiting worker claims it now, not at its next poll
 
+    def _page_url(self) -> str | None:
+        return self.web.url if self.web is not None else None
+
     def stop(self) -> None:
         self._stop.set()
         self._work.set()
@@ -178,6 +184,7 @@ class Daemon:
         for worker in self.workers:
             worker.close()
         self.registry.close()
+        self.webhooks.close()  # after the writer: its last events are committed
         if self.web is not None:
             self.web.stop()
             self.web = None
