@@ -204,6 +204,8 @@ class _Sender:
                                       "deliveries waiting (the receiver is down)")
 
     def stop(self, deadline: float) -> None:
+        if self._thread.ident is None:
+            return  # never started (the daemon stopped during start-up)
         with self._cond:
             self._stopping, self._deadline = True, deadline
             self._cond.notify()
