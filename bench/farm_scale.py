@@ -14,7 +14,8 @@ The queue is paused while the daemons start and take the job files in, and resum
 every daemon is up: start-up is not in the throughput. Printed per size:
 
 - renders/min from the first claim to the last render recorded, and the scaling efficiency
-  (throughput / (N x one daemon's));
+  (throughput / (N x one daemon's)); "of GPU" is the throughput over what N simulated GPUs
+  could do if they never waited (full batches back to back);
 - claim latency p50/p95: per worker, from recording a batch to holding the next one (the
   claim query with its locks, plus the loop's own hand-off);
 - database connections in use (pg_stat_activity, the most seen, and how many were active);
@@ -155,7 +156,16 @@ def run_case(daemons: int, args: argparse.Namespace, assets: Path, *, kill: bool
                     env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                          "LORAFARM_DATABASE_URL": url}))
             with psycopg.connect(url, autocommit=True) as db:
-                _wait_until_ready(db, daemons, files, renders, procs)
+                try:
+                    _wait_until_ready(db, daemons, files, renders, procs)
+                except StartFailed as exc:
+                    case.errors.append(str(exc))
+                    for i in range(daemons):
+                        text = (root / f"host{i}" / "daemon.log").read_text(errors="replace")
+                        if "Traceback" in text or "Error" in text:
+                            case.errors.append(f"host{i}: {text.strip()[-1500:]}")
+                            break
+                    return case
                 case.startup_seconds = time.perf_counter() - started
                 case.rss_mb = statistics.mean(_rss_mb(p.pid) for p in procs)
                 before = _db_counters(db, name)
@@ -204,9 +214,14 @@ def _wait_until_ready(db, daemons: int, files: int, renders: int,  # type: ignor
             return
         dead = [p.returncode for p in procs if p.poll() is not None]
         if dead:
-            raise SystemExit(f"a daemon exited during start-up ({dead}); see its daemon.log")
+            raise StartFailed(f"{len(dead)} daemon(s) exited during start-up (exit codes "
+                              f"{dead}) with {hosts} of {daemons} up")
         time.sleep(0.5)
-    raise SystemExit(f"start-up took more than 15 minutes ({files} job files)")
+    raise StartFailed(f"start-up took more than 15 minutes ({files} job files)")
+
+
+class StartFailed(RuntimeError):
+    """Not every daemon came up."""
 
 
 def _db_counters(db, name: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
@@ -295,6 +310,8 @@ def main() -> None:
         "LORAFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1/postgres"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if not sizes and not args.kill_at:
+        parser.error("give --sizes, or --sizes '' with --kill-at N for the SIGKILL run alone")
     kill_at = max(sizes) if args.kill_at is None else args.kill_at
     print(f"simulated GPU: {args.steps} steps x {args.step_seconds} s per batch (max_batch "
           f"{args.max_batch}), {args.renders_per_daemon} renders per daemon, lease "
@@ -306,7 +323,7 @@ def main() -> None:
         for size in sizes:
             case = run_case(size, args, assets, kill=False)
             cases.append(case)
-            _print_case(case, cases[0])
+            _print_case(case, cases[0], args)
         if kill_at:
             case = run_case(kill_at, args, assets, kill=True)
             print(f"\nSIGKILL {case.killed} of {case.daemons} daemons half-way: "
@@ -319,16 +336,18 @@ def main() -> None:
                 print(f"  ! {error}")
 
 
-def _print_case(case: Case, first: Case) -> None:
+def _print_case(case: Case, first: Case, args: argparse.Namespace) -> None:
     if case is first:
-        print(f"\n{'N':>3} {'renders':>7} {'r/min':>7} {'eff':>5} {'claim p50':>9} "
+        print(f"\n{'N':>3} {'renders':>7} {'r/min':>7} {'eff':>5} {'of GPU':>6} {'claim p50':>9} "
               f"{'p95':>6} {'conns':>5} {'active':>6} {'hb/s':>5} {'commit/s':>8} "
               f"{'cpu':>4} {'RSS MB':>6} {'start s':>7} ok", flush=True)
     one = first.per_minute / first.daemons
     efficiency = case.per_minute / (case.daemons * one) if one else float("nan")
     ok = (case.done == case.renders and case.duplicates == 0 and case.outputs == case.renders
           and not case.errors)
+    ideal = case.daemons * args.max_batch * 60 / (args.steps * args.step_seconds)
     print(f"{case.daemons:>3} {case.renders:>7} {case.per_minute:>7.0f} {efficiency:>5.2f} "
+          f"{case.per_minute / ideal:>6.0%} "
           f"{_percentile(case.claim_gaps, 0.5) * 1000:>7.0f}ms "
           f"{_percentile(case.claim_gaps, 0.95) * 1000:>4.0f}ms {case.connections_max:>5} "
           f"{case.active_max:>6} {case.heartbeats_per_second:>5.1f} "
