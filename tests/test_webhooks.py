@@ -203,3 +203,51 @@ def test_webhook_settings_are_checked(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
             load(bad)
         assert says in str(caught.value), (bad, str(caught.value))
+
+
+def test_render_failed_and_job_finished_carry_the_reason(tmp_path: Path, receivers) -> None:  # type: ignore[no-untyped-def]
+    from bench.sim_gpu import write_sim_checkpoint, write_sim_lora
+    from daemon import control
+    from daemon.plugins import Plugins
+
+    receiver = Receiver()
+    receivers.append(receiver)
+    write_sim_checkpoint(tmp_path / "models" / "sim-a.safetensors", step_seconds=0.01)
+    lora = write_sim_lora(tmp_path / "loras" / "ink.safetensors")
+    config = config_from_dict({
+        "plugins": ["bench.sim_gpu"],
+        "intake": {"settle_seconds": 0.0, "retry_young_seconds": 0.0},
+        "web": {"enabled": False},
+        "webhooks": [{"url": receiver.url, "events": ["render_failed", "job_finished"]}],
+    }, base=tmp_path, source=tmp_path / "config.toml")
+    daemon = Daemon(config, plugins=Plugins(config.plugins))
+    store = Store.for_url(config.database_url)
+    store.migrate()
+    control.pause(store)  # accepted, not rendered, until the LoRA is gone
+    thread = _run_in_thread(daemon)
+    try:
+        jobs = config.paths.jobs
+        (jobs / "inked.toml").write_text('checkpoint = "sim-a"\nprompt = "a barn"\ncount = 1\n'
+                                         'steps = 2\n[[loras]]\nname = "ink"\n')
+        deadline = time.monotonic() + 60
+        while not _accepted(store) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lora.unlink()
+        control.resume(store)
+        deadline = time.monotonic() + 60
+        while len(receiver.got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
+        thread.join(timeout=120)
+        store.dispose()
+    assert receiver.events() == ["render_failed", "job_finished"]
+    failed, finished = receiver.got
+    assert "LoRA 'ink' is no longer in the library" in failed["render"]["error"]
+    assert finished["state"] == "failed" and finished["outputs"] == []
+    assert finished["renders"] == {"failed": 1}
+
+
+def _accepted(store: Store) -> bool:
+    with store.session() as session:
+        return bool(session.scalars(select(Event).where(Event.kind == "job_accepted")).first())
