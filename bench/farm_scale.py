@@ -136,7 +136,7 @@ def run_case(daemons: int, args: argparse.Namespace, assets: Path, *, kill: bool
         with tempfile.TemporaryDirectory(prefix="farm-scale-") as tmp:
             root = Path(tmp)
             jobs, outputs = root / "shared" / "jobs", root / "shared" / "outputs"
-            files = write_jobs(jobs, renders, args.steps)
+            jobs.mkdir(parents=True)
             started = time.perf_counter()
             for i in range(daemons):
                 host = root / f"host{i}"
@@ -157,7 +157,11 @@ def run_case(daemons: int, args: argparse.Namespace, assets: Path, *, kill: bool
                          "LORAFARM_DATABASE_URL": url}))
             with psycopg.connect(url, autocommit=True) as db:
                 try:
-                    _wait_until_ready(db, daemons, files, renders, procs)
+                    # The job files go in once every daemon is up and heartbeating, so that
+                    # intake on any host sees every host's models and LoRAs.
+                    _wait_until_up(db, daemons, procs)
+                    files = write_jobs(jobs, renders, args.steps)
+                    _wait_until_queued(db, daemons, files, renders, procs)
                 except StartFailed as exc:
                     case.errors.append(str(exc))
                     for i in range(daemons):
@@ -204,20 +208,43 @@ def run_case(daemons: int, args: argparse.Namespace, assets: Path, *, kill: bool
     return case
 
 
-def _wait_until_ready(db, daemons: int, files: int, renders: int,  # type: ignore[no-untyped-def]
-                      procs: list[subprocess.Popen[bytes]]) -> None:
+def _wait_until_up(db, daemons: int,  # type: ignore[no-untyped-def]
+                   procs: list[subprocess.Popen[bytes]]) -> None:
+    """Every daemon registered and past its start-up (its first heartbeat came after)."""
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline:
+        up = db.execute("SELECT count(*) FROM hosts WHERE state = 'running' "
+                        "AND heartbeat_at > started_at").fetchone()[0]
+        if up == daemons:
+            return
+        _check_alive(procs, f"{up} of {daemons} up")
+        time.sleep(0.5)
+    raise StartFailed("the daemons took more than 20 minutes to start")
+
+
+def _wait_until_queued(db, daemons: int, files: int, renders: int,  # type: ignore[no-untyped-def]
+                       procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
-        hosts = db.execute("SELECT count(*) FROM hosts WHERE state = 'running'").fetchone()[0]
-        queued = db.execute("SELECT count(*) FROM renders").fetchone()[0]
-        if hosts == daemons and queued == renders:
+        taken, rejected, queued = db.execute(
+            "SELECT count(*), count(*) FILTER (WHERE state = 'rejected'), "
+            "(SELECT count(*) FROM renders) FROM jobs").fetchone()
+        if rejected:
+            error = db.execute("SELECT error FROM jobs WHERE state = 'rejected' LIMIT 1"
+                               ).fetchone()[0]
+            raise StartFailed(f"{rejected} job file(s) rejected, e.g.: {error}")
+        if taken == files and queued == renders:
             return
-        dead = [p.returncode for p in procs if p.poll() is not None]
-        if dead:
-            raise StartFailed(f"{len(dead)} daemon(s) exited during start-up (exit codes "
-                              f"{dead}) with {hosts} of {daemons} up")
+        _check_alive(procs, f"{taken} of {files} job files taken")
         time.sleep(0.5)
-    raise StartFailed(f"start-up took more than 15 minutes ({files} job files)")
+    raise StartFailed(f"taking {files} job files in took more than 15 minutes")
+
+
+def _check_alive(procs: list[subprocess.Popen[bytes]], where: str) -> None:
+    dead = [p.returncode for p in procs if p.poll() is not None]
+    if dead:
+        raise StartFailed(f"{len(dead)} daemon(s) exited during start-up (exit codes {dead}); "
+                          f"{where}")
 
 
 class StartFailed(RuntimeError):
@@ -303,7 +330,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--step-seconds", type=float, default=0.1)
     parser.add_argument("--max-batch", type=int, default=2)
-    parser.add_argument("--lease-seconds", type=float, default=10.0)
+    # Long enough for a daemon's start-up on a loaded machine (its first heartbeat comes
+    # after it); the SIGKILL run's recovery time is about this long.
+    parser.add_argument("--lease-seconds", type=float, default=30.0)
     parser.add_argument("--kill-at", type=int, default=None,
                         help="daemons in the SIGKILL run (default: the largest size; 0: none)")
     parser.add_argument("--postgres", default=os.environ.get(
