@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plugins_command(sub)
 
+    submit = sub.add_parser("submit", help="send job files to a running daemon over HTTP",
+                            description="POST job files to a daemon's /api/jobs (the same "
+                            "checks as a dropped file); with no --url and no daemon "
+                            "answering, write them into the jobs/ inbox instead")
+    _config_arg(submit)
+    submit.add_argument("files", type=Path, nargs="+", metavar="FILE", help="job files")
+    submit.add_argument("--url", help="the daemon's page, e.g. http://render1:8765/ "
+                        "(default: this config's daemon)")
+    submit.add_argument("--token", default=None,
+                        help="the daemon's [web] token (default: this config's)")
+    submit.add_argument("--json", action="store_true", help="machine-readable output")
+    submit.set_defaults(handler=cmd_submit)
+
     backup = sub.add_parser("backup", help="copy the history database (safe while running)")
     _config_arg(backup)
     backup.add_argument("dest", type=Path, help="a file, or a folder for a dated copy")
@@ -115,6 +128,12 @@ def _version() -> str:
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG),
                         help="config file (./config.toml)")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from daemon.submit import submit_files
+
+    return submit_files(load_config(args.config), args.files, args.url, args.token, args.json)
 
 
 # -- run / demo ---------------------------------------------------------------------------

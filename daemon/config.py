@@ -158,6 +158,23 @@ class ReportSettings:
     webhook_url: str = ""  # optional: a generic JSON POST when the queue drains
 
 
+WEBHOOK_EVENTS = ("job_accepted", "render_done", "render_failed", "job_finished",
+                  "queue_drained")
+WEBHOOK_KEYS = ("url", "events", "headers", "timeout_seconds", "retries", "backoff_seconds")
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """One `[[webhooks]]` table: a JSON POST to `url` for each of `events`."""
+
+    url: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    headers: tuple[tuple[str, str], ...] = ()  # e.g. an Authorization header for the receiver
+    timeout_seconds: float = 5.0  # per attempt
+    retries: int = 5  # attempts after the first, each after a longer wait
+    backoff_seconds: float = 2.0  # the first wait; it doubles each retry (at most 5 minutes)
+
+
 @dataclass(frozen=True)
 class CheckpointOverride:
     """Per-checkpoint settings the header cannot tell (config.toml `[checkpoints.NAME]`)."""
@@ -251,6 +268,7 @@ class Config:
     postprocess: tuple[PostprocessStep, ...] = ()  # config.toml `[[postprocess]]`, in order
     # `[devices."cuda:1"]`: memory settings for one device, over [worker]'s.
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    webhooks: tuple[WebhookSettings, ...] = ()  # config.toml `[[webhooks]]`
 
     def memory_for(self, device: str) -> DeviceMemory:
         """The memory settings of the worker on `device` (as configured: "cuda:1", "auto")."""
@@ -285,7 +303,7 @@ POSTPROCESS_KEYS = ("model", "kind", "labels", "threshold", "min_score", "gate",
 PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state", "wildcards")
 TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
             "plugins", "database_url", "lease_seconds", "forget_hosts_after_seconds",
-            "postprocess", "devices")
+            "postprocess", "devices", "webhooks")
 
 
 def load_config(path: Path) -> Config:
@@ -414,7 +432,55 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
                   database_url_setting=database_url, lease_seconds=float(lease),
                   forget_hosts_after_seconds=float(forget_hosts),
                   postprocess=postprocess,
-                  devices=_device_tables(data.get("devices", {}), worker, where))
+                  devices=_device_tables(data.get("devices", {}), worker, where),
+                  webhooks=_webhooks(data.get("webhooks", []), where))
+
+
+def _webhooks(raw: Any, where: str) -> tuple[WebhookSettings, ...]:
+    """`[[webhooks]]` tables, each checked key by key."""
+    example = ('[[webhooks]]\nurl = "https://chat.example/hooks/renders"\n'
+               'events = ["job_finished", "render_failed"]')
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(f"{where}: webhooks must be a list of tables, e.g. {example}")
+    hooks = []
+    for number, table in enumerate(raw, start=1):
+        name = f"webhooks[{number}]"
+        _reject_unknown(table, WEBHOOK_KEYS, where, f"{name}.")
+        url = table.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: {name}.url must be an http:// or https:// URL, got "
+                              f"{url!r}, e.g. {example}")
+        events = table.get("events", list(WEBHOOK_EVENTS))
+        if not isinstance(events, list) or not events or not all(
+                isinstance(e, str) for e in events):
+            raise ConfigError(f"{where}: {name}.events must be a list of event names (leave "
+                              f"it out for all of them): {', '.join(WEBHOOK_EVENTS)}")
+        for event in events:
+            if event not in WEBHOOK_EVENTS:
+                close = difflib.get_close_matches(event, WEBHOOK_EVENTS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"{where}: {name}.events: unknown event {event!r}; {hint}"
+                                  f"known: {', '.join(WEBHOOK_EVENTS)}")
+        headers = table.get("headers", {})
+        if not isinstance(headers, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise ConfigError(f'{where}: {name}.headers must be a table of strings, e.g. '
+                              f'headers = {{ Authorization = "Bearer ..." }}')
+        numbers: dict[str, float] = {}
+        for key, default, least in (("timeout_seconds", 5.0, 0.1), ("retries", 5, 0),
+                                    ("backoff_seconds", 2.0, 0.0)):
+            value = table.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < least \
+                    or (key == "retries" and not isinstance(value, int)):
+                kind = "a whole number" if key == "retries" else "a number of seconds"
+                raise ConfigError(f"{where}: {name}.{key} must be {kind} >= {least}, got "
+                                  f"{value!r}")
+            numbers[key] = value
+        hooks.append(WebhookSettings(
+            url=url, events=tuple(dict.fromkeys(events)), headers=tuple(headers.items()),
+            timeout_seconds=float(numbers["timeout_seconds"]), retries=int(numbers["retries"]),
+            backoff_seconds=float(numbers["backoff_seconds"])))
+    return tuple(hooks)
 
 
 def _device_tables(raw: Any, worker: WorkerSettings, where: str) -> dict[str, dict[str, Any]]:

@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -101,6 +102,17 @@ class ScanResult:
     accepted: list[int] = field(default_factory=list)  # job ids
     rejected: list[str] = field(default_factory=list)  # file names
     pending: list[str] = field(default_factory=list)  # files not complete yet
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A job taken in over HTTP (`Intake.submit`)."""
+
+    job_id: int
+    file_name: str  # the name its file got (made unique among files waiting in jobs/)
+    renders: int
+    warnings: list[str]
+    file_path: str | None  # where its file is now (jobs/processing/...)
 
 
 class Intake:
@@ -373,6 +385,75 @@ class Intake:
         with contextlib.suppress(Exception):  # the report must not stop the repair
             with self.store.session() as session:
                 add_event(session, "claim_not_returned", message, path=str(file))
+
+    # -- submitted over HTTP ----------------------------------------------------------------
+
+    def submit(self, file_name: str, raw: bytes) -> Submitted:
+        """Take a job sent over HTTP (`POST /api/jobs`) through the same checks and the same
+        path as a dropped file, and return the queued job; raises JobFileError (nothing is
+        written or queued) when a dropped file of these bytes would be rejected.
+
+        The bytes are written into this daemon's claim folder first (no other host can take
+        them from there), then settled exactly as a taken file is: the job file ends in
+        processing/ and later done/ or failed/, like any other. Should the daemon die between
+        the write and the record, start-up (or another host) puts the file back into jobs/,
+        where it is taken like a dropped one: nothing answered 201 is lost."""
+        name = Path(file_name.replace("\\", "/")).name.strip()
+        if not name or name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES) \
+                or name.endswith(".error.txt"):
+            raise JobFileError(f"{file_name!r} cannot name a job file",
+                               fix="name it like a job file, e.g. portrait.toml")
+        limit = (MAX_MEDIA_JOB_BYTES if Path(name).suffix.lower() in self.plugins.binary_parsers
+                 else MAX_JOB_FILE_BYTES)
+        if len(raw) > limit:
+            raise JobFileError(f"the job is {len(raw)} bytes; a job file is at most {limit} "
+                               "bytes", fix="job files are short TOML or JSON text")
+        content_hash = hashlib.sha256(raw).hexdigest()
+        with self._lock:  # one at a time with the scan: the registry and library hold still
+            spec, renders, warnings = self.parse(name, raw)
+            with self.store.session() as session:
+                twin = session.execute(select(Job.id, Job.file_name).where(
+                    Job.content_hash == content_hash,
+                    Job.state.in_(UNFINISHED_JOB_STATES))).first()
+            if twin is not None:
+                raise JobFileError(
+                    f"the same job content is already queued as job {twin.id} "
+                    f"({twin.file_name}), which has not finished",
+                    fix="wait for it to finish, or change the job (e.g. its seed) to queue "
+                        "a new run")
+            self.ensure_folders()
+            claims = self.jobs_dir / f"{CLAIM_FOLDER_PREFIX}{self.owner}"
+            claims.mkdir(exist_ok=True)
+            stem, suffix = Path(name).stem, Path(name).suffix
+            for number in itertools.count(2):
+                if not (claims / name).exists() and not (self.jobs_dir / name).exists():
+                    break
+                name = f"{stem}-{number}{suffix}"
+            taken = claims / name
+            temp = claims / f".{name}.{secrets.token_hex(4)}.tmp"
+            with open(temp, "wb") as handle:
+                handle.write(raw)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, taken)
+            result = ScanResult()
+            try:
+                self._settle(self.jobs_dir / name, taken, raw, content_hash, spec, renders,
+                             warnings, None, result)
+            except Exception:
+                self._give_back(taken)  # jobs/: the next scan takes it, as a dropped file
+                raise
+        if not result.accepted:
+            # Another host queued the same content in the instant since the check above.
+            raise JobFileError("the same job content was queued by another host just now; "
+                               f"this copy went to {self.folder('rejected')}",
+                               fix="wait for that job to finish, or change the job")
+        job_id = result.accepted[0]
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            file_path = job.file_path if job is not None else None
+        return Submitted(job_id=job_id, file_name=name, renders=len(renders),
+                         warnings=warnings, file_path=file_path)
 
     # -- parsing and resolving -------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from daemon.store import (
     Job,
     Render,
     Store,
+    add_event,
     utcnow,
 )
 
@@ -217,10 +218,24 @@ class DrainWatch:
         if since is None:
             return None  # idle, and nothing ended since the last report
         self._since, self._last_report = None, utcnow()
+        self._record_drained(since)
         path = on_queue_drained(self.config, self.store, since)
         if path is not None:
             self.reports.append(path)
         return path
+
+
+    def _record_drained(self, since: dt.datetime) -> None:
+        """A `queue_drained` event with the period's counts (what [[webhooks]] send)."""
+        with self.store.session() as session:
+            counts = dict(session.execute(select(Render.state, func.count()).where(
+                Render.finished_at >= since).group_by(Render.state)).all())
+            add_event(session, "queue_drained",
+                      f"the queue drained: {counts.get(RENDER_DONE, 0)} done, "
+                      f"{counts.get(RENDER_FAILED, 0)} failed",
+                      since=overview.iso(since), done=counts.get(RENDER_DONE, 0),
+                      failed=counts.get(RENDER_FAILED, 0),
+                      cancelled=counts.get(RENDER_CANCELLED, 0))
 
 
 def _href(relpath: str | None) -> str:

@@ -31,7 +31,7 @@ from daemon.hosts import (
     register_host,
     stop_host,
 )
-from daemon.intake import CLAIM_FOLDER_PREFIX, Intake
+from daemon.intake import CLAIM_FOLDER_PREFIX, Intake, Submitted
 from daemon.lifecycle import put_back, recover_interrupted, stale_outputs
 from daemon.lora_library import LoraLibrary
 from daemon.output_writer import OutputWriter
@@ -44,6 +44,7 @@ from daemon.spec import RenderSpec
 from daemon.state_lock import DaemonLockedError, StateLock
 from daemon.store import RENDER_QUEUED, RENDER_RUNNING, Host, Render, Store, add_event
 from daemon.web import WebHandle, WebStartError, create_app, serve_in_thread
+from daemon.webhooks import Webhooks
 from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 # How long a job may have ended with its file not yet filed before another daemon files it,
 # when leaving with --until-idle (the heartbeat waits lease_seconds).
 STRANDED_GRACE_SECONDS = 5.0
+STARTUP_WAIT_SECONDS = 60.0  # a job posted while the daemon scans its models waits this long
 
 
 __all__ = ["Daemon", "DaemonLockedError"]
@@ -96,7 +98,9 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self.web: WebHandle | None = None
+        self._started = threading.Event()  # start-up scans done: jobs may come over HTTP
         self.drain_watch = DrainWatch(config, self.store)
+        self.webhooks = Webhooks(config, self.store, self._page_url, host=self.name)
 
     @property
     def worker(self) -> Worker:
@@ -107,11 +111,12 @@ class Daemon:
     def start(self) -> None:
         self._acquire_lock()
         self.store.migrate()
+        self.webhooks.start()
         if self.config.web.enabled:
             try:
                 self.web = serve_in_thread(self.config, create_app(
                     self.config, lambda: Store.for_url(self.config.database_url),
-                    plugins=self.plugins))
+                    plugins=self.plugins, submit=self._submit))
                 log.info("status page: %s", self.web.url)
             except WebStartError as exc:
                 log.error("%s; rendering goes on without the page", exc)
@@ -153,6 +158,21 @@ class Daemon:
         with self.store.session() as session:
             add_event(session, "daemon_started", f"pid {os.getpid()}", pid=os.getpid(),
                       devices=[str(w.device) for w in self.workers])
+        self._started.set()
+
+    def _submit(self, file_name: str, raw: bytes) -> Submitted:
+        """A job posted to the page: checked once the registry and library have been
+        scanned at start-up (before, every checkpoint would look unknown)."""
+        if not self._started.wait(timeout=STARTUP_WAIT_SECONDS):
+            raise RuntimeError("the daemon is still starting (scanning models); send the job "
+                               "again in a minute")
+        try:
+            return self.intake.submit(file_name, raw)
+        finally:
+            self._work.set()  # a waiting worker claims it now, not at its next poll
+
+    def _page_url(self) -> str | None:
+        return self.web.url if self.web is not None else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -178,6 +198,7 @@ class Daemon:
         for worker in self.workers:
             worker.close()
         self.registry.close()
+        self.webhooks.close()  # after the writer: its last events are committed
         if self.web is not None:
             self.web.stop()
             self.web = None

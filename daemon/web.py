@@ -54,10 +54,12 @@ from daemon.embeddings import EmbeddingLibrary
 from daemon.metrics import build_registry
 from daemon.state_lock import daemon_pid
 from daemon.store import Store
+from daemon.submit import submit_job
 from daemon.web_address import URL_FILE, page_url, status_url  # noqa: F401 (re-exported)
 from daemon.web_templates import CSS, SCRIPT, TEMPLATES
 
 if TYPE_CHECKING:
+    from daemon.intake import Submitted
     from daemon.plugins import Plugins
 
 log = logging.getLogger(__name__)
@@ -176,11 +178,14 @@ class _Farm:
 
 
 def create_app(config: Config, store_factory: Callable[[], Store],
-               plugins: Plugins | None = None) -> Starlette:
+               plugins: Plugins | None = None,
+               submit: Callable[[str, bytes], Submitted] | None = None) -> Starlette:
     """The status page app. `store_factory` is called once, at the first request; the store
     it returns is disposed when the app is closed (`app.state.farm.close()`, which
     `serve_in_thread`'s handle does on stop). `plugins`: the daemon's loaded plugins, for
-    the plugins page (None: loaded from config.toml at the first request)."""
+    the plugins page (None: loaded from config.toml at the first request). `submit` (the
+    daemon's `Intake.submit`) takes jobs posted to /api/jobs; without it (no daemon behind
+    the page) that answers 503."""
     loaded_plugins: list[Plugins] = [plugins] if plugins is not None else []
 
     def plugin_report() -> dict[str, Any]:
@@ -326,6 +331,9 @@ def create_app(config: Config, store_factory: Callable[[], Store],
     def api_plugins(request: Request) -> Response:
         return JSONResponse(plugin_report())
 
+    async def api_submit(request: Request) -> Response:
+        return await submit_job(request, submit)
+
     # -- files --
 
     def output_file(request: Request) -> Response:
@@ -365,6 +373,7 @@ def create_app(config: Config, store_factory: Callable[[], Store],
         Route("/api/queue", api_queue),
         Route("/api/history", api_history),
         Route("/api/gallery", api_gallery),
+        Route("/api/jobs", api_submit, methods=["POST"]),
         Route("/api/jobs/{job_id:int}", api_job),
         Route("/api/loras", api_loras),
         Route("/plugins", plugins_page),
