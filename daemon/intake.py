@@ -884,36 +884,16 @@ class Intake:
         """The image a job names (`key`: image, or an inpainting mask), which must lie inside
         a configured inputs folder (no absolute paths, no `..`, no symlink leading out) and
         open as an image."""
-        line = line_of_key(text, key)
-        roots = self.config.paths.input_roots
-        shown = ", ".join(str(r) for r in roots)
-        relative = Path(name)
-        if relative.is_absolute() or ".." in relative.parts or not name.strip():
-            raise JobFileError(f"`{key}` = {name!r} must be a path inside the inputs folder "
-                               f"({shown}), without `..` or a leading /", key=key,
-                               line=line, fix="copy the image into the inputs folder and give "
-                               "its name, e.g. image = \"start.png\"")
-        for root in roots:
-            candidate = root / relative
-            if not candidate.exists():
-                continue
-            real = candidate.resolve()
-            if not real.is_relative_to(root.resolve()):
-                raise JobFileError(f"`{key}` = {name!r} is a link that leads out of the inputs "
-                                   f"folder ({real})", key=key, line=line,
-                                   fix="copy the image itself into the inputs folder")
-            try:
-                with Image.open(real) as image:
-                    image.verify()
-            except Exception as exc:
-                raise JobFileError(f"`{key}` = {name!r} cannot be read as an image ({exc})",
-                                   key=key, line=line,
-                                   fix="save it again as PNG, JPEG or WEBP") from exc
-            return real
-        raise JobFileError(f"`{key}` = {name!r} is not in the inputs folder ({shown})",
-                           key=key, line=line,
-                           fix="put the image into the inputs folder; images dropped into jobs/ "
-                               "are taken as jobs, not inputs")
+        real = find_input_file(name, self.config.paths.input_roots, key, text,
+                               example=f'{key} = "start.png"', kind="image")
+        try:
+            with Image.open(real) as image:
+                image.verify()
+        except Exception as exc:
+            raise JobFileError(f"`{key}` = {name!r} cannot be read as an image ({exc})",
+                               key=key, line=line_of_key(text, key),
+                               fix="save it again as PNG, JPEG or WEBP") from exc
+        return real
 
     def _resolve_loras(self, spec: JobSpec, family: Family, checkpoint: CheckpointInfo,
                        text: str, warnings: list[str]) -> tuple[str, tuple[LoraUse, ...]]:

@@ -25,9 +25,11 @@ _OPTION = re.compile(r"\s--(?=[A-Za-z])")
 EXAMPLE = "a lighthouse at dusk --n blurry --w 1024 --h 1024 --d 42 --l 7 --s 28"
 
 
-def find_input_file(name: str, roots: Sequence[Path], key: str, text: str) -> Path:
-    """A file a job names, which must lie inside an inputs folder: no absolute path, no
-    `..`, no symbolic link leading out (the rules of a job's `image`)."""
+def find_input_file(name: str, roots: Sequence[Path], key: str, text: str, *,
+                    example: str = 'prompts_file = "sample_prompts.txt"',
+                    kind: str = "file") -> Path:
+    """A file a job names (`key`: image, mask, prompts_file), which must lie inside an inputs
+    folder: no absolute path, no `..`, no symbolic link leading out."""
     line = line_of_key(text, key)
     shown = ", ".join(str(r) for r in roots)
     relative = Path(name)
@@ -35,8 +37,8 @@ def find_input_file(name: str, roots: Sequence[Path], key: str, text: str) -> Pa
             or "\x00" in name):
         raise JobFileError(f"`{key}` = {name!r} must be a path inside the inputs folder "
                            f"({shown}), without `..` or a leading /", key=key, line=line,
-                           fix=f'copy the file into the inputs folder and give its name, e.g. '
-                               f'{key} = "sample_prompts.txt"')
+                           fix=f"copy the {kind} into the inputs folder and give its name, "
+                               f"e.g. {example}")
     for root in roots:
         candidate = root / relative
         if not candidate.exists():
@@ -45,14 +47,14 @@ def find_input_file(name: str, roots: Sequence[Path], key: str, text: str) -> Pa
         if not real.is_relative_to(root.resolve()):
             raise JobFileError(f"`{key}` = {name!r} is a link that leads out of the inputs "
                                f"folder ({real})", key=key, line=line,
-                               fix="copy the file itself into the inputs folder")
+                               fix=f"copy the {kind} itself into the inputs folder")
         if not real.is_file():
             raise JobFileError(f"`{key}` = {name!r} is not a file", key=key, line=line,
-                               fix="name a text file in the inputs folder")
+                               fix=f"name a {kind} in the inputs folder")
         return real
     raise JobFileError(f"`{key}` = {name!r} is not in the inputs folder ({shown})", key=key,
-                       line=line, fix="put the file into the inputs folder; files dropped "
-                                      "into jobs/ are taken as jobs")
+                       line=line, fix=f"put the {kind} into the inputs folder; files dropped "
+                                      "into jobs/ are taken as jobs, not inputs")
 
 
 def read_prompt_file(path: Path, limits: Limits,
