@@ -24,23 +24,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from families.tiny_files import save_safetensors_atomically
 from PIL import Image
 
-from daemon import hookimpl
-from daemon.family import (
+from daemon.plugin_api import (
     CheckpointProbe,
     CheckpointSource,
     DemoAssets,
     Family,
     FamilyDefaults,
     LoadedCheckpoint,
+    LoraFacts,
     LoraProbe,
+    LoraUse,
     Progress,
+    RenderSpec,
+    SafetensorsHeader,
+    hookimpl,
+    read_header,
 )
-from daemon.lora_probe import LoraFacts
-from daemon.safetensors_header import SafetensorsHeader, read_header
-from daemon.spec import LoraUse, RenderSpec
+from families.shared.tiny_files import save_safetensors_atomically
 
 CHECKPOINT_MARKER = "lorafarm_sim_gpu"
 LORA_MARKER = "lorafarm_sim_lora"

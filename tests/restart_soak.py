@@ -161,7 +161,7 @@ def _wait_until_started(root: Path, proc: subprocess.Popen[bytes], timeout: floa
 
 
 def run(root: Path, models: Path, kills: int, seed: int) -> Soak:
-    from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
+    from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 
     rng = random.Random(seed)
     soak = Soak(jobs_dropped={kind: 0 for kind in KINDS})

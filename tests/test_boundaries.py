@@ -180,7 +180,7 @@ def test_load_pipeline_raising_names_the_family_and_its_own_line(tmp_path: Path,
 
 def test_lora_patching_that_raises_fails_the_render_with_the_family_and_its_line(
         tmp_path: Path, assets: Any) -> None:
-    from families.sdxl_tiny_loras import make_tiny_lora, write_kohya_original
+    from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 
     farm = farm_with(tmp_path, assets, ["raising_lora"],
                      checkpoints=sdxl_as(assets, "raising-lora"))

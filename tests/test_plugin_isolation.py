@@ -92,7 +92,7 @@ def test_broken_plugins_are_skipped_with_one_line_each_and_the_rest_loads(
     assert {"sdxl", "pony", "illustrious", "flux-dev", "wan22", "raising-probe"} <= set(
         broken_plugins.families)
     assert "never-registered" not in broken_plugins.families
-    assert broken_plugins.families["sdxl"].__class__.__module__ == "families.sdxl"
+    assert broken_plugins.families["sdxl"].__class__.__module__ == "families.sdxl.sdxl"
     assert {".toml", ".json", ".png", ".mp4"} <= set(broken_plugins.job_parsers)
 
 

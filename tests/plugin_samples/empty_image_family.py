@@ -7,7 +7,7 @@ from typing import Any
 from PIL import Image
 
 from daemon import hookimpl
-from families.sdxl import SDXLFamily
+from families.sdxl.sdxl import SDXLFamily
 
 
 class EmptyImageFamily(SDXLFamily):

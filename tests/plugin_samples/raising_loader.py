@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from daemon import hookimpl
-from families.sdxl import SDXLFamily
+from families.sdxl.sdxl import SDXLFamily
 
 
 class RaisingLoaderFamily(SDXLFamily):

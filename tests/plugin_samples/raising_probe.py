@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from daemon import hookimpl
-from families.sdxl import SDXLFamily
+from families.sdxl.sdxl import SDXLFamily
 
 
 class RaisingProbeFamily(SDXLFamily):
