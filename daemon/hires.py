@@ -6,7 +6,7 @@ space or in pixels), then run a second, partial denoising pass at the larger siz
 
 What this module decides is the same for every family (the checked settings, the target
 size, how many steps run, the infotext); running the passes is the family's, through
-`Family.supports_hires` / `Family.supports_img2img` (families/sdxl.py does it with diffusers'
+`Family.supports_hires` / `Family.supports_img2img` (families/sdxl/refine.py does it with diffusers'
 img2img pipeline built `from_pipe`, sharing every loaded module and LoRA).
 
 Settings travel in `RenderSpec.extra["hires"]` (the table as checked, with defaults filled

@@ -117,7 +117,7 @@ _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 class FluxFamily(Family):
     """What FLUX.1 [dev] and [schnell] share; the two subclasses hold what differs."""
 
-    supports_hires = True  # families/flux_hires.py
+    supports_hires = True  # families/flux/hires.py
     architecture = ARCHITECTURE
     sampler_kind = "flow"
     # A1111 weights reach CLIP and T5 through compel (prompt_conditioning).

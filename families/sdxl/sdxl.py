@@ -228,8 +228,8 @@ class SDXLFamily(Family):
                       progress: Progress | None) -> list[Image.Image]:
         """One pipeline call's worth of renders: text-to-image, image-to-image (an input
         image with denoising below 1; at 1 the image is ignored, as it is redrawn whole), or
-        text-to-image plus a hires pass (families/sdxl_refine.py)."""
-        from families import sdxl_refine
+        text-to-image plus a hires pass (families/sdxl/refine.py)."""
+        from families.sdxl import refine as sdxl_refine
 
         first = specs[0]
         denoising = first.extra.get("denoising_strength")
