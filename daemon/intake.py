@@ -166,8 +166,9 @@ class Intake:
             return
         try:
             self._take(path, result)
-        except PermissionError:
-            self._unreadable.report(path, "not readable by lorafarm (permission denied)")
+        except PermissionError as exc:
+            self._unreadable.report(path, "a file lorafarm may not read or move (permission "
+                                    f"denied: {exc.filename or name})")
         except OSError as exc:  # vanished mid-way: try again next scan
             log.warning("could not take %s yet: %s", name, exc)
             result.pending.append(name)
