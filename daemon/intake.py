@@ -51,7 +51,7 @@ from daemon.jobfile import (
 )
 from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError
 from daemon.plugin_faults import FaultLog, describe_fault, fault_key
-from daemon.plugins import Plugins
+from daemon.plugins import PROBE_FAULT, Plugins
 from daemon.prompt_tags import PromptTagError, extract_lora_tags
 from daemon.registry import CheckpointInfo, Registry
 from daemon.samplers import SamplerError, choose_sampler, samplers_for_kind
@@ -372,9 +372,12 @@ class Intake:
                                f"{self.config.paths.models} (a diffusers folder or a "
                                ".safetensors file); `lorafarm models` lists what is known")
         if info.state != "ok" or info.family is None:
+            fix = "fix or replace the model file (see `lorafarm models`)"
+            if PROBE_FAULT in (info.reason or ""):  # a plugin's bug, not the model's
+                fix = (f"update or remove the plugin named above (`lorafarm plugins`), or set "
+                       f'[checkpoints."{spec.checkpoint}"] family = "..." in config.toml')
             raise JobFileError(f"checkpoint {spec.checkpoint!r} cannot be used: {info.reason}",
-                               key="checkpoint", line=line,
-                               fix="fix or replace the model file (see `lorafarm models`)")
+                               key="checkpoint", line=line, fix=fix)
         family = self.plugins.families.get(info.family)
         if family is None:
             raise JobFileError(f"checkpoint {spec.checkpoint!r} is a {info.family} model but the "
