@@ -62,7 +62,7 @@ from daemon.jobfile import (
 from daemon.lifecycle import fault_point
 from daemon.lora_library import LoraInfo, LoraLibrary, LoraLookupError, preferred_weight
 from daemon.plugin_faults import FaultLog, describe_fault, fault_key
-from daemon.plugins import Plugins
+from daemon.plugins import PROBE_FAULT, Plugins
 from daemon.presets import apply_preset
 from daemon.prompt_files import find_input_file, read_prompt_file
 from daemon.prompt_tags import PromptTagError, extract_lora_tags
@@ -198,8 +198,9 @@ class Intake:
             return
         try:
             self._take(path, result)
-        except PermissionError:
-            self._unreadable.report(path, "not readable by lorafarm (permission denied)")
+        except PermissionError as exc:
+            self._unreadable.report(path, "a file lorafarm may not read or move (permission "
+                                    f"denied: {exc.filename or name})")
         except OSError as exc:  # vanished mid-way: try again next scan
             log.warning("could not take %s yet: %s", name, exc)
             result.pending.append(name)
@@ -561,9 +562,12 @@ class Intake:
                                f"{self.config.paths.models} (a diffusers folder or a "
                                ".safetensors file); `lorafarm models` lists what is known")
         if info.state != "ok" or info.family is None:
+            fix = "fix or replace the model file (see `lorafarm models`)"
+            if PROBE_FAULT in (info.reason or ""):  # a plugin's bug, not the model's
+                fix = (f"update or remove the plugin named above (`lorafarm plugins`), or set "
+                       f'[checkpoints."{name}"] family = "..." in config.toml')
             raise JobFileError(f"checkpoint {name!r} cannot be used: {info.reason}",
-                               key="checkpoint", line=line,
-                               fix="fix or replace the model file (see `lorafarm models`)")
+                               key="checkpoint", line=line, fix=fix)
         family = self.plugins.families.get(info.family)
         if family is None:
             raise JobFileError(f"checkpoint {name!r} is a {info.family} model but the "

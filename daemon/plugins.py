@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "lorafarm"
 OWN_DISTRIBUTION = "lorafarm"
+PROBE_FAULT = "'s probe raised"  # in a file's reason when a family's probe raised on it
 HOOK_NAMES = tuple(sorted(name for name in dir(hookspecs)
                           if hasattr(getattr(hookspecs, name), "lorafarm_spec")))
 
@@ -246,7 +247,7 @@ class Plugins:
         """The reason shown for a file whose probe by `family` raised; the traceback is logged
         once per file and plugin, not at every rescan."""
         plugin = self.plugin_of_family(family.name)
-        reason = (f"family {family.name}'s probe raised {describe_fault(exc, family)} (a bug in "
+        reason = (f"family {family.name}{PROBE_FAULT} {describe_fault(exc, family)} (a bug in "
                   f"that plugin, {plugin!r}; the file itself may be fine)")
         self.faults.exception(("probe", family.name, str(path)),
                               f"probing {path}: {reason}", exc)

@@ -132,6 +132,13 @@ def test_a_probe_that_raises_is_named_and_logged_once_per_file(
                                      "'model.no_such_tensor' (at raising_probe.py:16) (a bug "
                                      "in that plugin, 'raising_probe'")
     assert "fix or replace" not in mystery.reason
+    farm.drop("mystery.toml", sdxl_job(checkpoint="mystery", count=1))
+    daemon = farm.daemon()
+    daemon.start()
+    daemon.close()
+    report = farm.rejection("mystery.toml")
+    assert "family raising-probe's probe raised KeyError" in report
+    assert "How to fix: update or remove the plugin named above" in report
     lora = loras["mystery-lora"]
     assert lora.state != "ok"
     assert "family raising-probe's probe raised KeyError: 'lora.no_such_tensor'" in lora.reason

@@ -248,8 +248,8 @@ def test_a_file_whose_intake_fails_goes_back_to_jobs_and_is_taken_next_time(
         return real_accept(*args)
 
     monkeypatch.setattr(daemon.intake, "_accept", fail_once)
-    with pytest.raises(RuntimeError):
-        daemon.intake.scan()
+    # Logged, not raised: the scan (a daemon's start, say) goes on; the file waits in jobs/.
+    assert daemon.intake.scan().pending == ["flaky.toml"]
     assert (farm.jobs / "flaky.toml").exists()
     assert not list(farm.jobs.glob(f"{CLAIM_FOLDER_PREFIX}*/*"))
     assert len(daemon.intake.scan().accepted) == 1
