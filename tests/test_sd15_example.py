@@ -102,3 +102,16 @@ def test_loras_of_the_other_architecture_are_refused_at_intake(farm) -> None:  #
     assert "LoRA 'xl-style' is for sdxl (sdxl architecture)" in refusal and "sd1" in refusal
     assert "Stable Diffusion 1.5 takes clip skip 1, 2 only" in farm.rejection("skip3.toml")
     assert "SDXL has no clip skip setting" in farm.rejection("xl-skip1.toml")
+
+
+def test_the_demo_jobs_render(farm, assets) -> None:  # type: ignore[no-untyped-def]
+    jobs = sorted(assets.demo_jobs.glob("sd15-*.toml"))
+    assert [job.name for job in jobs] == ["sd15-folder.toml", "sd15-single-file.toml"]
+    for job in jobs:
+        farm.drop(job.name, job.read_text())
+    assert farm.run() == 0
+    outputs = sorted(farm.outputs.rglob("*.png"))
+    assert len(outputs) == 4  # count = 2 each
+    for png in outputs:
+        _, _, fields = parse_infotext(Image.open(png).text["parameters"])
+        assert fields["Clip skip"] == "2" and fields["Model"].startswith("tiny-sd15")
