@@ -1,14 +1,15 @@
 """Benchmark: how a farm scales on one PostgreSQL, with simulated GPUs.
 
     .venv/bin/python bench/farm_scale.py [--sizes 1,2,4,8,16,32] [--renders-per-daemon 50]
-        [--steps 10] [--step-seconds 0.1] [--max-batch 2] [--lease-seconds 10]
+        [--steps 10] [--step-seconds 0.2] [--max-batch 2] [--lease-seconds 30]
         [--kill-at 32] [--postgres postgresql://postgres@127.0.0.1/postgres]
 
-For each size N: N real daemons (`lorafarm run --until-idle`, each its own state folder and
---name) on a fresh database, one shared jobs/ inbox and outputs/ folder, and one queue of
-N x renders-per-daemon renders over four checkpoints and four LoRA sets. The checkpoints are
-bench/sim_gpu.py's: a render sleeps steps x step-seconds (the GPU's time) and costs no CPU,
-so what is measured is lorafarm itself: intake, claims, leases, heartbeats, outputs, history.
+For each size N: N real daemons (`lorafarm run`, each its own state folder and --name,
+stopped with SIGTERM once the queue is empty) on a fresh database, one shared jobs/ inbox
+and outputs/ folder, and one queue of N x renders-per-daemon renders over four checkpoints
+and four LoRA sets. The checkpoints are bench/sim_gpu.py's: a render sleeps steps x
+step-seconds (the GPU's time) and costs no CPU, so what is measured is lorafarm itself:
+intake, claims, leases, heartbeats, outputs, history.
 
 The queue is paused while the daemons start and take the job files in, and resumed once
 every daemon is up: start-up is not in the throughput. Printed per size:
@@ -151,7 +152,7 @@ def run_case(daemons: int, args: argparse.Namespace, assets: Path, *, kill: bool
                 log = open(host / "daemon.log", "wb")  # noqa: SIM115 (closed with the folder)
                 procs.append(subprocess.Popen(
                     ["nice", "-n", "5", sys.executable, "-m", "daemon.cli", "run", "--config",
-                     str(host / "config.toml"), "--until-idle", "--name", f"h{i}"],
+                     str(host / "config.toml"), "--name", f"h{i}"],
                     cwd=host, stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                          "LORAFARM_DATABASE_URL": url}))
@@ -178,6 +179,9 @@ def run_case(daemons: int, args: argparse.Namespace, assets: Path, *, kill: bool
                 control.resume(store, by="bench")
                 store.dispose()
                 _watch(db, name, case, procs, kill=kill)
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)  # finish the batch, then leave
                 for proc in procs:
                     try:
                         proc.wait(timeout=300)
@@ -328,7 +332,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,4,8,16,32")
     parser.add_argument("--renders-per-daemon", type=int, default=50)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--step-seconds", type=float, default=0.1)
+    parser.add_argument("--step-seconds", type=float, default=0.2)
     parser.add_argument("--max-batch", type=int, default=2)
     # Long enough for a daemon's start-up on a loaded machine (its first heartbeat comes
     # after it); the SIGKILL run's recovery time is about this long.
