@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon.safetensors_header import SafetensorsError, read_header
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -95,12 +98,24 @@ class EmbeddingLibrary:
         except SafetensorsError as exc:
             return EmbeddingInfo(name, path, QUARANTINED, str(exc))
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        found = []
         for family in self.plugins.families.values():
-            probe = family.probe_embedding(header)
+            try:
+                probe = family.probe_embedding(header)
+            except Exception as exc:  # one plugin's bug must not hide the others' answers
+                log.warning("family %s's probe_embedding raised on %s: %s (a bug in that "
+                            "plugin)", family.name, path.name, exc)
+                continue
             if probe is not None:
-                return EmbeddingInfo(name, path, OK, probe.reason,
-                                     architecture=family.architecture, family=family.name,
-                                     vectors=probe.vectors, sha256=digest, autov2=digest[:10])
+                found.append((family, probe))
+        if found:
+            # Families of one architecture (SDXL, Pony, Illustrious) share text encoders and
+            # all answer: name the architecture's own family where it is installed.
+            family, probe = next(((f, p) for f, p in found if f.name == f.architecture),
+                                 found[0])
+            return EmbeddingInfo(name, path, OK, probe.reason,
+                                 architecture=family.architecture, family=family.name,
+                                 vectors=probe.vectors, sha256=digest, autov2=digest[:10])
         shapes = ", ".join(f"{key} {list(info.shape)}" for key, info in header.tensors.items())
         return EmbeddingInfo(name, path, UNRECOGNISED,
                              f"no installed family takes an embedding of this form ({shapes})",

@@ -70,7 +70,7 @@ def test_broken_plugins_are_skipped_with_one_line_each_and_the_rest_loads(
     assert skipped["duplicate_family"].reason.startswith(
         "it registers a family named 'sdxl', which plugin 'sdxl' already registers")
     assert "abstract" in skipped["abstract_family"].reason
-    assert "build_demo" in skipped["abstract_family"].reason
+    assert "render_batch" in skipped["abstract_family"].reason
     # One log line per skipped plugin, naming the distribution and the entry point.
     records = caplog.get_records("setup")  # the fixture loaded the plugins
     lines = [r.getMessage() for r in records if r.getMessage().startswith("skipped")]
@@ -184,7 +184,7 @@ def test_lorafarm_plugins_lists_loaded_and_skipped(farm: Farm, broken_plugins: P
         assert client.get("/api/plugins").json() == broken_plugins.report()
         page = client.get("/plugins")
         assert page.status_code == 200
-        assert 'id="skipped-abstract_family"' in page.text and "build_demo" in page.text
+        assert 'id="skipped-abstract_family"' in page.text and "render_batch" in page.text
         assert 'id="plugin-sdxl"' in page.text
     app.state.farm.close()
 

@@ -60,6 +60,7 @@ from daemon.plugin_api import (
     parse_prompt,
     quantization_fields,
     read_json_object,
+    remember_scheduler_config,
     to_compel_conjunction,
 )
 from families.flux.bfl import (
@@ -294,7 +295,7 @@ class FluxFamily(Family):
         pipe.set_progress_bar_config(disable=True)
         # Samplers are swapped per batch, each built from these training settings (shift,
         # dynamic shifting), kept here untouched.
-        pipe.lorafarm_scheduler_config = scheduler_config
+        remember_scheduler_config(pipe, scheduler_config)
         # Which files the pipeline was assembled from (the model hash stays the transformer
         # file's); logged by load_components as well.
         pipe.lorafarm_components = {name: str(path) for name, path in files.items()}
@@ -323,7 +324,7 @@ class FluxFamily(Family):
             from families.flux.hires import render_flux_hires
 
             return render_flux_hires(self, pipe, specs, options, progress)
-        pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
+        pipe.scheduler = make_scheduler(remember_scheduler_config(pipe), first.sampler,
                                         first.schedule, kind=self.sampler_kind)
         # CPU generators: the same seed gives the same noise on any device, and one generator
         # per render keeps each image independent of its batch.

@@ -17,17 +17,18 @@ from daemon.plugin_api import (
     hires_steps,
     hires_target,
     make_scheduler,
+    remember_scheduler_config,
     upscale_image,
     upscale_latents,
 )
 
 if TYPE_CHECKING:
     from daemon.plugin_api import Progress, RenderSpec
-    from families.flux.flux import FluxFamily
 
 
-def render_flux_hires(family: FluxFamily, pipe: Any, specs: list[RenderSpec],
+def render_flux_hires(family: Any, pipe: Any, specs: list[RenderSpec],
                       options: dict[str, Any], progress: Progress | None) -> list[Image.Image]:
+    """`family` is the FluxFamily (typed loosely: its module imports this one)."""
     from diffusers import FluxImg2ImgPipeline
 
     first = specs[0]
@@ -38,7 +39,7 @@ def render_flux_hires(family: FluxFamily, pipe: Any, specs: list[RenderSpec],
     negative = first.extra.get("true_cfg") is not None
     common = {"guidance_scale": family.guidance(first),
               "max_sequence_length": family.max_sequence_length, **options}
-    pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
+    pipe.scheduler = make_scheduler(remember_scheduler_config(pipe), first.sampler,
                                     first.schedule, kind=family.sampler_kind)
     # One generator per render through both passes: no image depends on its batch.
     generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
@@ -65,7 +66,7 @@ def render_flux_hires(family: FluxFamily, pipe: Any, specs: list[RenderSpec],
         sampler, schedule = choice.sampler, choice.schedule
     img2img = FluxImg2ImgPipeline.from_pipe(pipe)
     img2img.set_progress_bar_config(disable=True)
-    img2img.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, sampler, schedule,
+    img2img.scheduler = make_scheduler(remember_scheduler_config(pipe), sampler, schedule,
                                        kind=family.sampler_kind)
     steps, strength = exact_steps(second_steps, float(hires["denoising_strength"]),
                                   rounds_up=True)

@@ -81,6 +81,7 @@ from daemon.plugin_api import (
     read_gguf_header,
     read_header,
     read_json_object,
+    remember_scheduler_config,
     strip_explicit_weights,
     unweighted_notes,
 )
@@ -666,7 +667,7 @@ def _scheduler(pipe: Any, spec: RenderSpec, kind: str) -> Any:
     (FlowMatchEulerDiscreteScheduler's `shift`; make_scheduler carries it to UniPC's
     `flow_shift`). A scheduler built from the config, not `set_shift` afterwards, so that the
     shift also shapes the training sigma range the scheduler keeps."""
-    config = dict(pipe.lorafarm_scheduler_config)
+    config = remember_scheduler_config(pipe)
     shift = spec.extra.get("flow_shift")
     if shift is not None:
         config["shift"] = float(shift)
@@ -765,7 +766,7 @@ class _HunyuanBase(Family):
     def _finish_loading(self, pipe: Any, device: torch.device) -> Any:
         pipe.set_progress_bar_config(disable=True)
         # Samplers are swapped per batch, each built from the checkpoint's own settings.
-        pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
+        remember_scheduler_config(pipe)
         # Decoding one clip at a time (slicing) gives the same frames with a fraction of the
         # memory, and HunyuanVideo 1.5's VAE fails on a batch without it. Tiling only acts
         # above 256 px, where a whole-frame decode of a 720p clip needs tens of GB.

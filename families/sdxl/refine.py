@@ -21,6 +21,7 @@ from daemon.plugin_api import (
     hires_target,
     img2img_steps,
     make_scheduler,
+    remember_scheduler_config,
     upscale_image,
     upscale_latents,
 )
@@ -67,7 +68,7 @@ def render_img2img(family: Family, pipe: Any, specs: list[RenderSpec],
     if img2img_steps(first.steps, denoising) == 0:
         return [source.copy() for _ in specs]
     img2img = img2img_pipeline(pipe)
-    img2img.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
+    img2img.scheduler = make_scheduler(remember_scheduler_config(pipe), first.sampler,
                                        first.schedule, kind=family.sampler_kind)
     generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
     result = img2img(**conditioning, image=[source] * len(specs), strength=denoising,
@@ -86,7 +87,7 @@ def render_hires(family: Family, pipe: Any, specs: list[RenderSpec],
     hires = first.extra["hires"]
     total = total_steps(first)
     latent = hires["upscaler"] in LATENT_UPSCALERS
-    pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
+    pipe.scheduler = make_scheduler(remember_scheduler_config(pipe), first.sampler,
                                     first.schedule, kind=family.sampler_kind)
     # One generator per render, carried through both passes: an image does not depend on
     # its batch, and the second pass's noise follows from the seed.
@@ -107,7 +108,7 @@ def render_hires(family: Family, pipe: Any, specs: list[RenderSpec],
         choice = choose_sampler(hires["sampler"], None, family.sampler_kind)
         sampler, schedule = choice.sampler, choice.schedule
     img2img = img2img_pipeline(pipe)
-    img2img.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, sampler, schedule,
+    img2img.scheduler = make_scheduler(remember_scheduler_config(pipe), sampler, schedule,
                                        kind=family.sampler_kind)
     steps, strength = exact_steps(hires_steps(first.steps, hires),
                                   float(hires["denoising_strength"]))
@@ -136,7 +137,7 @@ def render_inpaint(family: Family, pipe: Any, specs: list[RenderSpec],
         return [source.copy() for _ in specs]
     inpaint = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
     inpaint.set_progress_bar_config(disable=True)
-    inpaint.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
+    inpaint.scheduler = make_scheduler(remember_scheduler_config(pipe), first.sampler,
                                        first.schedule, kind=family.sampler_kind)
     generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
     result = inpaint(**conditioning, image=[source] * len(specs),

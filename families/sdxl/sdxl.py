@@ -33,6 +33,7 @@ from daemon.plugin_api import (
     hookimpl,
     make_scheduler,
     parse_prompt,
+    remember_scheduler_config,
     to_compel_conjunction,
 )
 from families.sdxl.lineage import guess_lineage
@@ -166,7 +167,7 @@ class SDXLFamily(Family):
         pipe.set_progress_bar_config(disable=True)
         # Samplers are swapped per batch; each is built from the checkpoint's own training
         # settings, kept here untouched.
-        pipe.lorafarm_scheduler_config = dict(pipe.scheduler.config)
+        remember_scheduler_config(pipe)
         # Loaded on the CPU already; `.to("cpu")` would only warn about fp32 modules.
         return pipe if device.type == "cpu" else pipe.to(device)
 
@@ -253,7 +254,7 @@ class SDXLFamily(Family):
                        progress: Progress | None) -> list[Image.Image]:
         first = specs[0]
         # A fresh sampler per call: multistep samplers keep state between steps.
-        pipe.scheduler = make_scheduler(pipe.lorafarm_scheduler_config, first.sampler,
+        pipe.scheduler = make_scheduler(remember_scheduler_config(pipe), first.sampler,
                                         first.schedule, kind=self.sampler_kind)
         # CPU generators: the same seed gives the same noise on any device, and one generator
         # per render keeps each image independent of its batch.

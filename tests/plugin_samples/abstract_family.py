@@ -1,11 +1,10 @@
-"""A family class that leaves an abstract method (build_demo) out."""
+"""A family class that leaves an abstract method (render_batch) out."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from daemon import hookimpl
-from daemon.family import Family
+from daemon.plugin_api import Family, hookimpl
 
 
 class HalfDoneFamily(Family):
@@ -17,9 +16,6 @@ class HalfDoneFamily(Family):
         return None
 
     def load_pipeline(self, checkpoint: Any, device: Any, dtype: Any) -> Any:
-        raise NotImplementedError
-
-    def render_batch(self, pipe: Any, specs: Any, device: Any, progress: Any = None) -> Any:
         raise NotImplementedError
 
 
