@@ -144,6 +144,7 @@ def run_case(daemons: int, args: argparse.Namespace, assets: Path, *, kill: bool
                 host.mkdir()
                 (host / "config.toml").write_text(
                     f'plugins = ["bench.sim_gpu"]\nlease_seconds = {args.lease_seconds}\n'
+                    f"database_pool_size = {args.pool_size}\n"
                     f'[paths]\njobs = "{jobs}"\noutputs = "{outputs}"\n'
                     f'models = "{assets / "models"}"\nloras = "{assets / "loras"}"\n'
                     '[intake]\nsettle_seconds = 0.0\nretry_young_seconds = 0.0\n'
@@ -337,6 +338,8 @@ def main() -> None:
     # Long enough for a daemon's start-up on a loaded machine (its first heartbeat comes
     # after it); the SIGKILL run's recovery time is about this long.
     parser.add_argument("--lease-seconds", type=float, default=30.0)
+    parser.add_argument("--pool-size", type=int, default=0,
+                        help="database_pool_size for every daemon (0: the default pool)")
     parser.add_argument("--kill-at", type=int, default=None,
                         help="daemons in the SIGKILL run (default: the largest size; 0: none)")
     parser.add_argument("--postgres", default=os.environ.get(
@@ -348,7 +351,8 @@ def main() -> None:
     kill_at = max(sizes) if args.kill_at is None else args.kill_at
     print(f"simulated GPU: {args.steps} steps x {args.step_seconds} s per batch (max_batch "
           f"{args.max_batch}), {args.renders_per_daemon} renders per daemon, lease "
-          f"{args.lease_seconds:g} s, {os.cpu_count()} CPU cores", flush=True)
+          f"{args.lease_seconds:g} s, database_pool_size {args.pool_size}, {os.cpu_count()} CPU "
+          "cores", flush=True)
     cases: list[Case] = []
     with tempfile.TemporaryDirectory(prefix="farm-scale-assets-") as tmp:
         assets = Path(tmp)

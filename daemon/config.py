@@ -260,6 +260,9 @@ class Config:
     loras: dict[str, LoraOverride] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()  # extra plugin modules to load by import name
     database_url_setting: str = ""  # config.toml `database_url`; "" = SQLite under state/
+    # PostgreSQL connections one daemon keeps at most (0: SQLAlchemy's default, 5 kept plus
+    # 10 more at peaks); a farm of many hosts lowers it to stay under max_connections.
+    database_pool_size: int = 0
     # A running render's lease: a daemon that has not heartbeat for this long has lost its
     # renders to the queue (several daemons on one database).
     lease_seconds: float = 120.0
@@ -303,7 +306,7 @@ POSTPROCESS_KEYS = ("model", "kind", "labels", "threshold", "min_score", "gate",
 PATH_KEYS = ("jobs", "loras", "models", "inputs", "outputs", "state", "wildcards")
 TOP_KEYS = ("paths", "limits", "intake", "worker", "web", "report", "checkpoints", "loras",
             "plugins", "database_url", "lease_seconds", "forget_hosts_after_seconds",
-            "postprocess", "devices", "webhooks")
+            "postprocess", "devices", "webhooks", "database_pool_size")
 
 
 def load_config(path: Path) -> Config:
@@ -414,6 +417,11 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
             ("sqlite:", "postgresql:", "postgresql+psycopg:"))):
         raise ConfigError(f"{where}: database_url must be a postgresql://user@host/db or "
                           "sqlite:///path URL (empty: SQLite under state/)")
+    pool_size = data.get("database_pool_size", 0)
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 0 \
+            or pool_size == 1:
+        raise ConfigError(f"{where}: database_pool_size must be 0 (the default pool) or a whole "
+                          f"number of connections >= 2, got {pool_size!r}")
     lease = data.get("lease_seconds", 120)
     if isinstance(lease, bool) or not isinstance(lease, int | float) or lease < 5:
         raise ConfigError(f"{where}: lease_seconds must be a number of seconds >= 5")
@@ -429,7 +437,8 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     return Config(source=source, paths=paths, limits=limits, intake=intake, worker=worker,
                   web=web, report=report,
                   checkpoints=checkpoints, loras=loras, plugins=tuple(plugins),
-                  database_url_setting=database_url, lease_seconds=float(lease),
+                  database_url_setting=database_url, database_pool_size=pool_size,
+                  lease_seconds=float(lease),
                   forget_hosts_after_seconds=float(forget_hosts),
                   postprocess=postprocess,
                   devices=_device_tables(data.get("devices", {}), worker, where),

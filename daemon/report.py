@@ -224,7 +224,6 @@ class DrainWatch:
             self.reports.append(path)
         return path
 
-
     def _record_drained(self, since: dt.datetime) -> None:
         """A `queue_drained` event with the period's counts (what [[webhooks]] send)."""
         with self.store.session() as session:

@@ -72,7 +72,7 @@ class Daemon:
         self.config = config
         self.plugins = plugins or Plugins(config.plugins)
         config.ensure_folders()
-        self.store = Store.for_url(config.database_url)
+        self.store = Store.for_url(config.database_url, pool_size=config.database_pool_size)
         self.farm = not self.store.is_sqlite  # several daemons may share this database
         self.name = name or default_name(config)
         self.inventory_host = name or socket.gethostname()
@@ -115,7 +115,8 @@ class Daemon:
         if self.config.web.enabled:
             try:
                 self.web = serve_in_thread(self.config, create_app(
-                    self.config, lambda: Store.for_url(self.config.database_url),
+                    self.config, lambda: Store.for_url(self.config.database_url,
+                                                   pool_size=self.config.database_pool_size),
                     plugins=self.plugins, submit=self._submit))
                 log.info("status page: %s", self.web.url)
             except WebStartError as exc:

@@ -296,20 +296,24 @@ class Store:
     that concurrent writers wait on busy_timeout instead of failing at commit time.
     """
 
-    def __init__(self, url: str, *, writer: bool = True) -> None:
+    def __init__(self, url: str, *, writer: bool = True, pool_size: int = 0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        options = {} if self.is_sqlite else {"pool_pre_ping": True}
+        options: dict[str, Any] = {} if self.is_sqlite else {"pool_pre_ping": True}
+        if pool_size and not self.is_sqlite:
+            # At most this many connections: a thread that finds them all in use waits for
+            # one (sessions are short) instead of opening another.
+            options.update(pool_size=pool_size, max_overflow=0, pool_timeout=120)
         self.engine: Engine = create_engine(url, future=True, **options)
         if self.is_sqlite:
             _configure_sqlite(self.engine, writer=writer)
 
     @classmethod
-    def for_url(cls, url: str, *, writer: bool = True) -> Store:
+    def for_url(cls, url: str, *, writer: bool = True, pool_size: int = 0) -> Store:
         """SQLite (file created user-only) or PostgreSQL, from a database URL."""
         if url.startswith("sqlite:///"):
             return cls.for_path(Path(url[len("sqlite:///"):]), writer=writer)
-        return cls(url, writer=writer)
+        return cls(url, writer=writer, pool_size=pool_size)
 
     @classmethod
     def for_path(cls, path: Path, *, writer: bool = True) -> Store:
