@@ -215,8 +215,10 @@ def retry_job(config: Config, store: Store, job_id: int | str, *,
             add_event(session, "render_retried",
                       f"was {render.state} after {render.attempts} attempt(s): {render.error}",
                       job_id=job.id, render_id=render.id, by=by, previous_state=render.state,
-                      previous_error=render.error, previous_attempts=render.attempts)
+                      previous_error=render.error, previous_attempts=render.attempts,
+                      previous_deaths=render.deaths)
             render.state, render.attempts, render.error = RENDER_QUEUED, 0, None
+            render.deaths = 0  # afresh: a retry is not held to the deaths it was failed for
             render.output_path = render.lora_report_json = None
             render.progress_step = render.progress_total = None
             render.started_at = render.finished_at = render.heartbeat_at = None

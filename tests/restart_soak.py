@@ -128,14 +128,15 @@ enabled = false
     return config
 
 
-def spawn(config: Path, fault: str | None = None) -> subprocess.Popen[bytes]:
+def spawn(config: Path, fault: str | None = None, *,
+          until_idle: bool = True) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if fault:
         env["LORAFARM_FAULT_POINT"] = fault
     log = (config.parent / "daemon.log").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
-                             str(config), "--until-idle"], cwd=config.parent, stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+    args = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)]
+    return subprocess.Popen(args + (["--until-idle"] if until_idle else []), cwd=config.parent,
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def drop(jobs: Path, name: str, text: str) -> None:
@@ -189,10 +190,10 @@ def run(root: Path, models: Path, kills: int, seed: int) -> Soak:
     for _ in range(4):
         drop_job()
     while soak.kills < kills:
-        if rng.random() < 0.6:  # work keeps arriving, so kills land on intake too
-            drop_job()
+        drop_job()  # work keeps arriving, so kills land on intake too
         gap = rng.random() < 0.05  # now and then, die exactly between claim and insert
-        proc = spawn(config, fault="claim_taken" if gap else None)
+        # Runs to be killed do not leave when the queue is empty: every one is killed.
+        proc = spawn(config, fault="claim_taken" if gap else None, until_idle=gap)
         soak.runs += 1
         if gap:
             drop_job()  # something for it to claim
@@ -201,7 +202,9 @@ def run(root: Path, models: Path, kills: int, seed: int) -> Soak:
             continue
         if rng.random() < 0.8:  # while it takes files in, claims, renders, writes, records
             _wait_until_started(root, proc, timeout=300)
-            delay = rng.uniform(0.0, 5.0)
+            # Long enough, on a loaded machine, for an interrupted render to be redone alone
+            # now and then; shorter would kill it while loading at every restart.
+            delay = rng.uniform(0.0, 10.0)
         else:  # anywhere in start-up: imports, migrations, recovery, claim-folder returns
             delay = rng.uniform(0.5, 9.0)
         try:
@@ -312,7 +315,7 @@ def write_doc_section(soak: Soak, args: argparse.Namespace) -> None:
 
 `python -m tests.restart_soak --kills {args.kills} --seed {args.seed}` ({platform.machine()},
 {os.cpu_count()} cores, Python {platform.python_version()}, {soak.seconds} s): the daemon is
-SIGKILLed at a random moment (in four runs of five 0 to 5 s after its start-up finished,
+SIGKILLed at a random moment (in four runs of five 0 to 10 s after its start-up finished,
 else 0.5 to 9 s after it was launched, often inside its start-up) and restarted, again and
 again while job files keep arriving; one run in twenty kills itself between renaming a job
 file into its claim folder and recording it. Then one last run finishes the queue.
