@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -29,7 +30,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(json_lines=getattr(args, "log_json", False),
                       verbose=getattr(args, "verbose", False))
     try:
-        return int(args.handler(args) or 0)
+        try:
+            return int(args.handler(args) or 0)
+        except Exception as exc:
+            # A read-only verb on a database an older lorafarm wrote (no daemon has run
+            # since the upgrade): bring the schema up to date, as the daemon's start does,
+            # and answer again.
+            if not _upgraded_old_schema(args, exc):
+                raise
+            return int(args.handler(args) or 0)
     except ConfigError as exc:
         print(f"lorafarm: config error: {exc}", file=sys.stderr)
         return 2
@@ -39,6 +48,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+
+
+def _upgraded_old_schema(args: argparse.Namespace, exc: Exception) -> bool:
+    """Whether `exc` is a query meeting an older schema (a missing column or table), which
+    was then migrated to the newest one. Only where no daemon runs: a running daemon has
+    migrated its database at start."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    text = str(exc).lower()
+    if not isinstance(exc, OperationalError | ProgrammingError) or not (
+            "no such column" in text or "no such table" in text or "does not exist" in text):
+        return False
+    config_path = getattr(args, "config", None)
+    if config_path is None:
+        return False
+    from daemon.state_lock import daemon_pid
+    from daemon.store import Store
+
+    config = load_config(config_path)
+    if daemon_pid(config.paths.state) is not None:
+        return False
+    print("lorafarm: upgrading the history database to this version's schema",
+          file=sys.stderr)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    store = Store.for_url(config.database_url)
+    try:
+        store.migrate()
+    finally:
+        store.dispose()
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

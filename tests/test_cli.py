@@ -118,3 +118,28 @@ def test_status_names_the_page_only_while_a_daemon_serves_it(make_farm) -> None:
     status = json.loads(lorafarm("status", "--json", "--config", str(farm.config.source),
                                  cwd=farm.root).stdout)
     assert status["daemon"]["running"] is False and status["page"] is None
+
+
+def test_a_read_only_verb_upgrades_a_database_an_older_version_wrote(tmp_path: Path,
+                                                                     farm) -> None:
+    """`lorafarm history` right after an upgrade, before any daemon ran: the schema is
+    brought up to date (as the daemon's start does) instead of a database traceback."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    from daemon.store import MIGRATIONS, Store
+    from tests.conftest import sdxl_job
+
+    farm.drop("one.toml", sdxl_job(count=1))
+    assert farm.run() == 0
+    store = Store.for_url(farm.config.database_url)
+    alembic = AlembicConfig()
+    alembic.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as connection:
+        alembic.attributes["connection"] = connection
+        command.downgrade(alembic, "0008")  # the schema of the release before this one
+    store.dispose()
+    result = lorafarm("history", "--json", "--config", str(farm.config.source), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "upgrading the history database" in result.stderr
+    assert [job["state"] for job in json.loads(result.stdout)] == ["done"]
