@@ -21,8 +21,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from daemon.cli import quiet_libraries  # noqa: E402
 from daemon.config import config_from_dict  # noqa: E402
+from daemon.console import quiet_libraries  # noqa: E402
 from daemon.plugins import Plugins  # noqa: E402
 from daemon.runner import Daemon  # noqa: E402
 from daemon.scheduler import stats  # noqa: E402

@@ -152,8 +152,8 @@ def main() -> None:
 def soak(count: int, seed: int) -> dict[str, Any]:
     """Build the tiny demo models in a temporary folder, start a daemon there (no renders)
     and fuzz its parsers."""
-    from daemon.cli import quiet_libraries
     from daemon.config import config_from_dict
+    from daemon.console import quiet_libraries
     from daemon.demo import write_demo
     from daemon.plugins import Plugins
     from daemon.runner import Daemon

@@ -343,7 +343,7 @@ def main() -> None:
     parser.add_argument("--doc", action="store_true", help="write them into RELIABILITY.md")
     args = parser.parse_args()
 
-    from daemon.cli import quiet_libraries
+    from daemon.console import quiet_libraries
     from daemon.plugins import Plugins
 
     quiet_libraries()
