@@ -37,6 +37,10 @@ def test_the_example_is_a_separately_installed_entry_point(plugins) -> None:  # 
     family = plugins.family("sd15")
     assert type(family).__module__ == "lorafarm_sd15.family"
     assert family.architecture == "sd1"
+    # `lorafarm plugins` lists it under its own distribution, with its family.
+    listed = {entry["name"]: entry for entry in plugins.report()["loaded"]}
+    assert listed["sd15"]["distribution"] == "lorafarm-sd15"
+    assert listed["sd15"]["families"] == ["sd15"]
 
 
 def test_both_checkpoint_forms_are_recognised(farm) -> None:  # type: ignore[no-untyped-def]
