@@ -23,6 +23,7 @@ from sqlalchemy import select
 from daemon.config import Config
 from daemon.console import quiet_libraries
 from daemon.control import is_paused
+from daemon.family import Family
 from daemon.grid import write_sweep_grid
 from daemon.hosts import (
     forget_dead_hosts,
@@ -36,6 +37,7 @@ from daemon.lifecycle import put_back, recover_interrupted, stale_outputs
 from daemon.lora_library import LoraLibrary
 from daemon.output_writer import OutputWriter
 from daemon.outputs import remove_leftover_temporaries
+from daemon.plugin_faults import FaultLog, describe_fault, fault_key
 from daemon.plugins import Plugins
 from daemon.registry import Registry, live_hosts
 from daemon.report import DrainWatch
@@ -85,6 +87,7 @@ class Daemon:
                                    postprocess=config.postprocess)
         # Header-read weight sizes of checkpoints no worker has loaded yet (`_batch_limit`).
         self._weight_estimates: dict[tuple[str, str, str, str], int] = {}
+        self._cost_faults = FaultLog()  # a family's broken estimate is logged once
         self.workers = [
             Worker(config, self.store, self.registry, self.library, self.plugins, self.writer,
                    name=f"{self.name}/w{i}", device=device)
@@ -366,6 +369,19 @@ class Daemon:
         family = self.plugins.families.get(spec.family)
         if worker.vram_budget <= 0 or family is None:
             return self.config.worker.max_batch
+        try:
+            return self._fitting_batch(worker, family, spec)
+        except Exception as exc:
+            # Family code runs inside the claim: a bug in its estimates must not stall the
+            # queue (every claim would fail and the renders wait for good). A batch of one
+            # goes ahead; rendering then says what the family does wrong, if anything.
+            self._cost_faults.exception(
+                fault_key(exc, "batch_limit", family.name),
+                f"family {family.name}'s memory estimate raised: {describe_fault(exc)}; "
+                "its renders run one at a time (a bug in that plugin)", exc)
+            return 1
+
+    def _fitting_batch(self, worker: Worker, family: Family, spec: RenderSpec) -> int:
         weights = worker.resident_bytes(spec.checkpoint)
         if weights is None:
             # Runs inside the claim's transaction: no database reads here, and the header

@@ -240,3 +240,22 @@ def test_a_writer_exception_fails_the_render_and_the_run_ends(tmp_path: Path,
         "writing the output failed: ValueError: cannot write empty image (at ")
     assert farm.files_in("failed") == ["job.toml", "job.toml.error.txt"]
     assert not list(farm.outputs.rglob("*.png"))
+
+
+def test_a_family_whose_memory_estimates_raise_still_renders_and_the_run_ends(
+        tmp_path: Path, assets: Any, caplog: Any) -> None:
+    """batch_cost and weights_cost run inside the scheduler's claim (with a memory budget):
+    a family bug there must not fail every claim and leave the queue waiting for good."""
+    farm = farm_with(tmp_path, assets, ["raising_costs"],
+                     checkpoints=sdxl_as(assets, "raising-costs"),
+                     worker={"max_batch": 4, "vram_budget_gb": 8.0})
+    farm.drop("job.toml", sdxl_job(count=2, steps=2))
+    assert farm.run() == 0  # --until-idle ends
+    states = renders(farm)
+    # The claim went ahead one render at a time; rendering then met the family's bug too
+    # (its batch cost sizes the batch's memory reserve) and says so, naming the family.
+    assert len(states) == 2 and all(state in ("done", "failed") for state, _ in states)
+    assert all(error is None or "raising-costs" in error for _, error in states)
+    assert farm.files_in("done") + farm.files_in("failed") == ["job.toml"]
+    logged = [r.getMessage() for r in caplog.records if "memory estimate raised" in r.getMessage()]
+    assert len(logged) == 1 and "family raising-costs" in logged[0]
