@@ -254,8 +254,11 @@ def test_a_family_whose_memory_estimates_raise_still_renders_and_the_run_ends(
     states = renders(farm)
     # The claim went ahead one render at a time; rendering then met the family's bug too
     # (its batch cost sizes the batch's memory reserve) and says so, naming the family.
-    assert len(states) == 2 and all(state in ("done", "failed") for state, _ in states)
-    assert all(error is None or "raising-costs" in error for _, error in states)
-    assert farm.files_in("done") + farm.files_in("failed") == ["job.toml"]
+    assert [state for state, _ in states] == ["failed", "failed"]
+    assert all(error.startswith("family raising-costs (plugin 'tests.plugin_samples.raising_"
+                                "costs')") and error.endswith("(at raising_costs.py:20)")
+               for _, error in states)
+    assert farm.files_in("failed") == ["job.toml", "job.toml.error.txt"]
+    assert farm.files_in("processing") == []
     logged = [r.getMessage() for r in caplog.records if "memory estimate raised" in r.getMessage()]
     assert len(logged) == 1 and "family raising-costs" in logged[0]
