@@ -56,7 +56,13 @@ class Figures:
     problems: list[str] = field(default_factory=list)
 
 
-def write_config(root: Path, models: Path, configs: Path, max_attempts: int = 50) -> Path:
+def write_config(root: Path, models: Path, configs: Path | None = None,
+                 max_attempts: int = 50) -> Path:
+    """A lone daemon's config for the kill-and-restart harnesses (this one and
+    tests/restart_soak.py): instant intake, batches of two, no page or report. `configs`:
+    the demo's config folders, for its single-file SDXL checkpoint."""
+    single_file = (f'[checkpoints."tiny-sdxl-single"]\nconfig = "{configs / 'tiny-sdxl'}"\n'
+                   if configs is not None else "")
     config = root / "config.toml"
     config.write_text(f"""\
 [paths]
@@ -72,9 +78,7 @@ max_attempts = {max_attempts}
 enabled = false
 [report]
 enabled = false
-[checkpoints."tiny-sdxl-single"]
-config = "{configs / 'tiny-sdxl'}"
-""")
+{single_file}""")
     return config
 
 

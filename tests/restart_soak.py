@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tests import fault_harness
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -109,23 +111,8 @@ class Soak:
 
 
 def write_config(root: Path, models: Path) -> Path:
-    config = root / "config.toml"
-    config.write_text(f"""\
-[paths]
-models = "{models}"
-[intake]
-settle_seconds = 0.0
-retry_young_seconds = 0.0
-rescan_seconds = 1.0
-[worker]
-max_batch = 2
-max_attempts = 3
-[web]
-enabled = false
-[report]
-enabled = false
-""")
-    return config
+    """The harness's lone-daemon config, with the default attempt cap the soak is about."""
+    return fault_harness.write_config(root, models, max_attempts=3)
 
 
 def spawn(config: Path, fault: str | None = None, *,
