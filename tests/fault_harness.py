@@ -61,8 +61,10 @@ def write_config(root: Path, models: Path, configs: Path | None = None,
     """A lone daemon's config for the kill-and-restart harnesses (this one and
     tests/restart_soak.py): instant intake, batches of two, no page or report. `configs`:
     the demo's config folders, for its single-file SDXL checkpoint."""
-    single_file = (f'[checkpoints."tiny-sdxl-single"]\nconfig = "{configs / 'tiny-sdxl'}"\n'
-                   if configs is not None else "")
+    single_file = ""
+    if configs is not None:
+        single_file = f'[checkpoints."tiny-sdxl-single"]\nconfig = "{configs / "tiny-sdxl"}"\n'
+
     config = root / "config.toml"
     config.write_text(f"""\
 [paths]
