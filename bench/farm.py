@@ -50,7 +50,7 @@ def run_case(daemons: int, renders: int, admin_url: str, assets: Path) -> float:
                     '[worker]\nmax_batch = 4\n[web]\nenabled = false\n'
                     '[report]\nenabled = false\n')
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "daemon.cli", "run", "--config",
+                    [sys.executable, "-m", "daemon.cli.main", "run", "--config",
                      str(host / "config.toml"), "--until-idle", "--name", f"h{i}"],
                     cwd=host, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--postgres", default=os.environ.get(
         "LORAFARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1/postgres"))
     args = parser.parse_args()
-    from daemon.demo import write_demo
-    from daemon.plugins import Plugins
+    from daemon.cli.demo import write_demo
+    from daemon.contract.loader import Plugins
 
     with tempfile.TemporaryDirectory() as tmp:
         assets = Path(tmp)

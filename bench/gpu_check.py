@@ -7,7 +7,7 @@ Prints
 2. the busy fraction (seconds inside pipeline calls / wall seconds) of lorafarm running a
    short mixed queue (two checkpoints, two LoRA sets) on that GPU, from `lorafarm stats`;
 3. the pipeline cache's RAM tier: seconds to move the pipeline to CPU RAM and back against
-   a load of the same pipeline from disk (daemon/pipeline_cache.py).
+   a load of the same pipeline from disk (daemon/render/pipeline_cache.py).
 The weights are random (no hub here): speed and memory are those of the real architecture.
 The text encoders are full width with a tiny vocabulary, which costs nothing measurable.
 Exits with a message when no CUDA device is present.
@@ -88,10 +88,10 @@ def images_per_minute(pipe, batch: int, steps: int, size: int) -> float:  # type
 
 def busy_fraction_of_a_mixed_queue(pipe, root: Path, steps: int, size: int) -> dict:  # type: ignore[no-untyped-def]
     from daemon.config import config_from_dict
-    from daemon.plugins import Plugins
-    from daemon.runner import Daemon
-    from daemon.scheduler import stats
-    from daemon.store import Store
+    from daemon.contract.loader import Plugins
+    from daemon.queue.scheduler import stats
+    from daemon.runtime.runner import Daemon
+    from daemon.store.models import Store
 
     for name in ("sdxl-a", "sdxl-b"):
         pipe.save_pretrained(root / "models" / name, safe_serialization=True)
@@ -120,7 +120,7 @@ def ram_tier_against_disk(pipe, root: Path) -> dict:  # type: ignore[no-untyped-
     """Seconds for a load from disk onto the GPU, a move to CPU RAM and one back."""
     from diffusers import StableDiffusionXLPipeline
 
-    from daemon.pipeline_cache import CPU, move_pipeline, pipeline_bytes
+    from daemon.render.pipeline_cache import CPU, move_pipeline, pipeline_bytes
 
     folder = root / "tier"
     pipe.save_pretrained(folder)
@@ -155,7 +155,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a machine with an NVIDIA GPU")
         sys.exit(2)
-    from daemon.console import quiet_libraries
+    from daemon.runtime.console import quiet_libraries
 
     quiet_libraries()
     device = torch.cuda.get_device_name(0)

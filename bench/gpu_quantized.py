@@ -160,7 +160,7 @@ def main() -> None:
     from diffusers import FluxTransformer2DModel
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
-    from daemon.console import quiet_libraries
+    from daemon.runtime.console import quiet_libraries
     from families.shared.quantized import load_fp8_model, load_gguf_model
 
     quiet_libraries()

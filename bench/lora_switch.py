@@ -29,9 +29,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from diffusers import StableDiffusionXLPipeline  # noqa: E402
 
-from daemon.console import quiet_libraries  # noqa: E402
-from daemon.lora_patching import AdapterState, apply_loras  # noqa: E402
-from daemon.spec import LoraUse  # noqa: E402
+from daemon.contract.spec import LoraUse  # noqa: E402
+from daemon.render.lora_patching import AdapterState, apply_loras  # noqa: E402
+from daemon.runtime.console import quiet_libraries  # noqa: E402
 from families.sdxl.sdxl import SDXLFamily  # noqa: E402
 from families.sdxl.tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_folder  # noqa: E402
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original  # noqa: E402

@@ -6,7 +6,7 @@ docs/writing-a-family.md walks through writing a family with it.
 
 What is here:
 
-* the hook marker `hookimpl` (the hooks themselves are listed in `daemon.hookspecs`);
+* the hook marker `hookimpl` (the hooks themselves are listed in `daemon.contract.hookspecs`);
 * the family contract: `Family` and the plain data it exchanges with the core
   (`CheckpointSource` -> `CheckpointProbe`, `LoraFacts` -> `LoraProbe`, `LoadedCheckpoint`,
   `FamilyDefaults`, `RenderSpec` / `LoraUse`, `Progress`, `RenderedVideo`, `DemoAssets`);
@@ -27,9 +27,13 @@ from typing import Any
 
 from daemon import __version__ as LORAFARM_VERSION  # noqa: N812 - a constant to plugins
 from daemon import hookimpl
-from daemon.clip_weighting import CLIP_SKIP_LEVELS, a1111_prompt_warnings, encode_clip_prompts
 from daemon.config import PostprocessStep
-from daemon.family import (
+from daemon.contract.clip_weighting import (
+    CLIP_SKIP_LEVELS,
+    a1111_prompt_warnings,
+    encode_clip_prompts,
+)
+from daemon.contract.family import (
     BatchAborted,
     CheckpointProbe,
     CheckpointSource,
@@ -45,8 +49,7 @@ from daemon.family import (
     quantization_fields,
     read_json_object,
 )
-from daemon.gguf_header import GgufError, GgufHeader, read_gguf_header
-from daemon.hires import (
+from daemon.contract.hires import (
     LATENT_UPSCALERS,
     exact_steps,
     hires_steps,
@@ -56,15 +59,12 @@ from daemon.hires import (
     upscale_image,
     upscale_latents,
 )
-from daemon.hires import infotext_fields as refinement_infotext_fields
-from daemon.jobfile import JobFileError, parse_json, parse_toml
-from daemon.lora_probe import KOHYA_PREFIXES, LoraFacts, tag_frequency
-from daemon.onnx_models import OnnxModel, OnnxModelError
-from daemon.onnx_models import clear_cache as clear_onnx_models
-from daemon.onnx_models import load_model as load_onnx_model
-from daemon.outputs import SPEC_CHUNK
-from daemon.postprocess import GATE_RESEED, PostProcessResult
-from daemon.prompt_weights import (
+from daemon.contract.hires import infotext_fields as refinement_infotext_fields
+from daemon.contract.jobfile import JobFileError, parse_json, parse_toml
+from daemon.contract.onnx_models import OnnxModel, OnnxModelError
+from daemon.contract.onnx_models import clear_cache as clear_onnx_models
+from daemon.contract.onnx_models import load_model as load_onnx_model
+from daemon.contract.prompt_weights import (
     ParsedPrompt,
     WeightedText,
     parse_prompt,
@@ -72,10 +72,10 @@ from daemon.prompt_weights import (
     to_compel_conjunction,
     unweighted_notes,
 )
-from daemon.safetensors_header import SafetensorsError, SafetensorsHeader, TensorInfo, read_header
-from daemon.samplers import SamplerError, choose_sampler, make_scheduler
-from daemon.spec import LoraUse, RenderSpec
-from daemon.tiny_tokenizers import (
+from daemon.contract.results import GATE_RESEED, PostProcessResult
+from daemon.contract.samplers import SamplerError, choose_sampler, make_scheduler
+from daemon.contract.spec import LoraUse, RenderSpec
+from daemon.contract.tiny_tokenizers import (
     CLIP_BOS_TOKEN,
     CLIP_EOS_TOKEN,
     CLIP_MAX_TOKENS,
@@ -83,6 +83,15 @@ from daemon.tiny_tokenizers import (
     tiny_clip_tokenizer,
     tiny_clip_vocab,
 )
+from daemon.formats.gguf_header import GgufError, GgufHeader, read_gguf_header
+from daemon.formats.lora_probe import KOHYA_PREFIXES, LoraFacts, tag_frequency
+from daemon.formats.safetensors_header import (
+    SafetensorsError,
+    SafetensorsHeader,
+    TensorInfo,
+    read_header,
+)
+from daemon.output.files import SPEC_CHUNK
 
 __all__ = [
     "CLIP_BOS_TOKEN",

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # config.py reads presets, and jobfile.py imports config.py
-    from daemon.jobfile import JobSpec
+    from daemon.contract.jobfile import JobSpec
 
 # key -> (accepted types, lowest, highest, example)
 PRESET_KEYS: dict[str, tuple[tuple[type, ...], float | None, float | None, str]] = {

@@ -125,7 +125,7 @@ def infotext_for(
         # sd-dynamic-prompts' fields: the wildcard template the prompt was drawn from.
         ("Template", spec.extra.get("prompt_template")),
         ("Negative Template", spec.extra.get("negative_prompt_template")),
-        # Hires fix and image-to-image, whatever the family (daemon/hires.py).
+        # Hires fix and image-to-image, whatever the family (daemon/contract/hires.py).
         *refine_fields(spec.extra, spec.sampler, spec.schedule, spec.prompt,
                        spec.negative_prompt),
     ]

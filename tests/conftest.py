@@ -28,10 +28,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from daemon.cli.demo import write_demo  # noqa: E402
 from daemon.config import Config, config_from_dict  # noqa: E402
-from daemon.demo import write_demo  # noqa: E402
-from daemon.plugins import Plugins  # noqa: E402
-from daemon.runner import Daemon  # noqa: E402
+from daemon.contract.loader import Plugins  # noqa: E402
+from daemon.runtime.runner import Daemon  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -140,19 +140,19 @@ class Farm:
         return self.daemon().run(until_idle=True)
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "daemon.cli", *args],
+        return subprocess.run([sys.executable, "-m", "daemon.cli.main", *args],
                               capture_output=True, text=True, timeout=timeout, cwd=self.root,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
 
     def history(self) -> list[dict[str, Any]]:
-        from daemon.cli import history_records
+        from daemon.cli.main import history_records
 
         return history_records(self.config, limit=1000)
 
     def models(self) -> dict[str, dict[str, Any]]:
         """`lorafarm models --json` by checkpoint name, run in this process (its command
         function: `main` would replace the logging handlers pytest relies on)."""
-        from daemon.cli import cmd_models
+        from daemon.cli.main import cmd_models
 
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -212,7 +212,7 @@ def sdxl_job(checkpoint: str = "tiny-sdxl", prompt: str = "a red lighthouse", se
 def started_daemon(tmp_path_factory: pytest.TempPathFactory, assets: Assets,
                    plugins: Plugins) -> Iterator[Daemon]:
     """A daemon that has indexed the tiny models but renders nothing: for checking intake
-    (`daemon.intake.parse(...)`) many times without a render loop."""
+    (`daemon.intake.hot_folder.parse(...)`) many times without a render loop."""
     farm = Farm(tmp_path_factory.mktemp("intake"), assets, plugins)
     daemon = farm.daemon()
     daemon.start()

@@ -85,7 +85,7 @@ enabled = false
 
 
 def spawn(config: Path, *, until_idle: bool) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)]
+    args = [sys.executable, "-m", "daemon.cli.main", "run", "--config", str(config)]
     if until_idle:
         args.append("--until-idle")
     return subprocess.Popen(args, cwd=config.parent, stdout=subprocess.DEVNULL,
@@ -223,8 +223,8 @@ def main() -> None:
     args = parser.parse_args()
     import tempfile
 
-    from daemon.demo import write_demo
-    from daemon.plugins import Plugins
+    from daemon.cli.demo import write_demo
+    from daemon.contract.loader import Plugins
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp)

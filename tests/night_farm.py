@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from daemon.store import Store
+from daemon.store.models import Store
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original, write_unmatched
 from tests.conftest import Farm, sdxl_job
 

@@ -41,7 +41,7 @@ def valid_samples(intake: Any, plugins: Any, folder: Path) -> dict[str, bytes]:
 
     from PIL import Image
 
-    from daemon.outputs import write_mp4, write_png
+    from daemon.output.files import write_mp4, write_png
 
     _, renders, _ = intake.parse("sample.toml", VALID_TOML.encode())
     spec = renders[0]
@@ -105,7 +105,7 @@ def cases(rng: random.Random, samples: dict[str, bytes], suffixes: list[str],
 def fuzz_parsers(intake: Any, plugins: Any, count: int, seed: int,
                  folder: Path) -> dict[str, Any]:
     """Run `count` cases through `intake.parse`; the figures (crash examples included)."""
-    from daemon.jobfile import JobFileError
+    from daemon.contract.jobfile import JobFileError
 
     samples = valid_samples(intake, plugins, folder)
     suffixes = sorted(plugins.job_parsers)
@@ -152,11 +152,11 @@ def main() -> None:
 def soak(count: int, seed: int) -> dict[str, Any]:
     """Build the tiny demo models in a temporary folder, start a daemon there (no renders)
     and fuzz its parsers."""
+    from daemon.cli.demo import write_demo
     from daemon.config import config_from_dict
-    from daemon.console import quiet_libraries
-    from daemon.demo import write_demo
-    from daemon.plugins import Plugins
-    from daemon.runner import Daemon
+    from daemon.contract.loader import Plugins
+    from daemon.runtime.console import quiet_libraries
+    from daemon.runtime.runner import Daemon
 
     quiet_libraries()
     started = time.monotonic()

@@ -65,7 +65,7 @@ def mutate(rng: random.Random, text: str) -> bytes:
 
 
 def fuzz(daemon, count: int, seed: int) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    from daemon.jobfile import JobFileError
+    from daemon.contract.jobfile import JobFileError
 
     rng = random.Random(seed)
     outcome = {"tried": 0, "accepted": 0, "rejected_with_report": 0, "crashed": 0}
@@ -91,11 +91,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
+    from daemon.cli.demo import write_demo
     from daemon.config import config_from_dict
-    from daemon.console import quiet_libraries
-    from daemon.demo import write_demo
-    from daemon.plugins import Plugins
-    from daemon.runner import Daemon
+    from daemon.contract.loader import Plugins
+    from daemon.runtime.console import quiet_libraries
+    from daemon.runtime.runner import Daemon
     from tests.fault_harness import run_trials
     from tests.parser_fuzz import fuzz_parsers
 

@@ -121,7 +121,7 @@ def spawn(config: Path, fault: str | None = None, *,
     if fault:
         env["LORAFARM_FAULT_POINT"] = fault
     log = (config.parent / "daemon.log").open("ab")
-    args = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)]
+    args = [sys.executable, "-m", "daemon.cli.main", "run", "--config", str(config)]
     return subprocess.Popen(args + (["--until-idle"] if until_idle else []), cwd=config.parent,
                             stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -330,8 +330,8 @@ def main() -> None:
     parser.add_argument("--doc", action="store_true", help="write them into RELIABILITY.md")
     args = parser.parse_args()
 
-    from daemon.console import quiet_libraries
-    from daemon.plugins import Plugins
+    from daemon.contract.loader import Plugins
+    from daemon.runtime.console import quiet_libraries
 
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:

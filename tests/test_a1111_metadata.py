@@ -12,7 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from sd_parsers import ParserManager
 
-from daemon.spec import LoraUse, RenderSpec
+from daemon.contract.spec import LoraUse, RenderSpec
 from plugins.a1111_metadata import format_infotext, infotext_for, parse_infotext
 
 # A1111's pair rule (modules/infotext_utils.py in stable-diffusion-webui), written out here
@@ -342,7 +342,7 @@ def test_output_metadata_hook_writes_the_parameters_entry():
 
     import daemon
     import plugins.a1111_metadata
-    from daemon import hookspecs
+    from daemon.contract import hookspecs
 
     manager = pluggy.PluginManager("lorafarm")
     manager.add_hookspecs(hookspecs)

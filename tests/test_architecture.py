@@ -100,7 +100,54 @@ def test_the_checker_finds_a_cycle() -> None:
 def test_no_import_cycles_inside_the_product_packages() -> None:
     modules = product_modules()
     graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
-    assert "daemon.runner" in graph and graph["daemon.runner"], "the checker read nothing"
+    runner = "daemon.runtime.runner"
+    assert runner in graph and graph[runner], "the checker read nothing"
     cycles = import_cycles(graph)
     assert cycles == [], "import cycles (each group imports itself round): " + "; ".join(
         " <-> ".join(group) for group in cycles)
+
+
+def concern_of(module: str) -> str:
+    """The folder a core module lives in ("daemon.queue.lifecycle" -> "queue"); a module at
+    the top of daemon/ is its own concern ("daemon.config" -> "config")."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def concern_graph(modules: dict[str, Path]) -> dict[str, dict[str, list[str]]]:
+    """Which concern of daemon/ imports which, with the module imports that make each edge."""
+    graph: dict[str, dict[str, list[str]]] = {}
+    for name, path in modules.items():
+        if not name.startswith("daemon"):
+            continue
+        source = concern_of(name)
+        graph.setdefault(source, {})
+        for target in imports_of(name, path, modules):
+            if target.startswith("daemon") and concern_of(target) != source:
+                graph[source].setdefault(concern_of(target), []).append(f"{name} -> {target}")
+    return graph
+
+
+def test_the_concerns_of_daemon_depend_one_way() -> None:
+    """The folder tree is the architecture: no folder of daemon/ imports, through any module,
+    a folder that imports it back (so each can be read knowing only the ones below it)."""
+    graph = concern_graph(product_modules())
+    assert {"contract", "store", "queue", "render", "output", "intake", "web", "cli"} <= set(
+        graph), "the checker read nothing"
+    cycles = import_cycles({source: set(targets) for source, targets in graph.items()})
+    assert cycles == [], "folders that import each other round: " + "; ".join(
+        " <-> ".join(group) + " (" + ", ".join(
+            edge for a in group for b in group if a != b for edge in graph[a].get(b, [])) + ")"
+        for group in cycles)
+
+
+def test_the_concern_checker_sees_a_cycle_through_two_modules(tmp_path: Path) -> None:
+    for name, body in {"a/__init__.py": "", "a/one.py": "from daemon.b.two import x\n",
+                       "b/__init__.py": "", "b/three.py": "",
+                       "b/two.py": "def f():\n    from daemon.a.one import y\n"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(body)
+    modules = {"daemon.a.one": tmp_path / "a/one.py", "daemon.b.two": tmp_path / "b/two.py",
+               "daemon.b.three": tmp_path / "b/three.py"}
+    graph = concern_graph(modules)
+    assert import_cycles({s: set(t) for s, t in graph.items()}) == [["a", "b"]]

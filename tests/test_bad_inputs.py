@@ -10,7 +10,7 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.jobfile import KEYS, JobFileError
+from daemon.contract.jobfile import KEYS, JobFileError
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 from tests.conftest import sdxl_job
 
@@ -133,7 +133,7 @@ def test_a_checkpoint_deleted_while_its_job_waits_fails_clearly(make_farm) -> No
 
 
 def test_a_full_disk_while_writing_retries_the_render_later(farm, monkeypatch) -> None:
-    import daemon.output_writer as writer_module
+    import daemon.output.writer as writer_module
 
     real = writer_module.write_png
     failures = []

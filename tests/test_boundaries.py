@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from daemon.plugins import Plugins
+from daemon.contract.loader import Plugins
 from tests.conftest import Farm, demo_checkpoint_overrides, sdxl_job
 from tests.parser_fuzz import VALID_TOML
 

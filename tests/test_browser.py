@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from daemon import control
 from daemon.config import WebSettings
-from daemon.store import Store
-from daemon.web import create_app, serve_in_thread, status_url
+from daemon.queue import control
+from daemon.store.models import Store
+from daemon.web.server import create_app, serve_in_thread, status_url
 from tests.conftest import sdxl_job
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 
 def lorafarm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=cwd, text=True,
+    return subprocess.run([sys.executable, "-m", "daemon.cli.main", *args], cwd=cwd, text=True,
                           capture_output=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 
@@ -71,12 +71,13 @@ def test_read_only_verbs_are_instant_quiet_and_tabular(tmp_path: Path, farm) -> 
     assert farm.run() == 0
     config = str(farm.config.source)
     probe = ("import sys, contextlib, io\n"
-             "from daemon.cli import main\n"
+             "from daemon.cli.main import main\n"
              "for verb in ('history', 'status', 'stats', 'hosts'):\n"
              "    with contextlib.redirect_stdout(io.StringIO()):\n"
              f"        assert main([verb, '--config', {config!r}]) == 0\n"
              "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'families',\n"
-             "                     'daemon.plugins', 'daemon.runner') if m in sys.modules]\n"
+             "                     'daemon.contract.loader', 'daemon.runtime.runner')\n"
+             "         if m in sys.modules]\n"
              "print(','.join(heavy) or 'none')\n")
     imported = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, text=True,
                               capture_output=True, timeout=120,
@@ -127,7 +128,7 @@ def test_a_read_only_verb_upgrades_a_database_an_older_version_wrote(tmp_path: P
     from alembic import command
     from alembic.config import Config as AlembicConfig
 
-    from daemon.store import MIGRATIONS, Store
+    from daemon.store.models import MIGRATIONS, Store
     from tests.conftest import sdxl_job
 
     farm.drop("one.toml", sdxl_job(count=1))

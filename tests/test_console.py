@@ -8,18 +8,18 @@ import logging
 
 from rich.console import Console
 
-from daemon.console import JsonLogFormatter, render_table, snapshot
-from daemon.scheduler import claim_next_batch
+from daemon.queue.scheduler import claim_next_batch
+from daemon.runtime.console import JsonLogFormatter, render_table, snapshot
 from tests.conftest import sdxl_job
 
 
 def test_json_log_lines_are_one_object_each() -> None:
-    record = logging.LogRecord("daemon.worker", logging.WARNING, __file__, 1,
+    record = logging.LogRecord("daemon.render.worker", logging.WARNING, __file__, 1,
                                "w0: loaded %s", ("tiny-sdxl",), None)
     line = JsonLogFormatter().format(record)
     entry = json.loads(line)
     assert entry["level"] == "warning" and entry["message"] == "w0: loaded tiny-sdxl"
-    assert entry["logger"] == "daemon.worker" and "\n" not in line
+    assert entry["logger"] == "daemon.render.worker" and "\n" not in line
 
 
 def test_the_live_display_shows_running_renders_and_the_queue(farm) -> None:
@@ -27,7 +27,7 @@ def test_the_live_display_shows_running_renders_and_the_queue(farm) -> None:
     daemon = farm.daemon()
     daemon.start()
     claimed = claim_next_batch(daemon.store, 2, worker="w0")
-    from daemon.scheduler import record_progress
+    from daemon.queue.scheduler import record_progress
 
     record_progress(daemon.store, [c.render_id for c in claimed], 2, 3, "w0")
     state = snapshot(daemon.store)

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
-from daemon import control
-from daemon.cli_control import add_control_commands
-from daemon.intake import Intake
-from daemon.lifecycle import mark_done, mark_failed
-from daemon.scheduler import claim_next_batch
-from daemon.store import Event, Job, Render, Store
+from daemon.cli.control import add_control_commands
+from daemon.intake.hot_folder import Intake
+from daemon.queue import control
+from daemon.queue.lifecycle import mark_done, mark_failed
+from daemon.queue.scheduler import claim_next_batch
+from daemon.store.models import Event, Job, Render, Store
 from tests.conftest import Farm, sdxl_job
 
 

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from daemon.cli import cmd_embeddings
-from daemon.outputs import read_spec
+from daemon.cli.main import cmd_embeddings
+from daemon.output.files import read_spec
 from families.sdxl.tiny import TE1_HIDDEN, TE2_HIDDEN
 from tests.conftest import sdxl_job
 from tests.test_rerender import _a1111_png
@@ -170,8 +170,8 @@ def test_embeddings_are_unloaded_after_their_batch(tmp_path) -> None:
 def test_the_status_page_lists_the_embeddings(farm) -> None:
     from starlette.testclient import TestClient
 
-    from daemon.store import Store
-    from daemon.web import create_app
+    from daemon.store.models import Store
+    from daemon.web.server import create_app
 
     write_sdxl_embedding(farm.root / "embeddings" / "pagevibes.safetensors", 2)
     (farm.root / "embeddings" / "risky.bin").write_bytes(b"pickle")

@@ -53,7 +53,7 @@ config = "{assets.configs / 'tiny-sdxl'}"
 
 def _spawn(config: Path, name: str, url: str, *, until_idle: bool = True
            ) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config), "--name", name]
+    args = [sys.executable, "-m", "daemon.cli.main", "run", "--config", str(config), "--name", name]
     if until_idle:
         args.append("--until-idle")
     log = (config.parent / f"{name}.log").open("w")
@@ -176,7 +176,7 @@ def test_hosts_command_lists_the_farm(tmp_path: Path, assets, postgres_url: str)
     _drop(shared / "jobs", "one.toml", JOB.format(checkpoint="tiny-sdxl", n=1, seed=1, count=1,
                                                   steps=2))
     assert _spawn(config, "solo", postgres_url).wait(timeout=300) == 0, _logs(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "hosts", "--json", "--config",
+    result = subprocess.run([sys.executable, "-m", "daemon.cli.main", "hosts", "--json", "--config",
                              str(config)], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO),
                                  "LORAFARM_DATABASE_URL": postgres_url})

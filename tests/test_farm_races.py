@@ -16,9 +16,12 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-import daemon.control as control
-import daemon.lifecycle as lifecycle
-from daemon.lifecycle import (
+import daemon.queue.control as control
+import daemon.queue.lifecycle as lifecycle
+from daemon.contract.results import PostProcessResult
+from daemon.contract.spec import RenderSpec
+from daemon.output.postprocess import _queue_next_seed, record_result
+from daemon.queue.lifecycle import (
     _settle_job,
     mark_done,
     mark_failed,
@@ -26,10 +29,8 @@ from daemon.lifecycle import (
     recover_interrupted,
     stale_outputs,
 )
-from daemon.postprocess import PostProcessResult, _queue_next_seed, record_result
-from daemon.scheduler import claim_next_batch
-from daemon.spec import RenderSpec
-from daemon.store import Job, Render, Store, utcnow
+from daemon.queue.scheduler import claim_next_batch
+from daemon.store.models import Job, Render, Store, utcnow
 
 
 def _spec(seed: int) -> RenderSpec:
@@ -139,8 +140,8 @@ def test_two_hosts_taking_copies_of_one_job_at_once_queue_it_once(
     hosts at once: each finds no unfinished twin before the other has committed. Host A is
     held inside its insert; host B must wait for it, look again, and reject its copy as a
     duplicate instead of queueing the same content a second time."""
-    import daemon.intake as intake_module
-    from daemon.runner import Daemon
+    import daemon.intake.hot_folder as intake_module
+    from daemon.runtime.runner import Daemon
     from tests.conftest import Farm, sdxl_job
 
     monkeypatch.setenv("LORAFARM_DATABASE_URL", postgres_url)
@@ -393,7 +394,7 @@ def test_start_up_keeps_the_output_of_a_render_another_host_finished_meanwhile(
     """A host starting looks for output files of queued renders (left by a crash before the
     render was recorded) to remove them. Looking takes a while on a share; another host
     renders and records one of those renders meanwhile: its output is not removed."""
-    import daemon.outputs as outputs_module
+    import daemon.folders as outputs_module
 
     store, _, (render,) = _farm_job(postgres_url, [("queued", None)], job_state="queued",
                                     stale=False)
@@ -420,8 +421,8 @@ def test_leases_are_judged_by_the_databases_clock(postgres_url: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Host B's clock runs an hour ahead of host A's. A render A heartbeats now is not taken
     from it by B's lease check: leases are written and judged by the database's clock."""
-    import daemon.hosts as hosts_module
-    import daemon.scheduler as scheduler_module
+    import daemon.queue.hosts as hosts_module
+    import daemon.queue.scheduler as scheduler_module
 
     store, _, (render,) = _farm_job(postgres_url, [("running", "A/w0")])  # lease ran out
     hosts_module.heartbeat(store, "A", {})  # host A renews it

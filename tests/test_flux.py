@@ -23,12 +23,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from sd_parsers import ParserManager
 
-from daemon.family import CheckpointSource, LoadedCheckpoint, Progress, RenderError
-from daemon.lora_patching import count_patched_modules
-from daemon.lora_probe import probe_lora_file
-from daemon.outputs import read_spec
-from daemon.safetensors_header import read_header
-from daemon.spec import LoraUse, RenderSpec
+from daemon.contract.family import CheckpointSource, LoadedCheckpoint, Progress, RenderError
+from daemon.contract.spec import LoraUse, RenderSpec
+from daemon.formats.lora_probe import probe_lora_file
+from daemon.formats.safetensors_header import read_header
+from daemon.output.files import read_spec
+from daemon.render.lora_patching import count_patched_modules
 from families.flux.bfl import BflLayoutError, bfl_to_diffusers, diffusers_to_bfl
 from families.flux.flux import (
     DEMO_DEV,

@@ -21,13 +21,13 @@ from safetensors.torch import save_file
 from sd_parsers import ParserManager
 from sqlalchemy import select
 
-from daemon.family import CheckpointSource, LoadedCheckpoint, RenderError
-from daemon.lora_patching import count_patched_modules
-from daemon.lora_probe import probe_lora_file
-from daemon.outputs import read_spec
-from daemon.safetensors_header import read_header
-from daemon.spec import LoraUse, RenderSpec
-from daemon.store import Render, Store
+from daemon.contract.family import CheckpointSource, LoadedCheckpoint, RenderError
+from daemon.contract.spec import LoraUse, RenderSpec
+from daemon.formats.lora_probe import probe_lora_file
+from daemon.formats.safetensors_header import read_header
+from daemon.output.files import read_spec
+from daemon.render.lora_patching import count_patched_modules
+from daemon.store.models import Render, Store
 from families.flux2_klein.flux2_klein import (
     BASE,
     DEMO_BASE,

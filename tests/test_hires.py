@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from sd_parsers import ParserManager
 
-from daemon.family import LoadedCheckpoint, Progress
-from daemon.outputs import read_spec
-from daemon.spec import RenderSpec
+from daemon.contract.family import LoadedCheckpoint, Progress
+from daemon.contract.spec import RenderSpec
+from daemon.output.files import read_spec
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 from tests.conftest import sdxl_job
 from tests.test_rerender import _a1111_png

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from sd_parsers import ParserManager
 
-from daemon.outputs import read_spec
+from daemon.output.files import read_spec
 from tests.conftest import sdxl_job
 
 

@@ -22,7 +22,7 @@ from diffusers import HunyuanVideo15Pipeline, HunyuanVideoPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from daemon.family import (
+from daemon.contract.family import (
     BatchAborted,
     CheckpointSource,
     LoadedCheckpoint,
@@ -30,11 +30,11 @@ from daemon.family import (
     RenderedVideo,
     RenderError,
 )
-from daemon.lora_patching import count_patched_modules
-from daemon.lora_probe import probe_lora_file
-from daemon.outputs import read_spec
-from daemon.safetensors_header import read_header
-from daemon.spec import LoraUse, RenderSpec
+from daemon.contract.spec import LoraUse, RenderSpec
+from daemon.formats.lora_probe import probe_lora_file
+from daemon.formats.safetensors_header import read_header
+from daemon.output.files import read_spec
+from daemon.render.lora_patching import count_patched_modules
 from families.hunyuan_video.hunyuan_video import (
     DEMO_V10,
     DEMO_V15,

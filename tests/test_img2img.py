@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from daemon.family import LoadedCheckpoint, Progress
-from daemon.outputs import read_spec
-from daemon.spec import RenderSpec
+from daemon.contract.family import LoadedCheckpoint, Progress
+from daemon.contract.spec import RenderSpec
+from daemon.output.files import read_spec
 from tests.conftest import sdxl_job
 
 torch.set_num_threads(1)

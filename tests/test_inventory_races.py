@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-import daemon.registry as registry_module
+import daemon.library.registry as registry_module
 from daemon.config import Config, config_from_dict
-from daemon.lora_library import LoraLibrary
-from daemon.plugins import Plugins
-from daemon.registry import Registry
-from daemon.store import Checkpoint, FileHash, Lora, Store, utcnow
+from daemon.contract.loader import Plugins
+from daemon.library.loras import LoraLibrary
+from daemon.library.registry import Registry
+from daemon.store.models import Checkpoint, FileHash, Lora, Store, utcnow
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from daemon.config import Limits
-from daemon.jobfile import JobFileError, check_job, decode_job_bytes, parse_json, parse_toml
+from daemon.contract.jobfile import (
+    JobFileError,
+    check_job,
+    decode_job_bytes,
+    parse_json,
+    parse_toml,
+)
 
 
 def _check(text: str, limits: Limits | None = None):  # type: ignore[no-untyped-def]

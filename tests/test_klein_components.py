@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from daemon.family import LoadedCheckpoint, RenderError
+from daemon.contract.family import LoadedCheckpoint, RenderError
 from families.flux.tiny import build_tiny_flux_pipeline
 from families.flux2_klein.flux2_klein import KLEIN_COMPONENTS, Flux2KleinFamily
 from families.flux2_klein.tiny import (

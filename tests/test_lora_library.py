@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from daemon.lora_library import LoraLibrary, LoraLookupError
-from daemon.store import Store
+from daemon.library.loras import LoraLibrary, LoraLookupError
+from daemon.store.models import Store
 from families.sdxl.tiny_loras import (
     make_tiny_lora,
     write_diffusers,
@@ -120,7 +120,7 @@ def test_a_renamed_file_is_the_same_lora_and_a_deleted_one_is_missing(library, f
     store = library.store
     from sqlalchemy import func, select
 
-    from daemon.store import Lora
+    from daemon.store.models import Lora
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Lora)) == 1
     (loras / "after.safetensors").unlink()

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from daemon.family import LoadedCheckpoint
-from daemon.spec import RenderSpec
+from daemon.contract.family import LoadedCheckpoint
+from daemon.contract.spec import RenderSpec
 from families.flux.flux import FluxDevFamily
 from families.flux.tiny import build_tiny_flux_pipeline, save_tiny_flux_transformer_single_file
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original

@@ -21,10 +21,10 @@ from sd_parsers import ParserManager
 from sqlalchemy import select
 from starlette.testclient import TestClient
 
-from daemon.cli import build_parser
+from daemon.cli.main import build_parser
 from daemon.config import ConfigError, PostprocessStep, config_from_dict
-from daemon.store import Event, Store
-from daemon.web import create_app
+from daemon.store.models import Event, Store
+from daemon.web.server import create_app
 from plugins import onnx_postprocess
 from tests.conftest import sdxl_job
 
@@ -74,7 +74,7 @@ def run_with_chain(farm: Any, steps: list[dict[str, Any]]) -> int:
     """Run the farm's daemon with a [[postprocess]] chain, parsed the way config.toml is."""
     chain = config_from_dict({"postprocess": steps}, base=farm.root).postprocess
     config = replace(farm.config, postprocess=chain)
-    from daemon.runner import Daemon
+    from daemon.runtime.runner import Daemon
 
     return Daemon(config, plugins=farm.plugins).run(until_idle=True)
 

@@ -14,8 +14,10 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from daemon.family import LoadedCheckpoint
-from daemon.pipeline_cache import (
+from daemon.contract.family import LoadedCheckpoint
+from daemon.contract.spec import RenderSpec
+from daemon.formats.quantization import resident_weight_bytes
+from daemon.render.pipeline_cache import (
     DEVICE_TIER,
     RAM_TIER,
     CachedPipeline,
@@ -24,9 +26,7 @@ from daemon.pipeline_cache import (
     pipeline_bytes,
     resident_bytes,
 )
-from daemon.quantization import resident_weight_bytes
-from daemon.spec import RenderSpec
-from daemon.store import Batch, Store
+from daemon.store.models import Batch, Store
 from families.sdxl.sdxl import SDXLFamily
 from families.sdxl.tiny import build_tiny_sdxl_pipeline
 from tests.conftest import sdxl_job
@@ -237,7 +237,7 @@ def test_each_batch_records_the_pipelines_it_moved_between_the_tiers(make_farm, 
     load sends A to RAM (one move), A's return sends B to RAM and brings A back (two moves,
     and no third load); `lorafarm stats` sums them. The worker's cache is CUDA-labelled with
     recorded moves, as in the tests above; the renders are real."""
-    from daemon.scheduler import claim_next_batch, stats
+    from daemon.queue.scheduler import claim_next_batch, stats
 
     budget = _budget_gb(assets, renders=1.5)
     farm = make_farm(worker={"max_batch": 4, "vram_budget_gb": budget, "ram_budget_gb": 10.0})
@@ -269,7 +269,7 @@ def test_the_loaded_list_answers_while_a_move_holds_the_worker_lock(make_farm) -
     behind it."""
     import threading
 
-    from daemon.scheduler import claim_next_batch
+    from daemon.queue.scheduler import claim_next_batch
 
     farm = make_farm()
     daemon = farm.daemon()

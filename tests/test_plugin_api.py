@@ -17,8 +17,8 @@ import pytest
 from diffusers import EulerDiscreteScheduler
 
 import daemon.plugin_api as api
-from daemon.demo import write_demo
-from daemon.plugins import Plugins
+from daemon.cli.demo import write_demo
+from daemon.contract.loader import Plugins
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN_FOLDERS = ("families", "plugins", "examples")
@@ -50,9 +50,10 @@ def test_families_and_plugins_import_only_the_plugin_api() -> None:
 
 def test_the_boundary_check_catches_a_core_import(tmp_path: Path) -> None:
     sneaky = tmp_path / "sneaky.py"
-    sneaky.write_text("import daemon.store\n\ndef f():\n    from daemon.samplers import "
-                      "make_scheduler\n    from daemon.plugin_api import Family\n")
-    assert _daemon_imports(sneaky) == ["1: daemon.store", "4: daemon.samplers"]
+    sneaky.write_text("import daemon.store.models\n\ndef f():\n"
+                      "    from daemon.contract.samplers import make_scheduler\n"
+                      "    from daemon.plugin_api import Family\n")
+    assert _daemon_imports(sneaky) == ["1: daemon.store.models", "4: daemon.contract.samplers"]
 
 
 def test_everything_in_all_exists() -> None:
@@ -94,7 +95,7 @@ def test_a_family_without_build_demo_is_skipped_by_the_demo(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     plugins = Plugins([__name__], entry_points=False)
     assert list(plugins.families) == ["no-demo"]
-    with caplog.at_level(logging.INFO, logger="daemon.demo"):
+    with caplog.at_level(logging.INFO, logger="daemon.cli.demo"):
         config = write_demo(tmp_path, plugins)
     assert config.is_file()
     assert "No Demo family has no demo checkpoints" in caplog.text

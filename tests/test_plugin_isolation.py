@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from starlette.testclient import TestClient
 
-from daemon.plugins import Plugins
-from daemon.store import Store
-from daemon.web import create_app
+from daemon.contract.loader import Plugins
+from daemon.store.models import Store
+from daemon.web.server import create_app
 from tests.conftest import Farm, sdxl_job
 
 SAMPLES = "tests.plugin_samples"
@@ -52,7 +52,7 @@ def broken_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     site = tmp_path / "site-packages"
     install_distribution(site, "lorafarm-broken-plugins", "0.3", BROKEN)
     monkeypatch.syspath_prepend(str(site))
-    with caplog.at_level(logging.WARNING, logger="daemon.plugins"):
+    with caplog.at_level(logging.WARNING, logger="daemon.contract.loader"):
         return Plugins()
 
 
@@ -152,7 +152,7 @@ def test_a_probe_that_raises_is_named_and_logged_once_per_file(
 
 def test_lorafarm_plugins_lists_loaded_and_skipped(farm: Farm, broken_plugins: Plugins,
                                                    tmp_path: Path) -> None:
-    from daemon.cli_plugins import cmd_plugins
+    from daemon.cli.plugins import cmd_plugins
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

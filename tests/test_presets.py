@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from daemon.config import ConfigError, config_from_dict
-from daemon.outputs import read_spec
+from daemon.output.files import read_spec
 from families.sdxl.sdxl import SDXLFamily
 from families.sdxl.tiny import build_tiny_sdxl_pipeline
 from families.shared.components_tiny import save_flux_ae_file

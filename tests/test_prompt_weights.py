@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from daemon.prompt_weights import (
+from daemon.contract.prompt_weights import (
     parse_prompt,
     strip_weights,
     to_compel_conjunction,
     to_compel_syntax,
 )
-from daemon.samplers import make_scheduler
-from daemon.spec import RenderSpec
+from daemon.contract.samplers import make_scheduler
+from daemon.contract.spec import RenderSpec
 from families.sdxl.sdxl import SDXLFamily, encode_weighted_sdxl
 from tests.conftest import sdxl_job
 

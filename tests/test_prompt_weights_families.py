@@ -17,10 +17,10 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from daemon.family import LoadedCheckpoint
-from daemon.prompt_weights import parse_prompt
-from daemon.samplers import make_scheduler
-from daemon.spec import RenderSpec
+from daemon.contract.family import LoadedCheckpoint
+from daemon.contract.prompt_weights import parse_prompt
+from daemon.contract.samplers import make_scheduler
+from daemon.contract.spec import RenderSpec
 from families.flux.flux import FluxDevFamily, FluxSchnellFamily, encode_weighted_flux
 from families.flux.tiny import build_tiny_flux_pipeline
 from families.flux2_klein.flux2_klein import DEMO_DISTILLED, Flux2KleinFamily

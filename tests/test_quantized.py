@@ -40,12 +40,12 @@ from safetensors.torch import save_file
 from sqlalchemy import select
 
 from daemon.config import ConfigError, config_from_dict
-from daemon.family import LoadedCheckpoint, RenderError
-from daemon.lora_patching import AdapterState, apply_loras, count_patched_modules
-from daemon.outputs import read_spec
-from daemon.quantization import checkpoint_quantization, resident_weight_bytes
-from daemon.spec import LoraUse, RenderSpec
-from daemon.store import Checkpoint, Render, Store
+from daemon.contract.family import LoadedCheckpoint, RenderError
+from daemon.contract.spec import LoraUse, RenderSpec
+from daemon.formats.quantization import checkpoint_quantization, resident_weight_bytes
+from daemon.output.files import read_spec
+from daemon.render.lora_patching import AdapterState, apply_loras, count_patched_modules
+from daemon.store.models import Checkpoint, Render, Store
 from families.flux.flux import DEMO_DEV, DEMO_DEV_BFL, DEMO_DEV_FP8, DEMO_DEV_GGUF, FluxDevFamily
 from families.flux.tiny import build_tiny_flux_pipeline, make_tiny_flux_lora, write_lora
 from families.flux2_klein.flux2_klein import Flux2KleinFamily
@@ -260,8 +260,8 @@ def test_gguf_wan_experts_render_close_to_the_original(farm: Any, assets: Any) -
 
 
 def _checkpoints(farm: Any) -> list[dict[str, Any]]:
-    from daemon.plugins import Plugins
-    from daemon.registry import Registry
+    from daemon.contract.loader import Plugins
+    from daemon.library.registry import Registry
 
     store = Store.for_path(farm.config.paths.database)
     registry = Registry(farm.config, store, Plugins())

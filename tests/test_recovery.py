@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from daemon.intake import CLAIM_FOLDER_PREFIX, Intake
-from daemon.runner import Daemon
-from daemon.scheduler import claim_next_batch, record_progress
-from daemon.store import Render, Store
+from daemon.intake.hot_folder import CLAIM_FOLDER_PREFIX, Intake
+from daemon.queue.scheduler import claim_next_batch, record_progress
+from daemon.runtime.runner import Daemon
+from daemon.store.models import Render, Store
 from tests.conftest import REPO, sdxl_job
 
 
@@ -74,7 +74,7 @@ def test_a_render_that_keeps_dying_ends_failed_after_the_attempt_cap(make_farm) 
 def _spawn(farm) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
     config = farm.write_config_file()
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "daemon.cli.main", "run", "--config", str(config)],
         cwd=farm.root, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 
@@ -261,7 +261,7 @@ def test_a_batch_whose_bookkeeping_fails_goes_back_to_the_queue(farm, monkeypatc
     """Recording a batch fails outside the render itself (the database went away): the
     worker thread lives on, the batch goes back to the queue with the attempt counted, and
     the job is rendered on the next try instead of hanging with its renders `running`."""
-    from daemon.worker import Worker
+    from daemon.render.worker import Worker
 
     farm.drop("once.toml", sdxl_job(count=2))
     real_render = Worker.render

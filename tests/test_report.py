@@ -14,15 +14,15 @@ from urllib.parse import unquote
 
 import pytest
 
-from daemon import control
-from daemon.report import (
+from daemon.output.report import (
     DrainWatch,
     night_summary,
     on_queue_drained,
     post_webhook,
     write_morning_report,
 )
-from daemon.store import Store
+from daemon.queue import control
+from daemon.store.models import Store
 from tests.conftest import Farm, sdxl_job
 from tests.night_farm import Night, night  # noqa: F401  (the shared rendered night)
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from daemon.outputs import read_spec
+from daemon.output.files import read_spec
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 from tests.conftest import sdxl_job
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import psycopg
 from sqlalchemy import select, update
 
-from daemon.hosts import host_records
-from daemon.intake import CLAIM_FOLDER_PREFIX
-from daemon.lifecycle import LOADING_DEATHS_PER_ATTEMPT
-from daemon.runner import Daemon, default_name
-from daemon.scheduler import claim_next_batch, record_progress
-from daemon.store import Event, Host, Job, Render, Store
+from daemon.intake.hot_folder import CLAIM_FOLDER_PREFIX
+from daemon.queue.hosts import host_records
+from daemon.queue.lifecycle import LOADING_DEATHS_PER_ATTEMPT
+from daemon.queue.scheduler import claim_next_batch, record_progress
+from daemon.runtime.runner import Daemon, default_name
+from daemon.store.models import Event, Host, Job, Render, Store
 from tests.conftest import REPO, sdxl_job
 from tests.fault_harness import drop, write_config
 
@@ -32,7 +32,7 @@ def _spawn(config: Path, *args: str, fault: str | None = None,
         env["LORAFARM_FAULT_POINT"] = fault
     if database_url:
         env["LORAFARM_DATABASE_URL"] = database_url
-    return subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
+    return subprocess.Popen([sys.executable, "-m", "daemon.cli.main", "run", "--config",
                              str(config), "--until-idle", *args], cwd=config.parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 

@@ -14,7 +14,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from daemon.samplers import (
+from daemon.contract.samplers import (
     SCHEDULES,
     SamplerChoice,
     SamplerError,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from sqlalchemy import select, update
 
-from daemon.scheduler import claim_next_batch, stats
-from daemon.spec import RenderSpec
-from daemon.store import Batch, Job, Render, Store, utcnow
+from daemon.contract.spec import RenderSpec
+from daemon.queue.scheduler import claim_next_batch, stats
+from daemon.store.models import Batch, Job, Render, Store, utcnow
 from tests.conftest import sdxl_job
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from daemon.outputs import read_spec
+from daemon.output.files import read_spec
 from families.sdxl.illustrious import ILLUSTRIOUS_NEGATIVE, IllustriousFamily
 from families.sdxl.lineage import guess_lineage
 from families.sdxl.pony import PonyFamily

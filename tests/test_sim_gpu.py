@@ -11,10 +11,10 @@ from pathlib import Path
 from PIL import Image
 
 from bench.sim_gpu import write_sim_checkpoint, write_sim_lora
-from daemon.cli import history_records
+from daemon.cli.main import history_records
 from daemon.config import config_from_dict
-from daemon.plugins import Plugins
-from daemon.runner import Daemon
+from daemon.contract.loader import Plugins
+from daemon.runtime.runner import Daemon
 
 
 def test_a_sim_farm_renders_checkpoints_and_lora_sets(tmp_path: Path) -> None:

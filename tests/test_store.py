@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 
-from daemon.scheduler import claim_next_batch
-from daemon.spec import RenderSpec
-from daemon.store import Base, Job, Render, Store
+from daemon.contract.spec import RenderSpec
+from daemon.queue.scheduler import claim_next_batch
+from daemon.store.models import Base, Job, Render, Store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

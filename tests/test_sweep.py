@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from daemon.outputs import read_spec
+from daemon.output.files import read_spec
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 
 
@@ -52,9 +52,9 @@ def _check_grid_links(farm, job_id: int, grid) -> None:  # type: ignore[no-untyp
 
     from starlette.testclient import TestClient
 
-    from daemon.report import write_morning_report
-    from daemon.store import Store
-    from daemon.web import create_app
+    from daemon.output.report import write_morning_report
+    from daemon.store.models import Store
+    from daemon.web.server import create_app
 
     relative = grid.relative_to(farm.outputs).as_posix()
     app = create_app(farm.config, lambda: Store.for_path(farm.config.paths.database))
@@ -100,8 +100,8 @@ def _write_epochs(farm) -> None:  # type: ignore[no-untyped-def]
 
 
 def _lora_loads(farm) -> int:  # type: ignore[no-untyped-def]
-    from daemon.scheduler import stats
-    from daemon.store import Store
+    from daemon.queue.scheduler import stats
+    from daemon.store.models import Store
 
     store = Store(f"sqlite:///{farm.config.paths.database}", writer=False)
     try:
@@ -189,7 +189,7 @@ seed = [1, 2]
 
 
 def test_epoch_files_sort_naturally_with_the_final_file_last() -> None:
-    from daemon.sweep import expand_lora_entries, natural_key
+    from daemon.resolver.sweep import expand_lora_entries, natural_key
 
     names = ["style-10", "style", "style-9", "style-000100", "other-1"]
     assert sorted(names, key=natural_key) == ["other-1", "style-9", "style-10", "style-000100",
@@ -219,7 +219,7 @@ def _library_with_epochs(daemon) -> None:  # type: ignore[no-untyped-def]
 def test_a_checkpoint_axis_checks_each_checkpoint_and_its_loras(started_daemon) -> None:
     import pytest
 
-    from daemon.jobfile import JobFileError
+    from daemon.contract.jobfile import JobFileError
 
     _library_with_epochs(started_daemon)
     job = SWEEP_BASE + '[sweep]\ncheckpoint = ["tiny-sdxl", "tiny-sdxl-single"]\n' \
@@ -244,7 +244,7 @@ def test_a_checkpoint_axis_checks_each_checkpoint_and_its_loras(started_daemon) 
 def test_bad_file_and_prompt_axes_are_refused_with_the_place(started_daemon) -> None:
     import pytest
 
-    from daemon.jobfile import JobFileError
+    from daemon.contract.jobfile import JobFileError
 
     _library_with_epochs(started_daemon)
     inputs = started_daemon.config.paths.inputs

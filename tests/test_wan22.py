@@ -23,17 +23,17 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 
-from daemon.family import CheckpointSource, LoadedCheckpoint, RenderError
-from daemon.lora_patching import (
+from daemon.contract.family import CheckpointSource, LoadedCheckpoint, RenderError
+from daemon.contract.spec import LoraUse, RenderSpec
+from daemon.formats.lora_probe import probe_lora_file
+from daemon.formats.safetensors_header import read_header
+from daemon.output.files import read_spec
+from daemon.render.lora_patching import (
     AdapterState,
     adapter_name,
     apply_loras,
     count_patched_modules,
 )
-from daemon.lora_probe import probe_lora_file
-from daemon.outputs import read_spec
-from daemon.safetensors_header import read_header
-from daemon.spec import LoraUse, RenderSpec
 from families.wan22.tiny import (
     LORA_LAYOUTS,
     TINY_WIDTHS,
@@ -402,7 +402,7 @@ def test_an_input_image_replaced_after_intake_is_not_rendered(t2v: Any, tmp_path
 
 
 def test_steps_are_reported_and_an_abort_stops_the_pipeline(t2v: Any) -> None:
-    from daemon.family import BatchAborted, Progress
+    from daemon.contract.family import BatchAborted, Progress
 
     seen: list[tuple[int, int]] = []
     progress = Progress(2, lambda step, total: seen.append((step, total)), lambda: False)

@@ -17,11 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 from starlette.testclient import TestClient
 
-from daemon import control
 from daemon.config import WebSettings
-from daemon.scheduler import claim_next_batch
-from daemon.store import RENDER_CANCELLED, Render, Store
-from daemon.web import create_app, serve_in_thread, status_url
+from daemon.queue import control
+from daemon.queue.scheduler import claim_next_batch
+from daemon.store.models import RENDER_CANCELLED, Render, Store
+from daemon.web.server import create_app, serve_in_thread, status_url
 from tests.conftest import sdxl_job
 from tests.night_farm import Night, night  # noqa: F401  (the shared rendered night)
 

@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import select
 
 from daemon.config import ConfigError, config_from_dict
-from daemon.runner import Daemon
-from daemon.store import Event, Store
+from daemon.runtime.runner import Daemon
+from daemon.store.models import Event, Store
 from tests.conftest import Farm, sdxl_job
 
 
@@ -207,8 +207,8 @@ def test_webhook_settings_are_checked(tmp_path: Path) -> None:
 
 def test_render_failed_and_job_finished_carry_the_reason(tmp_path: Path, receivers) -> None:  # type: ignore[no-untyped-def]
     from bench.sim_gpu import write_sim_checkpoint, write_sim_lora
-    from daemon import control
-    from daemon.plugins import Plugins
+    from daemon.contract.loader import Plugins
+    from daemon.queue import control
 
     receiver = Receiver()
     receivers.append(receiver)

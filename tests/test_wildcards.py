@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from daemon.jobfile import JobFileError
-from daemon.outputs import read_spec
+from daemon.contract.jobfile import JobFileError
+from daemon.output.files import read_spec
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
 
 JOB = """\

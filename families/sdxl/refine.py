@@ -3,7 +3,7 @@
 Both run diffusers' `StableDiffusionXLImg2ImgPipeline` built `from_pipe` on the loaded
 pipeline: it holds the very same modules (nothing is loaded twice, applied LoRAs stay
 applied, since they are PEFT layers on those modules). Settings come from RenderSpec.extra
-as intake checked them (daemon/hires.py); every spec of a batch shares them (batch key).
+as intake checked them (daemon/contract/hires.py); every spec of a batch shares them (batch key).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The lorafarm command line and its terminal display."""

@@ -1,0 +1,5 @@
+"""`python -m daemon.cli` runs the lorafarm command."""
+
+from daemon.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Files in: the watched jobs/ folder, claim folders, filing, HTTP submission."""

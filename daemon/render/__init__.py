@@ -1,0 +1,1 @@
+"""Rendering: the worker, the pipeline cache within memory budgets, LoRA patching."""

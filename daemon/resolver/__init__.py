@@ -1,0 +1,1 @@
+"""A job file becomes render specs: sweep axes, wildcards, prompt files, prompt tags."""

@@ -1,0 +1,1 @@
+"""The running daemon: start-up repair, its threads, the state-folder lock."""
