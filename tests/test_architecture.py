@@ -151,3 +151,17 @@ def test_the_concern_checker_sees_a_cycle_through_two_modules(tmp_path: Path) ->
                "daemon.b.three": tmp_path / "b/three.py"}
     graph = concern_graph(modules)
     assert import_cycles({s: set(t) for s, t in graph.items()}) == [["a", "b"]]
+
+
+# The folders of daemon/ from the bottom layer up, as docs/ARCHITECTURE.md lists them ("daemon"
+# is daemon/__init__.py): a module may import from its own folder and the ones before it.
+LAYERS = ("daemon", "presets", "config", "folders", "formats", "contract", "store", "resolver",
+          "library", "queue", "output", "render", "intake", "web", "runtime", "cli", "plugin_api")
+
+
+def test_each_folder_imports_only_the_layers_below_it() -> None:
+    graph = concern_graph(product_modules())
+    assert set(graph) <= set(LAYERS), f"a folder missing from LAYERS: {set(graph) - set(LAYERS)}"
+    upward = [edge for source, targets in graph.items() for target, edges in targets.items()
+              if LAYERS.index(target) > LAYERS.index(source) for edge in edges]
+    assert upward == [], "imports from a higher layer: " + "; ".join(upward)
