@@ -23,10 +23,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from daemon.config import config_from_dict  # noqa: E402
 from daemon.contract.loader import Plugins  # noqa: E402
-from daemon.queue.scheduler import stats  # noqa: E402
 from daemon.runtime.console import quiet_libraries  # noqa: E402
 from daemon.runtime.runner import Daemon  # noqa: E402
 from daemon.store.models import Store  # noqa: E402
+from daemon.store.queries import stats  # noqa: E402
 from families.sdxl.sdxl import SDXLFamily  # noqa: E402
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original  # noqa: E402
 

@@ -89,9 +89,9 @@ def images_per_minute(pipe, batch: int, steps: int, size: int) -> float:  # type
 def busy_fraction_of_a_mixed_queue(pipe, root: Path, steps: int, size: int) -> dict:  # type: ignore[no-untyped-def]
     from daemon.config import config_from_dict
     from daemon.contract.loader import Plugins
-    from daemon.queue.scheduler import stats
     from daemon.runtime.runner import Daemon
     from daemon.store.models import Store
+    from daemon.store.queries import stats
 
     for name in ("sdxl-a", "sdxl-b"):
         pipe.save_pretrained(root / "models" / name, safe_serialization=True)

@@ -48,10 +48,11 @@ from sqlalchemy import insert, select, update  # noqa: E402
 from daemon.config import config_from_dict  # noqa: E402
 from daemon.contract.loader import Plugins  # noqa: E402
 from daemon.contract.spec import RenderSpec  # noqa: E402
-from daemon.queue.scheduler import claim_next_batch, stats  # noqa: E402
+from daemon.queue.scheduler import claim_next_batch  # noqa: E402
 from daemon.runtime.console import quiet_libraries  # noqa: E402
 from daemon.runtime.runner import Daemon  # noqa: E402
 from daemon.store.models import Batch, Job, Render, Store  # noqa: E402
+from daemon.store.queries import stats  # noqa: E402
 from families.sdxl.tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_folder  # noqa: E402
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original  # noqa: E402
 

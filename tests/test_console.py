@@ -9,7 +9,8 @@ import logging
 from rich.console import Console
 
 from daemon.queue.scheduler import claim_next_batch
-from daemon.runtime.console import JsonLogFormatter, render_table, snapshot
+from daemon.runtime.console import JsonLogFormatter, render_table
+from daemon.store.queries import console_snapshot
 from tests.conftest import sdxl_job
 
 
@@ -30,7 +31,7 @@ def test_the_live_display_shows_running_renders_and_the_queue(farm) -> None:
     from daemon.queue.scheduler import record_progress
 
     record_progress(daemon.store, [c.render_id for c in claimed], 2, 3, "w0")
-    state = snapshot(daemon.store)
+    state = console_snapshot(daemon.store)
     daemon.close()
     assert state["counts"] == {"running": 2, "queued": 1}
     out = io.StringIO()

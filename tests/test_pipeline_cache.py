@@ -237,7 +237,8 @@ def test_each_batch_records_the_pipelines_it_moved_between_the_tiers(make_farm, 
     load sends A to RAM (one move), A's return sends B to RAM and brings A back (two moves,
     and no third load); `lorafarm stats` sums them. The worker's cache is CUDA-labelled with
     recorded moves, as in the tests above; the renders are real."""
-    from daemon.queue.scheduler import claim_next_batch, stats
+    from daemon.queue.scheduler import claim_next_batch
+    from daemon.store.queries import stats
 
     budget = _budget_gb(assets, renders=1.5)
     farm = make_farm(worker={"max_batch": 4, "vram_budget_gb": budget, "ram_budget_gb": 10.0})

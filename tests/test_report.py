@@ -16,13 +16,13 @@ import pytest
 
 from daemon.output.report import (
     DrainWatch,
-    night_summary,
     on_queue_drained,
     post_webhook,
     write_morning_report,
 )
 from daemon.queue import control
 from daemon.store.models import Store
+from daemon.store.queries import night_summary
 from tests.conftest import Farm, sdxl_job
 from tests.night_farm import Night, night  # noqa: F401  (the shared rendered night)
 

@@ -12,8 +12,9 @@ import torch
 from sqlalchemy import select, update
 
 from daemon.contract.spec import RenderSpec
-from daemon.queue.scheduler import claim_next_batch, stats
+from daemon.queue.scheduler import claim_next_batch
 from daemon.store.models import Batch, Job, Render, Store, utcnow
+from daemon.store.queries import stats
 from tests.conftest import sdxl_job
 
 

@@ -100,8 +100,8 @@ def _write_epochs(farm) -> None:  # type: ignore[no-untyped-def]
 
 
 def _lora_loads(farm) -> int:  # type: ignore[no-untyped-def]
-    from daemon.queue.scheduler import stats
     from daemon.store.models import Store
+    from daemon.store.queries import stats
 
     store = Store(f"sqlite:///{farm.config.paths.database}", writer=False)
     try:

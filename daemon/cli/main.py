@@ -423,7 +423,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from daemon.queue.scheduler import stats
+    from daemon.store.queries import stats
 
     config = load_config(args.config)
     store = _reader(config)

@@ -20,8 +20,6 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import jinja2
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from daemon.config import Config
 from daemon.store import queries
@@ -29,11 +27,6 @@ from daemon.store.models import (
     RENDER_CANCELLED,
     RENDER_DONE,
     RENDER_FAILED,
-    RENDER_QUEUED,
-    RENDER_RUNNING,
-    Batch,
-    Job,
-    Render,
     Store,
     add_event,
     utcnow,
@@ -45,81 +38,11 @@ WEBHOOK_TIMEOUT = 5.0  # seconds: the daemon must not hang on a slow receiver
 LATEST_NAME = "morning-report.html"  # always the newest report, beside the dated ones
 
 
-def night_summary(session: Session, outputs: Path, since: dt.datetime) -> dict[str, Any]:
-    """The figures of everything that ended since `since` (naive UTC, as the store keeps)."""
-    until = utcnow()
-    rows = session.execute(
-        select(Render, Job.name, Job.file_name).join(Job, Job.id == Render.job_id)
-        .where(Render.finished_at >= since,
-               Render.state.in_((RENDER_DONE, RENDER_FAILED, RENDER_CANCELLED)))
-        .order_by(Render.finished_at, Render.id)).all()
-    counts = {RENDER_DONE: 0, RENDER_FAILED: 0, RENDER_CANCELLED: 0}
-    per_checkpoint: dict[str, dict[str, int]] = {}
-    sheet: list[dict[str, Any]] = []
-    grids: dict[int, dict[str, Any]] = {}  # job id -> its sweep grid and pages
-    failures: list[dict[str, Any]] = []
-    for render, job_name, file_name in rows:
-        counts[render.state] += 1
-        figures = per_checkpoint.setdefault(render.checkpoint, {RENDER_DONE: 0,
-                                                                RENDER_FAILED: 0,
-                                                                RENDER_CANCELLED: 0})
-        figures[render.state] += 1
-        if render.state == RENDER_DONE:
-            rel = queries.output_relpath(outputs, render.output_path)
-            spec = json.loads(render.spec_json)
-            if render.job_id not in grids and spec.get("extra", {}).get("sweep"):
-                grids[render.job_id] = {"job_id": render.job_id, "job": job_name, "files":
-                                        queries.grid_relpaths(outputs, render.job_id,
-                                                               job_name)}
-            sheet.append({"job_id": render.job_id, "job": job_name, "index": render.index,
-                          "seed": render.seed, "checkpoint": render.checkpoint,
-                          "prompt": spec.get("user_prompt") or spec.get("prompt", ""),
-                          "file": rel, "poster": queries.poster_relpath(rel),
-                          "video": rel is not None and not rel.lower().endswith(".png")})
-        elif render.state == RENDER_FAILED:
-            failures.append({"job_id": render.job_id, "job": job_name, "file": file_name,
-                             "index": render.index, "seed": render.seed,
-                             "checkpoint": render.checkpoint, "error": render.error})
-    # The night starts with its first batch, not at `since`: hours idle before the first job
-    # was dropped are not time the farm could have been busy.
-    first = session.scalar(select(func.min(Batch.started_at)).where(Batch.started_at >= since))
-    first = first or session.scalar(select(func.min(Render.started_at)).where(
-        Render.finished_at >= since, Render.started_at >= since))
-    # ... and ends with its last render, however much later the report is written.
-    last = max((render.finished_at for render, *_ in rows if render.finished_at),
-               default=until)
-    window = max((last - max(since, first or since)).total_seconds(), 0.0)
-    busy = queries.busy_seconds(session, since)
-    loads, in_pipeline, batch_wall = session.execute(select(
-        func.coalesce(func.sum(Batch.pipeline_loads), 0),
-        func.coalesce(func.sum(Batch.pipeline_seconds), 0.0),
-        func.coalesce(func.sum(Batch.wall_seconds), 0.0)).where(Batch.started_at >= since)).one()
-    left = session.scalar(select(func.count()).select_from(Render).where(
-        Render.state.in_((RENDER_QUEUED, RENDER_RUNNING)))) or 0
-    return {
-        "since": queries.iso(since), "until": queries.iso(until),
-        "done": counts[RENDER_DONE], "failed": counts[RENDER_FAILED],
-        "cancelled": counts[RENDER_CANCELLED], "still_queued": left,
-        "busy_seconds": round(busy, 1), "window_seconds": round(window, 1),
-        "first_started": queries.iso(first),
-        # Renders overlap in a batch, so busy time comes from pipeline calls, not renders.
-        "busy_fraction": round(min(busy / window, 1.0), 3) if window > 0 else None,
-        # Of the busy time, the share inside pipeline calls (the rest: loads, LoRA switches,
-        # writing outputs).
-        "pipeline_fraction": (round(in_pipeline / batch_wall, 3) if batch_wall else None),
-        "pipeline_loads": int(loads),
-        "per_checkpoint": per_checkpoint,
-        "renders": sheet,
-        "failures": failures,
-        "grids": [entry for entry in grids.values() if entry["files"]],
-    }
-
-
 def write_morning_report(config: Config, store: Store, since: dt.datetime) -> Path:
     """Write outputs/morning-report-<UTC time>.html (and morning-report.html, the newest one)
     for what ended since `since`; returns the dated file's path."""
     with store.session() as session:
-        summary = night_summary(session, config.paths.outputs, since)
+        summary = queries.night_summary(session, config.paths.outputs, since)
     return _write_report(config.paths.outputs, summary)
 
 
@@ -165,7 +88,7 @@ def on_queue_drained(config: Config, store: Store, since: dt.datetime) -> Path |
     path: Path | None = None
     try:
         with store.session() as session:
-            summary = night_summary(session, config.paths.outputs, since)
+            summary = queries.night_summary(session, config.paths.outputs, since)
         path = _write_report(config.paths.outputs, summary)
     except Exception:
         log.exception("could not write the morning report")
@@ -203,18 +126,13 @@ class DrainWatch:
             return None
 
     def _check(self) -> Path | None:
-        unfinished = (RENDER_QUEUED, RENDER_RUNNING)
         with self.store.session() as session:
-            busy = session.scalar(select(func.count()).select_from(Render)
-                                  .where(Render.state.in_(unfinished))) or 0
-            if busy:
+            if queries.unfinished_renders(session):
                 if self._since is None:
-                    self._since = session.scalar(select(func.min(Render.created_at))
-                                                 .where(Render.state.in_(unfinished)))
+                    self._since = queries.first_unfinished_created(session)
                 return None
-            since = self._since or session.scalar(
-                select(func.min(Render.created_at)).where(
-                    Render.finished_at > self._last_report))
+            since = self._since or queries.first_created_finished_after(session,
+                                                                        self._last_report)
         if since is None:
             return None  # idle, and nothing ended since the last report
         self._since, self._last_report = None, utcnow()
@@ -227,8 +145,7 @@ class DrainWatch:
     def _record_drained(self, since: dt.datetime) -> None:
         """A `queue_drained` event with the period's counts (what [[webhooks]] send)."""
         with self.store.session() as session:
-            counts = dict(session.execute(select(Render.state, func.count()).where(
-                Render.finished_at >= since).group_by(Render.state)).all())
+            counts = queries.render_counts(session, finished_since=since)
             add_event(session, "queue_drained",
                       f"the queue drained: {counts.get(RENDER_DONE, 0)} done, "
                       f"{counts.get(RENDER_FAILED, 0)} failed",

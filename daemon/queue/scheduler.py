@@ -252,35 +252,3 @@ def record_batch(store: Store, batch_id: int, figures: BatchFigures, wall_second
         row.wall_seconds, row.outcome, row.finished_at = wall_seconds, outcome, utcnow()
 
 
-def stats(store: Store) -> dict[str, Any]:
-    """Throughput figures summed over the batches table, and an ETA for what is queued."""
-    with store.session() as session:
-        totals = session.execute(select(
-            func.count(Batch.id), func.coalesce(func.sum(Batch.renders), 0),
-            func.coalesce(func.sum(Batch.pipeline_loads), 0),
-            func.coalesce(func.sum(Batch.lora_loads), 0),
-            func.coalesce(func.sum(Batch.lora_switches), 0),
-            func.coalesce(func.sum(Batch.tier_moves), 0),
-            func.coalesce(func.sum(Batch.pipeline_seconds), 0.0),
-            func.coalesce(func.sum(Batch.wall_seconds), 0.0),
-        )).one()
-        remaining = session.scalar(select(func.count(Render.id)).where(
-            Render.state.in_((RENDER_QUEUED, RENDER_RUNNING)))) or 0
-    batches, renders, loads, lora_loads, switches, tier_moves, pipeline_s, wall_s = totals
-    per_render = wall_s / renders if renders else None
-    return {
-        "batches": batches, "renders": renders, "pipeline_loads": loads,
-        "lora_loads": lora_loads, "lora_switches": switches, "tier_moves": tier_moves,
-        "pipeline_seconds": round(pipeline_s, 3), "wall_seconds": round(wall_s, 3),
-        "busy_fraction": round(pipeline_s / wall_s, 4) if wall_s else None,
-        "renders_per_hour": round(3600 / per_render, 1) if per_render else None,
-        "mean_batch_size": round(renders / batches, 2) if batches else None,
-        "queued_or_running": remaining,
-        "eta_seconds": round(remaining * per_render, 1) if per_render else None,
-    }
-
-
-def queue_counts(store: Store) -> dict[str, int]:
-    with store.session() as session:
-        return {state: count for state, count in session.execute(
-            select(Render.state, func.count()).group_by(Render.state))}

@@ -13,10 +13,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
-
-from daemon.queue.scheduler import stats
-from daemon.store.models import RENDER_RUNNING, Job, Render, Store
+from daemon.store import queries
+from daemon.store.models import Store
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -66,20 +64,6 @@ def quiet_libraries() -> None:
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)
 
 
-def snapshot(store: Store) -> dict[str, Any]:
-    """What is running (with step progress), what is queued, and the ETA."""
-    with store.session() as session:
-        running = session.execute(
-            select(Render.id, Job.name, Render.index, Render.seed, Render.progress_step,
-                   Render.progress_total, Render.worker, Render.checkpoint)
-            .join(Job, Job.id == Render.job_id)
-            .where(Render.state == RENDER_RUNNING).order_by(Render.id)).all()
-        counts = dict(session.execute(select(Render.state, func.count())
-                                      .group_by(Render.state)).all())
-    return {"running": [row._asdict() for row in running], "counts": counts,
-            "stats": stats(store)}
-
-
 def render_table(state: dict[str, Any]) -> Table:
     from rich.table import Table
     figures = state["stats"]
@@ -123,7 +107,7 @@ class LiveDisplay:
         with Live(console=self.console, refresh_per_second=2, transient=False) as live:
             while not self._stop.wait(0.5):
                 try:
-                    live.update(render_table(snapshot(self.store)))
+                    live.update(render_table(queries.console_snapshot(self.store)))
                 except Exception:  # the display must never take the daemon down
                     continue
 

@@ -1,6 +1,8 @@
-"""Read-only views of the history for the status page, /metrics and the morning report.
+"""The read side: every query that shows the history, for the CLI (`history`, `stats`), the
+status page and its JSON API, /metrics, webhook payloads, the live console and the morning
+report. Nothing here writes.
 
-Everything here takes an open session and returns plain JSON-ready data (dicts, lists,
+Nearly everything here takes an open session and returns plain JSON-ready data (dicts, lists,
 numbers, ISO times), so the page, its JSON API, the metrics and the report all show the same
 numbers computed the same way.
 
@@ -30,6 +32,7 @@ from daemon.store.models import (
     JOB_QUEUED,
     JOB_RUNNING,
     PAUSED_KEY,
+    RENDER_CANCELLED,
     RENDER_DONE,
     RENDER_FAILED,
     RENDER_QUEUED,
@@ -41,6 +44,7 @@ from daemon.store.models import (
     Render,
     RenderScore,
     Setting,
+    Store,
     utcnow,
 )
 
@@ -482,3 +486,171 @@ def _render_record(render: Render, results: list[RenderScore]) -> dict[str, Any]
             "flagged": "flagged" in gate or "reseeded" in gate,
             "reseeded": "reseeded" in gate,
             "reseed_of": int(gate["reseed_of"]) if "reseed_of" in gate else None}
+
+
+# -- `lorafarm stats`, the live console --------------------------------------------------
+
+def stats(store: Store) -> dict[str, Any]:
+    """Throughput figures summed over the batches table, and an ETA for what is queued."""
+    with store.session() as session:
+        totals = session.execute(select(
+            func.count(Batch.id), func.coalesce(func.sum(Batch.renders), 0),
+            func.coalesce(func.sum(Batch.pipeline_loads), 0),
+            func.coalesce(func.sum(Batch.lora_loads), 0),
+            func.coalesce(func.sum(Batch.lora_switches), 0),
+            func.coalesce(func.sum(Batch.tier_moves), 0),
+            func.coalesce(func.sum(Batch.pipeline_seconds), 0.0),
+            func.coalesce(func.sum(Batch.wall_seconds), 0.0),
+        )).one()
+        remaining = session.scalar(select(func.count(Render.id)).where(
+            Render.state.in_((RENDER_QUEUED, RENDER_RUNNING)))) or 0
+    batches, renders, loads, lora_loads, switches, tier_moves, pipeline_s, wall_s = totals
+    per_render = wall_s / renders if renders else None
+    return {
+        "batches": batches, "renders": renders, "pipeline_loads": loads,
+        "lora_loads": lora_loads, "lora_switches": switches, "tier_moves": tier_moves,
+        "pipeline_seconds": round(pipeline_s, 3), "wall_seconds": round(wall_s, 3),
+        "busy_fraction": round(pipeline_s / wall_s, 4) if wall_s else None,
+        "renders_per_hour": round(3600 / per_render, 1) if per_render else None,
+        "mean_batch_size": round(renders / batches, 2) if batches else None,
+        "queued_or_running": remaining,
+        "eta_seconds": round(remaining * per_render, 1) if per_render else None,
+    }
+
+
+# -- the morning report --------------------------------------------------------------------
+
+def night_summary(session: Session, outputs: Path, since: dt.datetime) -> dict[str, Any]:
+    """The figures of everything that ended since `since` (naive UTC, as the store keeps)."""
+    until = utcnow()
+    rows = session.execute(
+        select(Render, Job.name, Job.file_name).join(Job, Job.id == Render.job_id)
+        .where(Render.finished_at >= since,
+               Render.state.in_((RENDER_DONE, RENDER_FAILED, RENDER_CANCELLED)))
+        .order_by(Render.finished_at, Render.id)).all()
+    counts = {RENDER_DONE: 0, RENDER_FAILED: 0, RENDER_CANCELLED: 0}
+    per_checkpoint: dict[str, dict[str, int]] = {}
+    sheet: list[dict[str, Any]] = []
+    grids: dict[int, dict[str, Any]] = {}  # job id -> its sweep grid and pages
+    failures: list[dict[str, Any]] = []
+    for render, job_name, file_name in rows:
+        counts[render.state] += 1
+        figures = per_checkpoint.setdefault(render.checkpoint, {RENDER_DONE: 0,
+                                                                RENDER_FAILED: 0,
+                                                                RENDER_CANCELLED: 0})
+        figures[render.state] += 1
+        if render.state == RENDER_DONE:
+            rel = output_relpath(outputs, render.output_path)
+            spec = json.loads(render.spec_json)
+            if render.job_id not in grids and spec.get("extra", {}).get("sweep"):
+                grids[render.job_id] = {"job_id": render.job_id, "job": job_name, "files":
+                                        grid_relpaths(outputs, render.job_id,
+                                                               job_name)}
+            sheet.append({"job_id": render.job_id, "job": job_name, "index": render.index,
+                          "seed": render.seed, "checkpoint": render.checkpoint,
+                          "prompt": spec.get("user_prompt") or spec.get("prompt", ""),
+                          "file": rel, "poster": poster_relpath(rel),
+                          "video": rel is not None and not rel.lower().endswith(".png")})
+        elif render.state == RENDER_FAILED:
+            failures.append({"job_id": render.job_id, "job": job_name, "file": file_name,
+                             "index": render.index, "seed": render.seed,
+                             "checkpoint": render.checkpoint, "error": render.error})
+    # The night starts with its first batch, not at `since`: hours idle before the first job
+    # was dropped are not time the farm could have been busy.
+    first = session.scalar(select(func.min(Batch.started_at)).where(Batch.started_at >= since))
+    first = first or session.scalar(select(func.min(Render.started_at)).where(
+        Render.finished_at >= since, Render.started_at >= since))
+    # ... and ends with its last render, however much later the report is written.
+    last = max((render.finished_at for render, *_ in rows if render.finished_at),
+               default=until)
+    window = max((last - max(since, first or since)).total_seconds(), 0.0)
+    busy = busy_seconds(session, since)
+    loads, in_pipeline, batch_wall = session.execute(select(
+        func.coalesce(func.sum(Batch.pipeline_loads), 0),
+        func.coalesce(func.sum(Batch.pipeline_seconds), 0.0),
+        func.coalesce(func.sum(Batch.wall_seconds), 0.0)).where(Batch.started_at >= since)).one()
+    left = session.scalar(select(func.count()).select_from(Render).where(
+        Render.state.in_((RENDER_QUEUED, RENDER_RUNNING)))) or 0
+    return {
+        "since": iso(since), "until": iso(until),
+        "done": counts[RENDER_DONE], "failed": counts[RENDER_FAILED],
+        "cancelled": counts[RENDER_CANCELLED], "still_queued": left,
+        "busy_seconds": round(busy, 1), "window_seconds": round(window, 1),
+        "first_started": iso(first),
+        # Renders overlap in a batch, so busy time comes from pipeline calls, not renders.
+        "busy_fraction": round(min(busy / window, 1.0), 3) if window > 0 else None,
+        # Of the busy time, the share inside pipeline calls (the rest: loads, LoRA switches,
+        # writing outputs).
+        "pipeline_fraction": (round(in_pipeline / batch_wall, 3) if batch_wall else None),
+        "pipeline_loads": int(loads),
+        "per_checkpoint": per_checkpoint,
+        "renders": sheet,
+        "failures": failures,
+        "grids": [entry for entry in grids.values() if entry["files"]],
+    }
+
+
+def console_snapshot(store: Store) -> dict[str, Any]:
+    """What is running (with step progress), what is queued, and the ETA."""
+    with store.session() as session:
+        running = session.execute(
+            select(Render.id, Job.name, Render.index, Render.seed, Render.progress_step,
+                   Render.progress_total, Render.worker, Render.checkpoint)
+            .join(Job, Job.id == Render.job_id)
+            .where(Render.state == RENDER_RUNNING).order_by(Render.id)).all()
+        counts = dict(session.execute(select(Render.state, func.count())
+                                      .group_by(Render.state)).all())
+    return {"running": [row._asdict() for row in running], "counts": counts,
+            "stats": stats(store)}
+
+
+def unfinished_renders(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Render).where(
+        Render.state.in_((RENDER_QUEUED, RENDER_RUNNING)))) or 0
+
+
+def first_unfinished_created(session: Session) -> dt.datetime | None:
+    """When the oldest render still queued or running was created: a night's start."""
+    return session.scalar(select(func.min(Render.created_at))
+                          .where(Render.state.in_((RENDER_QUEUED, RENDER_RUNNING))))
+
+
+def first_created_finished_after(session: Session, moment: dt.datetime) -> dt.datetime | None:
+    """When the oldest render that finished after `moment` was created."""
+    return session.scalar(select(func.min(Render.created_at))
+                          .where(Render.finished_at > moment))
+
+
+def render_counts(session: Session, *, finished_since: dt.datetime | None = None,
+                  job_id: int | None = None) -> dict[str, int]:
+    """Renders by state: all of them, those finished since a moment, or one job's."""
+    query = select(Render.state, func.count())
+    if finished_since is not None:
+        query = query.where(Render.finished_at >= finished_since)
+    if job_id is not None:
+        query = query.where(Render.job_id == job_id)
+    return dict(session.execute(query.group_by(Render.state)).all())
+
+
+def done_outputs(session: Session, job_id: int) -> list[tuple[int, str | None]]:
+    """A job's done renders as (index, output path), in index order."""
+    return [tuple(row) for row in session.execute(
+        select(Render.index, Render.output_path).where(
+            Render.job_id == job_id, Render.state == RENDER_DONE).order_by(Render.index))]
+
+
+# -- /metrics ---------------------------------------------------------------------------------
+
+def event_counts(session: Session, kinds: tuple[str, ...]) -> dict[str, int]:
+    return {kind: n for kind, n in session.execute(
+        select(Event.kind, func.count()).where(Event.kind.in_(kinds)).group_by(Event.kind))}
+
+
+def batch_totals(session: Session) -> tuple[int, int, float, int]:
+    """Pipeline loads, LoRA loads, wall seconds and the number of pipeline calls, ever."""
+    loads, lora_loads, busy, calls = session.execute(select(
+        func.coalesce(func.sum(Batch.pipeline_loads), 0),
+        func.coalesce(func.sum(Batch.lora_loads), 0),
+        func.coalesce(func.sum(Batch.wall_seconds), 0.0),
+        func.count(Batch.id))).one()
+    return int(loads), int(lora_loads), float(busy), int(calls)

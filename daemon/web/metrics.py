@@ -15,7 +15,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
 from daemon.store import queries
 from daemon.store.models import (
@@ -27,8 +26,6 @@ from daemon.store.models import (
     JOB_RUNNING,
     RENDER_QUEUED,
     RENDER_RUNNING,
-    Batch,
-    Event,
     Store,
 )
 
@@ -48,15 +45,9 @@ class FarmCollector(Collector):
         with self._store().session() as session:
             renders, jobs = queries.state_counts(session)
             snapshot = queries.queue_snapshot(session, Path("."), limit=0, recent=0)
-            events = {kind: n for kind, n in session.execute(
-                select(Event.kind, func.count()).where(Event.kind.in_(
-                    ("render_done", "render_failed", "job_cancelled", "job_retried")))
-                .group_by(Event.kind))}
-            loads, lora_loads, busy, calls = session.execute(select(
-                func.coalesce(func.sum(Batch.pipeline_loads), 0),
-                func.coalesce(func.sum(Batch.lora_loads), 0),
-                func.coalesce(func.sum(Batch.wall_seconds), 0.0),
-                func.count(Batch.id))).one()
+            events = queries.event_counts(
+                session, ("render_done", "render_failed", "job_cancelled", "job_retried"))
+            loads, lora_loads, busy, calls = queries.batch_totals(session)
 
         by_state = GaugeMetricFamily("lorafarm_queue_renders",
                                      "Renders in the history by state (queue depth: queued, "

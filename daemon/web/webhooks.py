@@ -31,12 +31,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import event as sa_event
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from daemon.config import Config, WebhookSettings
 from daemon.store import queries
-from daemon.store.models import RENDER_DONE, Event, Job, Render, Store, add_event, utcnow
+from daemon.store.models import Event, Job, Render, Store, add_event, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +132,8 @@ class Webhooks:
             if event["job_id"] is not None:
                 job = session.get(Job, event["job_id"])
                 if job is not None:
-                    done = session.execute(select(Render.index, Render.output_path).where(
-                        Render.job_id == job.id, Render.state == RENDER_DONE)
-                        .order_by(Render.index)).all()
-                    counts = dict(session.execute(select(Render.state, func.count()).where(
-                        Render.job_id == job.id).group_by(Render.state)).all())
+                    done = queries.done_outputs(session, job.id)
+                    counts = queries.render_counts(session, job_id=job.id)
                     body.update(job_name=job.name, file=job.file_name, state=job.state,
                                 error=job.error, renders=counts,
                                 outputs=[_output(outputs_dir, path, base) for _, path in done],
