@@ -99,7 +99,7 @@ def test_a_bad_job_gets_400_with_the_report_and_nothing_is_queued(started_daemon
     daemon = started_daemon
     store = Store.for_url(daemon.config.database_url)
     app = create_app(daemon.config, lambda: Store.for_url(daemon.config.database_url),
-                     submit=daemon.web.submit)
+                     submit=daemon.intake.submit)
     before_rows = _job_rows(store)
     before_files = sorted(p.relative_to(daemon.config.paths.jobs).as_posix()
                           for p in daemon.config.paths.jobs.rglob("*"))
@@ -141,7 +141,7 @@ def test_a_non_local_bind_needs_the_token_to_submit(started_daemon) -> None:  # 
                                  web=WebSettings(host="0.0.0.0", token="s3cret-token"))
     store = Store.for_url(config.database_url)
     app = create_app(config, lambda: Store.for_url(config.database_url),
-                     submit=daemon.web.submit)
+                     submit=daemon.intake.submit)
     before = _job_rows(store)
     job = sdxl_job(seed=4242).encode()
     with TestClient(app, base_url="http://farm.lan:8765") as client:
