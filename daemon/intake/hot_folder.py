@@ -93,8 +93,6 @@ class Intake:
                  library: LoraLibrary, plugins: Plugins, owner: str = "local") -> None:
         self.config = config
         self.store = store
-        self.registry = registry
-        self.library = library
         self.owner = owner.replace("/", "_")  # names this daemon's claim folder
         self.plugins = plugins
         # Checks and expands each job (the pure half of intake); textual-inversion embeddings
