@@ -43,7 +43,7 @@ def valid_samples(intake: Any, plugins: Any, folder: Path) -> dict[str, bytes]:
 
     from daemon.output.files import write_mp4, write_png
 
-    _, renders, _ = intake.parse("sample.toml", VALID_TOML.encode())
+    _, renders, _ = intake.resolver.parse("sample.toml", VALID_TOML.encode())
     spec = renders[0]
     text = plugins.output_metadata(spec, plugins.families[spec.family])
     rng = random.Random(0)
@@ -104,7 +104,7 @@ def cases(rng: random.Random, samples: dict[str, bytes], suffixes: list[str],
 
 def fuzz_parsers(intake: Any, plugins: Any, count: int, seed: int,
                  folder: Path) -> dict[str, Any]:
-    """Run `count` cases through `intake.parse`; the figures (crash examples included)."""
+    """Run `count` cases through `intake.resolver.parse`; the figures (crash examples included)."""
     from daemon.contract.jobfile import JobFileError
 
     samples = valid_samples(intake, plugins, folder)
@@ -116,7 +116,7 @@ def fuzz_parsers(intake: Any, plugins: Any, count: int, seed: int,
     rng = random.Random(seed)
     for kind, name, raw in cases(rng, samples, suffixes, count):
         try:
-            intake.parse(name, raw)
+            intake.resolver.parse(name, raw)
             result = "accepted"
         except JobFileError as exc:
             result = "rejected_with_report" if exc.what and exc.report().strip() else "no_report"

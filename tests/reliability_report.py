@@ -74,7 +74,7 @@ def fuzz(daemon, count: int, seed: int) -> dict[str, int]:  # type: ignore[no-un
         suffix = rng.choice([".toml", ".json"])
         outcome["tried"] += 1
         try:
-            daemon.intake.parse(f"fuzz{suffix}", raw)
+            daemon.intake.resolver.parse(f"fuzz{suffix}", raw)
             outcome["accepted"] += 1
         except JobFileError as exc:
             outcome["rejected_with_report"] += 1 if exc.report() else 0

@@ -52,7 +52,7 @@ def test_fuzzed_job_files_are_accepted_or_rejected_with_a_report(started_daemon,
         raw = "\n".join(lines).encode()
         name = "fuzz.toml"
     try:
-        spec, renders, _warnings = started_daemon.intake.parse(name, raw)
+        spec, renders, _warnings = started_daemon.intake.resolver.parse(name, raw)
     except JobFileError as exc:
         assert exc.what and exc.report().strip()
     else:
@@ -65,7 +65,7 @@ def test_fuzzed_bytes_never_raise_anything_but_a_job_error(started_daemon) -> No
     @given(raw=st.binary(max_size=300), suffix=st.sampled_from([".toml", ".json"]))
     def check(raw: bytes, suffix: str) -> None:
         try:
-            started_daemon.intake.parse(f"bytes{suffix}", raw)
+            started_daemon.intake.resolver.parse(f"bytes{suffix}", raw)
         except JobFileError:
             pass
     check()

@@ -281,7 +281,7 @@ def test_base_job_gets_base_defaults_and_renders_with_cfg(farm) -> None:
     daemon = farm.daemon()
     daemon.start()
     infos = {info.name: info for info in daemon.registry.all()}
-    _, renders, _ = daemon.intake.parse("defaults.toml", _job(DEMO_BASE).encode())
+    _, renders, _ = daemon.intake.resolver.parse("defaults.toml", _job(DEMO_BASE).encode())
     daemon.close()
     assert infos[DEMO_BASE].family == "flux2-klein" and infos[DEMO_BASE].variant == BASE
     assert infos[DEMO_DISTILLED].variant == DISTILLED

@@ -112,7 +112,7 @@ def test_a_lora_s_a1111_sidecar_gives_its_weight_and_trigger_words(farm) -> None
     daemon.start()
     try:
         def loras_of(text: str) -> list[tuple[str, float, str]]:
-            _, renders, _ = daemon.intake.parse("job.toml", text.encode())
+            _, renders, _ = daemon.intake.resolver.parse("job.toml", text.encode())
             return [(lora.name, lora.strength, renders[0].prompt) for lora in renders[0].loras]
 
         assert loras_of(base + 'prompt = "a cat"\ntrigger_words = true\n'

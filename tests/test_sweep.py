@@ -224,7 +224,7 @@ def test_a_checkpoint_axis_checks_each_checkpoint_and_its_loras(started_daemon) 
     _library_with_epochs(started_daemon)
     job = SWEEP_BASE + '[sweep]\ncheckpoint = ["tiny-sdxl", "tiny-sdxl-single"]\n' \
         'prompt = ["a red lighthouse", "a cat"]\nlora = ["mystyle-*"]\n'
-    _, renders, _ = started_daemon.intake.parse("ckpt.toml", job.encode())
+    _, renders, _ = started_daemon.intake.resolver.parse("ckpt.toml", job.encode())
     assert len(renders) == 2 * 2 * 2
     assert [(r.checkpoint, r.extra["sweep"]["checkpoint"]) for r in renders[:4:2]] == [
         ("tiny-sdxl", "tiny-sdxl"), ("tiny-sdxl", "tiny-sdxl")]
@@ -237,7 +237,7 @@ def test_a_checkpoint_axis_checks_each_checkpoint_and_its_loras(started_daemon) 
     pony = SWEEP_BASE + '[sweep]\ncheckpoint = ["tiny-sdxl", "tiny-pony"]\n' \
         'prompt = ["a fox"]\nlora = ["mystyle-*"]\n'
     with pytest.raises(JobFileError) as refused:
-        started_daemon.intake.parse("pony.toml", pony.encode())
+        started_daemon.intake.resolver.parse("pony.toml", pony.encode())
     assert "mystyle-000001" in str(refused.value) and "tiny-pony" in str(refused.value)
 
 
@@ -268,8 +268,8 @@ def test_bad_file_and_prompt_axes_are_refused_with_the_place(started_daemon) -> 
     for extra, message in cases.items():
         text = SWEEP_BASE + ('prompt = "x"\n' if "prompt" not in extra and extra else "") + extra
         if message is None:
-            started_daemon.intake.parse("ok.toml", text.encode())
+            started_daemon.intake.resolver.parse("ok.toml", text.encode())
             continue
         with pytest.raises(JobFileError) as refused:
-            started_daemon.intake.parse("bad.toml", text.encode())
+            started_daemon.intake.resolver.parse("bad.toml", text.encode())
         assert message in str(refused.value), (extra, str(refused.value))

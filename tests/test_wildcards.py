@@ -32,7 +32,7 @@ def wildcard_daemon(started_daemon):  # type: ignore[no-untyped-def]
 
 
 def _prompts(daemon, text: str) -> list[tuple[int, str, str]]:  # type: ignore[no-untyped-def]
-    _, renders, _ = daemon.intake.parse("job.toml", text.encode())
+    _, renders, _ = daemon.intake.resolver.parse("job.toml", text.encode())
     return [(r.seed, r.prompt, r.extra["prompt_template"]) for r in renders]
 
 

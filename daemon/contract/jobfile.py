@@ -2,7 +2,7 @@
 
 This module knows the job-file contract (the keys, their types and ranges). What needs the
 rest of the daemon (does the checkpoint exist, does the sampler fit its family) is checked in
-`daemon.intake.hot_folder`, which raises the same JobFileError so the user gets one kind of report.
+`daemon.resolver.resolver`, which raises the same JobFileError so the user gets one kind of report.
 """
 
 from __future__ import annotations
