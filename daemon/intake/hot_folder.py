@@ -502,7 +502,8 @@ class Intake:
 
     def file_finished_job(self, job_id: int) -> None:
         """Move a finished job's file from processing/ to done/ or failed/ (with its error
-        report), following the state the database already holds."""
+        report), following the state the database already holds. The daemon's JobEnd
+        (daemon/runtime/job_end.py) calls it as it acts on the job's end."""
         self._file_finished(job_id, None)
 
     def _file_finished(self, job_id: int, current: Path | None) -> bool:
@@ -570,15 +571,19 @@ class Intake:
         """Repair what a crash can leave between a database write and a file move."""
         self.return_claims()
         with self.store.session() as session:
-            jobs = [(j.id, j.state, j.file_path, j.file_name, j.content_hash)
+            jobs = [(j.id, j.state, j.closed_at is not None, j.file_path, j.file_name,
+                     j.content_hash)
                     for j in session.scalars(select(Job).where(
                         Job.state.in_((JOB_QUEUED, "running", JOB_DONE, JOB_FAILED))))]
-        for job_id, state, file_path, file_name, content_hash in jobs:
+        for job_id, state, closed, file_path, file_name, content_hash in jobs:
             if file_path is None or not Path(file_path).exists():
                 # Moved to processing/ by a daemon that died before recording where.
                 file_path = self._adopt_processing_file(job_id, file_name, content_hash)
             if state in (JOB_DONE, JOB_FAILED):
-                self.file_finished_job(job_id)
+                # An end not acted on yet is the daemon's JobEnd's to act on (it files the
+                # file with the rest); here, the file of an end acted on before a crash.
+                if closed:
+                    self.file_finished_job(job_id)
             elif file_path is None or not Path(file_path).exists():
                 dropped = self.jobs_dir / file_name
                 if dropped.exists():

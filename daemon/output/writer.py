@@ -49,7 +49,9 @@ class PendingOutput:
 
 class OutputWriter:
     """One background thread writing outputs in order; `on_job_finished(job_id)` is called
-    (on the writer thread) when a render's completion ends its job."""
+    (on the writer thread) when a render's completion ends its job. It is the one way this
+    layer and the workers (`Worker._fail`) report an end: the daemon passes its
+    `JobEnd.ended` (daemon/runtime/job_end.py), which acts on it."""
 
     def __init__(self, outputs: Any, store: Store, plugins: Plugins,
                  on_job_finished: Callable[[int], None], max_attempts: int,

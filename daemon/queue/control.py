@@ -14,9 +14,12 @@ they are):
   call cannot be interrupted safely. When they end they are recorded as usual (done or
   failed), but the job does not change any more.
 - The job ends `failed` with the error "cancelled by the user" right away, and its file goes
-  from processing/ to failed/ with an error file saying so. `failed` is the job state that
-  already means "did not end as asked" to the folders, the history and reconcile; a separate
-  `cancelled` job state would need every one of them to learn it.
+  from processing/ to failed/ with an error file saying so. The daemon then acts on the end
+  as on any other (daemon/runtime/job_end.py: sweep grid, `job_finished` for plugins and
+  webhooks), whether the cancel came from its page or from the CLI in another process.
+  `failed` is the job state that already means "did not end as asked" to the folders, the
+  history and reconcile; a separate `cancelled` job state would need every one of them to
+  learn it.
 
 What retry means: a `failed` job (which includes a cancelled one) gets its failed and
 cancelled renders queued again with their attempts reset; renders that are done stay done.
@@ -224,6 +227,7 @@ def retry_job(config: Config, store: Store, job_id: int | str, *,
             render.started_at = render.finished_at = render.heartbeat_at = None
             render.worker, render.batch_id = None, None
         job.state, job.error, job.finished_at = JOB_QUEUED, None, None
+        job.closed_at = None  # its next end is acted on again (lifecycle.claim_job_end)
         render_ids = tuple(r.id for r in again)
         file_name, file_path = job.file_name, job.file_path
     new_path = _move_job_file(config, store, job_id, file_name, file_path, "processing", None)

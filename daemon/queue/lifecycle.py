@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from daemon.store.models import (
     JOB_DONE,
@@ -25,6 +25,7 @@ from daemon.store.models import (
     RENDER_QUEUED,
     RENDER_RUNNING,
     Batch,
+    Event,
     Job,
     Render,
     Store,
@@ -272,3 +273,54 @@ def _settle_job(session, job_id: int) -> int | None:  # type: ignore[no-untyped-
     add_event(session, "job_finished", f"{job.file_name}: {job.state}", job_id=job.id,
               renders=len(states), failed=failed)
     return job.id
+
+
+# -- acting on a job's end ------------------------------------------------------------------
+
+def claim_job_end(store: Store, job_id: int) -> bool:
+    """Take the right to act on job `job_id`'s end (file its job file, write its grid, tell
+    the plugins): True for the one caller that finds the job ended and not yet closed, once
+    per end; False for every other (the job runs, or its end is claimed already, by this
+    daemon or another host). `retry_job` opens the job again, so its next end is claimed
+    anew.
+
+    Every end gets one `job_finished` event row (what [[webhooks]] send): `_settle_job`
+    writes it with the end; an end that does not go through it (a cancel) gets it here, in
+    the claim's transaction, so that the daemon acting on the end sends it."""
+    with store.session() as session:
+        job = lock_job(session, job_id)
+        if job is None or job.state not in (JOB_DONE, JOB_FAILED) or job.closed_at is not None:
+            return False
+        job.closed_at = utcnow()
+        if not _end_recorded(session, job_id):
+            states = list(session.scalars(select(Render.state).where(Render.job_id == job_id)))
+            add_event(session, "job_finished", f"{job.file_name}: {job.state}"
+                      + (f" ({job.error})" if job.error else ""), job_id=job.id,
+                      renders=len(states), failed=states.count(RENDER_FAILED),
+                      cancelled=states.count(RENDER_CANCELLED))
+    return True
+
+
+def _end_recorded(session, job_id: int) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the job's latest end has its `job_finished` event: one after the job's last
+    retry (or any, for a job never retried)."""
+    last_retry = session.scalar(select(func.max(Event.id)).where(
+        Event.job_id == job_id, Event.kind == "job_retried")) or 0
+    return session.scalars(select(Event.id).where(
+        Event.job_id == job_id, Event.kind == "job_finished", Event.id > last_retry)
+        .limit(1)).first() is not None
+
+
+def unclosed_jobs(store: Store, older_than: float) -> tuple[list[int], int]:
+    """Jobs that ended but whose end nobody has acted on (`claim_job_end`): ended in another
+    process (a cancel from the CLI, a host that died), or here by a daemon killed before it
+    acted. Returns those that ended more than `older_than` seconds ago, and how many ended
+    more recently (the process that ended them is likely acting on them right now)."""
+    cutoff = utcnow() - dt.timedelta(seconds=older_than)
+    with store.session() as session:
+        rows = session.execute(select(Job.id, Job.finished_at).where(
+            Job.state.in_((JOB_DONE, JOB_FAILED)), Job.closed_at.is_(None))
+            .order_by(Job.id)).all()
+    ready = [job_id for job_id, finished_at in rows
+             if finished_at is None or finished_at <= cutoff]
+    return ready, len(rows) - len(ready)

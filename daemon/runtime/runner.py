@@ -29,7 +29,6 @@ from daemon.intake.hot_folder import CLAIM_FOLDER_PREFIX, Intake, Submitted
 from daemon.library.loras import LoraLibrary
 from daemon.library.registry import Registry, live_hosts
 from daemon.output.files import remove_leftover_temporaries
-from daemon.output.grid import write_sweep_grid
 from daemon.output.report import DrainWatch
 from daemon.output.writer import OutputWriter
 from daemon.queue.control import is_paused
@@ -44,6 +43,7 @@ from daemon.queue.lifecycle import put_back, recover_interrupted, stale_outputs
 from daemon.queue.scheduler import ClaimedRender, Inventory, claim_next_batch, peek_next_checkpoint
 from daemon.render.worker import Worker
 from daemon.runtime.console import quiet_libraries
+from daemon.runtime.job_end import JobEnd
 from daemon.store.models import RENDER_QUEUED, RENDER_RUNNING, Host, Render, Store, add_event
 from daemon.store.state_lock import DaemonLockedError, StateLock
 from daemon.web.server import WebHandle, WebStartError, create_app, serve_in_thread
@@ -51,8 +51,9 @@ from daemon.web.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
-# How long a job may have ended with its file not yet filed before another daemon files it,
-# when leaving with --until-idle (the heartbeat waits lease_seconds).
+# How long a job may have ended with its end not acted on (JobEnd) before this daemon acts
+# on it, and, when leaving with --until-idle, before it files a file another daemon left (the
+# heartbeat waits lease_seconds for that): the process that ended it is likely at it.
 STRANDED_GRACE_SECONDS = 5.0
 STARTUP_WAIT_SECONDS = 60.0  # a job posted while the daemon scans its models waits this long
 
@@ -82,8 +83,12 @@ class Daemon:
         self.library = LoraLibrary(config, self.store, self.plugins, host=self.inventory_host)
         self.intake = Intake(config, self.store, self.registry, self.library, self.plugins,
                              owner=self.name)
+        # Every end of a job, wherever it happens, is acted on here (sweep grid, job file,
+        # `job_finished`): at once for ends in this process, by `sweep` for the others.
+        self.job_end = JobEnd(self.store, config.paths.outputs, self.intake.file_finished_job,
+                              self.plugins)
         self.writer = OutputWriter(config.paths.outputs, self.store, self.plugins,
-                                   self._job_finished, config.worker.max_attempts,
+                                   self.job_end.ended, config.worker.max_attempts,
                                    postprocess=config.postprocess)
         # Header-read weight sizes of checkpoints no worker has loaded yet (`_batch_limit`).
         self._weight_estimates: dict[tuple[str, str, str, str], int] = {}
@@ -120,7 +125,7 @@ class Daemon:
                 self.web = serve_in_thread(self.config, create_app(
                     self.config, lambda: Store.for_url(self.config.database_url,
                                                    pool_size=self.config.database_pool_size),
-                    plugins=self.plugins, submit=self._submit))
+                    plugins=self.plugins, submit=self._submit, job_ended=self.job_end.ended))
                 log.info("status page: %s", self.web.url)
             except WebStartError as exc:
                 log.error("%s; rendering goes on without the page", exc)
@@ -151,7 +156,10 @@ class Daemon:
             self.intake.return_claims(everyone=True)
         self.intake.reconcile()
         for job_id in ended:
-            self.intake.file_finished_job(job_id)
+            self.job_end.ended(job_id)
+        # Ends nobody acted on: this daemon killed before it did, a cancel from the CLI while
+        # it was stopped. On a farm, one that ended a moment ago is its own host's to act on.
+        self.job_end.sweep(older_than=STRANDED_GRACE_SECONDS if self.farm else 0)
         if not self.farm:
             # Jobs that ended with their file left in processing/: no other daemon can be
             # moving it, so no grace to wait.
@@ -294,7 +302,7 @@ class Daemon:
                                    count_attempt=True,
                                    max_attempts=self.config.worker.max_attempts,
                                    worker=batch[0].worker):
-                self._job_finished(job_id)
+                self.job_end.ended(job_id)
         except Exception:
             log.exception("could not put the broken batch back; its renders stay running "
                           "until this daemon restarts")
@@ -315,7 +323,9 @@ class Daemon:
                 _, ended = recover_interrupted(self.store, self.config.worker.max_attempts,
                                                lease_seconds=self.config.lease_seconds)
                 for job_id in ended:
-                    self._job_finished(job_id)
+                    self.job_end.ended(job_id)
+                # Ends in other processes: a cancel from the CLI, a host that died.
+                self.job_end.sweep(older_than=STRANDED_GRACE_SECONDS)
                 if self.farm:
                     self._return_claims_of_lost_hosts()
                     self.intake.file_stranded_jobs(older_than=self.config.lease_seconds)
@@ -400,14 +410,6 @@ class Daemon:
     def _paused(self) -> bool:
         return is_paused(self.store)
 
-    def _job_finished(self, job_id: int) -> None:
-        try:
-            write_sweep_grid(self.store, self.config.paths.outputs, job_id)
-        except Exception:  # a grid is a convenience; the renders themselves are done
-            log.exception("could not write the sweep grid of job %d", job_id)
-        self.intake.file_finished_job(job_id)
-        self.plugins.notify("job_finished", str(job_id), {"job_id": job_id})
-
     def _idle(self) -> bool:
         self.library.scan()
         result = self.intake.scan()
@@ -433,6 +435,8 @@ class Daemon:
             _, waiting = self.intake.file_stranded_jobs(older_than=STRANDED_GRACE_SECONDS)
             if waiting:
                 return False
+        if busy is None and self.job_end.sweep(older_than=STRANDED_GRACE_SECONDS):
+            return False  # a job ended elsewhere a moment ago: its end is acted on first
         return busy is None
 
     def _intake_loop(self) -> None:

@@ -154,6 +154,10 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # When the job's end was acted on (its file filed, its sweep grid written, `job_finished`
+    # sent to plugins), by daemon/runtime/job_end.py; null while it runs, and from its end
+    # until then. Setting it is the claim that makes one daemon, once, act on the end.
+    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
     renders: Mapped[list[Render]] = relationship(back_populates="job", order_by="Render.index")
 

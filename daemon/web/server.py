@@ -180,13 +180,15 @@ class _Farm:
 
 def create_app(config: Config, store_factory: Callable[[], Store],
                plugins: Plugins | None = None,
-               submit: Callable[[str, bytes], Submitted] | None = None) -> Starlette:
+               submit: Callable[[str, bytes], Submitted] | None = None,
+               job_ended: Callable[[int], object] | None = None) -> Starlette:
     """The status page app. `store_factory` is called once, at the first request; the store
     it returns is disposed when the app is closed (`app.state.farm.close()`, which
     `serve_in_thread`'s handle does on stop). `plugins`: the daemon's loaded plugins, for
     the plugins page (None: loaded from config.toml at the first request). `submit` (the
     daemon's `Intake.submit`) takes jobs posted to /api/jobs; without it (no daemon behind
-    the page) that answers 503."""
+    the page) that answers 503. `job_ended` (the daemon's `JobEnd.ended`) is told of a job
+    cancelled here, so its end is acted on at once (without it, at the daemon's next sweep)."""
     loaded_plugins: list[Plugins] = [plugins] if plugins is not None else []
 
     def plugin_report() -> dict[str, Any]:
@@ -264,7 +266,10 @@ def create_app(config: Config, store_factory: Callable[[], Store],
             return control.resume(store, by="web")
         job_id = request.path_params["job_id"]
         if verb == "cancel":
-            return control.cancel_job(config, store, job_id, by="web")
+            result = control.cancel_job(config, store, job_id, by="web")
+            if job_ended is not None and result.job_id is not None:
+                job_ended(result.job_id)
+            return result
         return control.retry_job(config, store, job_id, by="web")
 
     def verb_form(verb: str) -> Callable[[Request], Response]:
