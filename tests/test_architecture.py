@@ -155,8 +155,8 @@ def test_the_concern_checker_sees_a_cycle_through_two_modules(tmp_path: Path) ->
 
 # The folders of daemon/ from the bottom layer up, as docs/ARCHITECTURE.md lists them ("daemon"
 # is daemon/__init__.py): a module may import from its own folder and the ones before it.
-LAYERS = ("daemon", "presets", "config", "folders", "formats", "contract", "store", "resolver",
-          "library", "queue", "output", "render", "intake", "web", "runtime", "cli", "plugin_api")
+LAYERS = ("daemon", "presets", "config", "folders", "formats", "contract", "store", "library",
+          "resolver", "queue", "output", "render", "intake", "web", "runtime", "cli", "plugin_api")
 
 
 def test_each_folder_imports_only_the_layers_below_it() -> None:

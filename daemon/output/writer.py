@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import logging
 import queue
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,52 +47,55 @@ class PendingOutput:
 
 
 class OutputWriter:
-    """One background thread writing outputs in order; `on_job_finished(job_id)` is called
-    (on the writer thread) when a render's completion ends its job. It is the one way this
-    layer and the workers (`Worker._fail`) report an end: the daemon passes its
-    `JobEnd.ended` (daemon/runtime/job_end.py), which acts on it."""
+    """Outputs handed over by the workers, written in order by one thread. The daemon runs
+    that thread: it calls `write_next` in a loop, acts on the jobs each write ended (the
+    one owner of a job's end, daemon/runtime/job_end.py), then calls `item_settled`; this
+    layer never calls up into the daemon."""
 
-    def __init__(self, outputs: Any, store: Store, plugins: Plugins,
-                 on_job_finished: Callable[[int], None], max_attempts: int,
+    def __init__(self, outputs: Any, store: Store, plugins: Plugins, max_attempts: int,
                  postprocess: tuple[PostprocessStep, ...] = ()) -> None:
         self.outputs = outputs
         self.postprocess = postprocess  # config.toml [[postprocess]], for the post_process hook
         self.max_attempts = max_attempts
         self.store = store
         self.plugins = plugins
-        self.on_job_finished = on_job_finished
         self._queue: queue.Queue[PendingOutput | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="output-writer", daemon=True)
-        self._thread.start()
 
     def submit(self, item: PendingOutput) -> None:
         self._queue.put(item)
 
     def drain(self) -> None:
-        """Wait until everything handed over so far is written and recorded."""
+        """Wait until everything handed over so far is written and recorded, and the ends
+        of jobs it caused acted on."""
         self._queue.join()
 
     def close(self) -> None:
+        """Drain, then end the loop that calls `write_next`."""
         self.drain()
         self._queue.put(None)
-        self._thread.join(timeout=30)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
+    def write_next(self) -> list[int] | None:
+        """Wait for the next output and write it, containing whatever that raises: the ids
+        of the jobs its recording ended (the caller acts on them, then calls
+        `item_settled`), or None once closed."""
+        item = self._queue.get()
+        if item is None:
+            self._queue.task_done()
+            return None
+        try:
             try:
-                if item is None:
-                    return
-                try:
-                    self.write(item)
-                except (Exception, SystemExit) as exc:  # never let one output kill the writer
-                    self._settle_broken(item, exc)
-            except Exception:
-                log.exception("the output writer could not settle a render")
-            finally:
-                self._queue.task_done()
+                return self.write(item)
+            except (Exception, SystemExit) as exc:  # never let one output kill the writer
+                return self._settle_broken(item, exc)
+        except Exception:
+            log.exception("the output writer could not settle a render")
+            return []
 
-    def _settle_broken(self, item: PendingOutput, exc: BaseException) -> None:
+    def item_settled(self) -> None:
+        """The output `write_next` returned is settled, its jobs' ends acted on."""
+        self._queue.task_done()
+
+    def _settle_broken(self, item: PendingOutput, exc: BaseException) -> list[int]:
         """A render whose writing raised ends failed with the reason (an unchanged render
         would stay `running`, its lease kept fresh by the heartbeat, forever); when even that
         cannot be recorded it goes back to the queue, the attempt counted."""
@@ -108,14 +110,12 @@ class OutputWriter:
         except Exception:
             log.exception("could not record render %d failed; it goes back to the queue",
                           claimed.render_id)
-            for job_id in put_back(self.store, [claimed.render_id], reason, count_attempt=True,
-                                   max_attempts=self.max_attempts, worker=claimed.worker):
-                self.on_job_finished(job_id)
-            return
-        if job is not None:
-            self.on_job_finished(job)
+            return list(put_back(self.store, [claimed.render_id], reason, count_attempt=True,
+                                 max_attempts=self.max_attempts, worker=claimed.worker))
+        return [] if job is None else [job]
 
-    def write(self, item: PendingOutput) -> None:
+    def write(self, item: PendingOutput) -> list[int]:
+        """Write and record one output; the ids of the jobs that recording ended."""
         claimed = item.claimed
         spec = claimed.spec
         if item.model_hash and spec.checkpoint_hash != item.model_hash:
@@ -144,12 +144,10 @@ class OutputWriter:
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("disk full writing %s; the render goes back to the queue", path)
-                for job_id in put_back(self.store, [claimed.render_id],
-                                       f"disk full while writing {path.name}",
-                                       count_attempt=True, max_attempts=self.max_attempts,
-                                       worker=claimed.worker):
-                    self.on_job_finished(job_id)
-                return
+                return list(put_back(self.store, [claimed.render_id],
+                                     f"disk full while writing {path.name}",
+                                     count_attempt=True, max_attempts=self.max_attempts,
+                                     worker=claimed.worker))
             job = mark_failed(self.store, claimed.render_id,
                               f"could not write {path}: {exc.strerror or exc}",
                               worker=claimed.worker)
@@ -160,8 +158,7 @@ class OutputWriter:
             frames = (len(item.result.frames), item.result.fps) if video else None
             job = mark_done(self.store, claimed.render_id, str(path), item.seconds,
                             lora_report=item.lora_report, video=frames, worker=claimed.worker)
-        if job is not None:
-            self.on_job_finished(job)
+        return [] if job is None else [job]
 
     def _post_process(self, claimed: ClaimedRender, spec: Any, image: Any,
                       path: Path) -> PostProcessResult:

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from daemon.library.loras import LoraLibrary
 from daemon.library.registry import CheckpointInfo, Registry
 from daemon.output.writer import OutputWriter, PendingOutput
 from daemon.queue.lifecycle import mark_failed, put_back
-from daemon.queue.scheduler import ClaimedRender, record_batch, record_progress
+from daemon.queue.scheduler import BatchFigures, ClaimedRender, record_batch, record_progress
 from daemon.render.lora_patching import apply_loras
 from daemon.render.pipeline_cache import CachedPipeline, PipelineCache, measure
 from daemon.store.models import Store
@@ -104,17 +103,6 @@ LOAD_GATE = LoadGate()
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
-
-
-@dataclass
-class BatchFigures:
-    """Counted per batch and stored in the `batches` table."""
-
-    pipeline_loads: int = 0
-    lora_loads: int = 0
-    lora_switches: int = 0
-    tier_moves: int = 0  # pipelines moved between the device and the RAM tier
-    pipeline_seconds: float = 0.0
 
 
 class Worker:
@@ -241,13 +229,16 @@ class Worker:
 
     # -- rendering -------------------------------------------------------------------------
 
-    def render(self, batch: list[ClaimedRender], since: float | None = None) -> None:
+    def render(self, batch: list[ClaimedRender], since: float | None = None) -> list[int]:
         """Render a claimed batch. Every render ends done or failed, or goes back to the queue
         when the batch is aborted; outputs are written by the output writer. `since` is when
-        this worker's wall clock for the batch started (perf_counter)."""
+        this worker's wall clock for the batch started (perf_counter). Returns the ids of the
+        jobs that renders failing here ended (the caller acts on those ends; the writer
+        reports the ends its recordings cause)."""
         started = since if since is not None else time.perf_counter()
         figures = BatchFigures()
         outcome = "done"
+        self._ended: list[int] = []
         try:
             self._render(batch, figures, savers=False)
         except BatchAborted:
@@ -257,6 +248,7 @@ class Worker:
         finally:
             record_batch(self.store, batch[0].batch_id, figures,
                          time.perf_counter() - started, outcome)
+        return self._ended
 
     def _render(self, batch: list[ClaimedRender], figures: BatchFigures, savers: bool) -> None:
         first = batch[0].spec
@@ -345,7 +337,7 @@ class Worker:
         for claimed in batch:
             job = mark_failed(self.store, claimed.render_id, reason, worker=claimed.worker)
             if job is not None:
-                self.writer.on_job_finished(job)
+                self._ended.append(job)
 
     def _progress_writer(self, batch: list[ClaimedRender]) -> Any:
         ids = [c.render_id for c in batch]

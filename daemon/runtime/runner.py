@@ -40,7 +40,13 @@ from daemon.queue.hosts import (
     stop_host,
 )
 from daemon.queue.lifecycle import put_back, recover_interrupted, stale_outputs
-from daemon.queue.scheduler import ClaimedRender, Inventory, claim_next_batch, peek_next_checkpoint
+from daemon.queue.scheduler import (
+    ClaimedRender,
+    Inventory,
+    claim_batch,
+    next_head,
+    peek_next_checkpoint,
+)
 from daemon.render.worker import Worker
 from daemon.runtime.console import quiet_libraries
 from daemon.runtime.job_end import JobEnd
@@ -88,8 +94,10 @@ class Daemon:
         self.job_end = JobEnd(self.store, config.paths.outputs, self.intake.file_finished_job,
                               self.plugins)
         self.writer = OutputWriter(config.paths.outputs, self.store, self.plugins,
-                                   self.job_end.ended, config.worker.max_attempts,
-                                   postprocess=config.postprocess)
+                                   config.worker.max_attempts, postprocess=config.postprocess)
+        self._writer_thread = threading.Thread(target=self._write_outputs,
+                                               name="output-writer", daemon=True)
+        self._writer_thread.start()
         # Header-read weight sizes of checkpoints no worker has loaded yet (`_batch_limit`).
         self._weight_estimates: dict[tuple[str, str, str, str], int] = {}
         self._cost_faults = FaultLog()  # a family's broken estimate is logged once
@@ -207,6 +215,7 @@ class Daemon:
         for thread in self._threads:
             thread.join(timeout=600)
         self.writer.close()
+        self._writer_thread.join(timeout=30)
         for worker in self.workers:
             worker.close()
         self.registry.close()
@@ -261,17 +270,22 @@ class Daemon:
             # claims, loads and hand-offs between pipeline calls are part of it.
             cycle_start = busy_since if busy_since is not None else time.perf_counter()
             try:
-                batch = claim_next_batch(
-                    self.store, self.config.worker.max_batch, worker=worker.name,
-                    loaded=worker.loaded_checkpoints, active_key=worker.active_batch_key,
+                # The head first (a read), then its batch sized by the family's memory
+                # estimate outside any transaction, then the claim of that many.
+                head = next_head(
+                    self.store, loaded=worker.loaded_checkpoints,
+                    active_key=worker.active_batch_key,
                     max_wait_seconds=self.config.worker.max_wait_seconds,
-                    batch_limit=lambda spec: self._batch_limit(worker, spec),
-                    device=str(worker.device),
                     inventory=self._inventory() if self.farm else None)
+                batch = [] if head is None else claim_batch(
+                    self.store, head, self._batch_limit(worker, head.spec),
+                    worker=worker.name, device=str(worker.device))
             except Exception:
                 log.exception("%s: claiming failed; retrying", worker.name)
                 self._stop.wait(timeout=1.0)
                 continue
+            if head is not None and not batch:
+                continue  # another worker took that batch meanwhile: look again
             if not batch:
                 busy_since = None
                 self._work.wait(timeout=0.5)
@@ -280,7 +294,8 @@ class Daemon:
             try:
                 worker.prefetch(peek_next_checkpoint(
                     self.store, [*worker.loaded_checkpoints, batch[0].spec.checkpoint]))
-                worker.render(batch, since=cycle_start)
+                for job_id in worker.render(batch, since=cycle_start):
+                    self.job_end.ended(job_id)
             except Exception:
                 # Rendering errors end renders failed inside render(); what gets here is the
                 # bookkeeping failing (the database went away, a deadlock victim). The batch
@@ -293,6 +308,16 @@ class Daemon:
             busy_since = time.perf_counter()
             if worker.abort.is_set():
                 break
+
+    def _write_outputs(self) -> None:
+        """The output writer's thread: each output written in order, then the ends of jobs
+        its recording caused acted on, before the next."""
+        while (ended := self.writer.write_next()) is not None:
+            try:
+                for job_id in ended:
+                    self.job_end.ended(job_id)
+            finally:
+                self.writer.item_settled()
 
     def _put_back_broken(self, batch: list[ClaimedRender]) -> None:
         try:
@@ -382,8 +407,8 @@ class Daemon:
         try:
             return self._fitting_batch(worker, family, spec)
         except Exception as exc:
-            # Family code runs inside the claim: a bug in its estimates must not stall the
-            # queue (every claim would fail and the renders wait for good). A batch of one
+            # A bug in a family's estimates must not stall the queue (every claim would fail
+            # and the renders wait for good). A batch of one
             # goes ahead; rendering then says what the family does wrong, if anything.
             self._cost_faults.exception(
                 fault_key(exc, "batch_limit", family.name),
@@ -394,8 +419,7 @@ class Daemon:
     def _fitting_batch(self, worker: Worker, family: Family, spec: RenderSpec) -> int:
         weights = worker.resident_bytes(spec.checkpoint)
         if weights is None:
-            # Runs inside the claim's transaction: no database reads here, and the header
-            # reads once per checkpoint and setting.
+            # Runs before every claim: the header reads once per checkpoint and setting.
             info = self.registry.known(spec.checkpoint)
             key = (spec.checkpoint, str(worker.dtype), worker.offload,
                    str(info.path) if info else "")
