@@ -21,10 +21,8 @@ import json
 import logging
 import threading
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 
@@ -34,13 +32,13 @@ from daemon.contract.loader import Plugins
 from daemon.formats.lora_probe import civitai_hashes, probe_lora_file
 from daemon.formats.safetensors_header import SafetensorsError, read_header
 from daemon.library.registry import live_hosts, lock_inventory
+from daemon.library.sidecars import a1111_sidecar, lora_sidecar_path, read_lora_sidecar
 from daemon.store.models import Lora, Store, add_event, utcnow
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
-SIDECAR_KEYS = ("family", "lineage", "trigger_words", "expert", "variant")
 OK, QUARANTINED, MISSING = "ok", "quarantined", "missing"
 
 
@@ -123,7 +121,7 @@ class LoraLibrary:
                 try:
                     stat = path.stat()
                     sidecar_mtime = sum(side.stat().st_mtime_ns for side in (
-                        path.with_suffix(".toml"), path.with_suffix(".json")) if side.exists())
+                        lora_sidecar_path(path), path.with_suffix(".json")) if side.exists())
                 except OSError:
                     continue
                 row = rows.get(key)
@@ -245,7 +243,7 @@ class LoraLibrary:
         elif not probes:
             return _Recognition(QUARANTINED, f"no installed family recognises its keys (layout "
                                 f"{facts.layout}); if it is for a known model, name the family "
-                                f"in {path.with_suffix('.toml').name}: family = \"...\"", **base)
+                                f"in {lora_sidecar_path(path).name}: family = \"...\"", **base)
         else:
             probes.sort(key=lambda p: p.score, reverse=True)
             probe = probes[0]
@@ -254,7 +252,7 @@ class LoraLibrary:
             if tied:
                 return _Recognition(QUARANTINED, "families tie for this LoRA ("
                                     f"{', '.join([probe.family, *tied])}); name one in "
-                                    f"{path.with_suffix('.toml').name}", **base)
+                                    f"{lora_sidecar_path(path).name}", **base)
         lineage, source = probe.lineage, probe.lineage_source
         if override.get("lineage"):
             lineage, source = override["lineage"], override["lineage_from"]
@@ -270,19 +268,11 @@ class LoraLibrary:
     def _override(self, path: Path) -> dict[str, object]:
         """Sidecar NAME.toml beside the file, then config.toml [loras.NAME] on top."""
         values: dict[str, object] = {}
-        sidecar = path.with_suffix(".toml")
-        if sidecar.exists():
-            try:
-                data = tomllib.loads(sidecar.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-                raise ValueError(f"sidecar {sidecar.name} is not valid TOML: {exc}") from exc
-            unknown = sorted(set(data) - set(SIDECAR_KEYS))
-            if unknown:
-                raise ValueError(f"sidecar {sidecar.name}: unknown key(s) {', '.join(unknown)}; "
-                                 f"allowed: {', '.join(SIDECAR_KEYS)}")
-            values.update(data)
-            if "lineage" in data:
-                values["lineage_from"] = f"sidecar {sidecar.name}"
+        sidecar = read_lora_sidecar(path)  # checked there: see daemon/library/sidecars.py
+        if sidecar is not None:
+            values.update(sidecar.values())
+            if sidecar.lineage is not None:
+                values["lineage_from"] = f"sidecar {sidecar.path.name}"
         override = self.config.loras.get(path.stem)
         if override is not None:
             for key in ("family", "lineage"):
@@ -290,10 +280,6 @@ class LoraLibrary:
                     values[key] = getattr(override, key)
             if override.lineage:
                 values["lineage_from"] = "config.toml [loras]"
-        triggers = values.get("trigger_words")
-        if triggers is not None and not (isinstance(triggers, list)
-                                         and all(isinstance(t, str) for t in triggers)):
-            raise ValueError(f"sidecar {sidecar.name}: trigger_words must be a list of strings")
         return values
 
     # -- queries ---------------------------------------------------------------------------
@@ -386,20 +372,6 @@ class LoraLibrary:
             if info.state == OK and info.name == name:
                 return info.path
         return None
-
-
-def a1111_sidecar(path: Path) -> dict[str, Any]:
-    """A1111's `NAME.json` beside a LoRA file ({} when there is none or it is not JSON):
-    "activation text", "preferred weight" (0 means unset), "negative text", "sd version"."""
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        return {}
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        log.warning("ignoring %s: not a JSON object (%s)", sidecar, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def preferred_weight(path: Path) -> float | None:

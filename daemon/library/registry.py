@@ -19,7 +19,6 @@ import datetime as dt
 import logging
 import os
 import threading
-import tomllib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,13 +29,14 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from daemon.config import COMPONENT_KEYS, CheckpointOverride, Config, component_path
+from daemon.config import COMPONENT_KEYS, CheckpointOverride, Config
 from daemon.contract.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
 from daemon.contract.loader import Plugins
 from daemon.formats.gguf_header import TEXT_ARCHITECTURES, GgufError, read_gguf_header
 from daemon.formats.quantization import checkpoint_quantization
 from daemon.formats.safetensors_header import SafetensorsError, read_header, sha256_file
-from daemon.presets import PRESET_KEYS, check_preset
+from daemon.library.sidecars import read_checkpoint_sidecar
+from daemon.presets import PRESET_KEYS
 from daemon.store.models import Checkpoint, FileHash, Host, Store, add_event, lease_now, utcnow
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # In a diffusers folder, the file whose hash stands for the model (A1111 hashes one file).
 DENOISER_WEIGHTS = ("unet", "transformer")
-SIDECAR_KEYS = ("family", "lineage", "config", "variant", "transformer_2", *COMPONENT_KEYS,
-                *PRESET_KEYS)
 
 
 @dataclass(frozen=True)
@@ -187,7 +185,8 @@ class Registry:
         [checkpoints.NAME] on top (the central file wins); and the second expert file of a
         GGUF pair (`transformer_2`), which the sidecar or config.toml names (config.toml
         wins; a bare file name there is looked up beside the checkpoint)."""
-        values = read_sidecar(name, path)
+        sidecar = read_checkpoint_sidecar(name, path)  # see daemon/library/sidecars.py
+        values = sidecar.values() if sidecar is not None else {}
         transformer_2 = values.pop("transformer_2", None)
         central = self.config.checkpoints.get(name)
         if central is not None:
@@ -535,43 +534,6 @@ def _info(row: Checkpoint) -> CheckpointInfo:
                           transformer_2=transformer_2)
 
 
-def read_sidecar(name: str, path: Path) -> dict[str, object]:
-    """The sidecar NAME.toml beside a checkpoint, its paths (`config`, `transformer_2`)
-    resolved against the sidecar's folder; {} when there is none. Raises ValueError.
-
-    A Wan 2.2 A14B pair of GGUF files is declared in the high-noise file's sidecar:
-
-        # wan2.2_t2v_high_noise_14B_Q8_0.toml
-        config = "Wan2.2-T2V-A14B-Diffusers"            # UMT5, VAE, tokenizer, configs
-        transformer_2 = "wan2.2_t2v_low_noise_14B_Q8_0.gguf"
-
-    Component files (`text_encoder`, `text_encoder_2`, `vae`) replace the config folder's
-    weights; a bare file name stays bare, to be found in the UI trees' folders
-    (Paths.component_folders), anything else resolves against the sidecar's folder.
-    """
-    sidecar = path.parent / f"{name}.toml"
-    if not sidecar.is_file():
-        return {}
-    try:
-        data = tomllib.loads(sidecar.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise ValueError(f"sidecar {sidecar.name} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(data) - set(SIDECAR_KEYS))
-    if unknown:
-        raise ValueError(f"sidecar {sidecar.name}: unknown key(s) {', '.join(unknown)}; "
-                         f"allowed: {', '.join(SIDECAR_KEYS)}")
-    values: dict[str, object] = dict(data)
-    values.update(check_preset(values, f"sidecar {sidecar.name}"))
-    for key in ("config", "transformer_2"):
-        if key in values:
-            values[key] = (sidecar.parent / str(values[key])).resolve()
-    for key in COMPONENT_KEYS:
-        if key in values:  # a bare file name stays bare: the UI trees' folders are searched
-            values[key] = component_path(values[key], sidecar.parent, f"sidecar {sidecar.name}",
-                                         key)
-    return values
-
-
 def _second_experts(found: dict[str, tuple[Path, str]], config: Config) -> set[str]:
     """Names of GGUF files that another GGUF names as its `transformer_2` (in its sidecar or
     config.toml's [checkpoints.NAME])."""
@@ -583,9 +545,10 @@ def _second_experts(found: dict[str, tuple[Path, str]], config: Config) -> set[s
         second: object = central.transformer_2 if central is not None else None
         if second is None:
             try:
-                second = read_sidecar(name, path).get("transformer_2")
+                sidecar = read_checkpoint_sidecar(name, path)
             except ValueError:
                 continue  # the checkpoint itself reports the broken sidecar
+            second = sidecar.transformer_2 if sidecar is not None else None
         if second is not None:
             partner = _beside(path, Path(str(second))).resolve()
             if partner != path.resolve():
