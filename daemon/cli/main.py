@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                                metavar="[NAME=]X",
                                help="only renders with a post-processing score >= X "
                                     "(any score, or the one called NAME)")
+        if name in ("models", "loras"):
+            query.add_argument("--scan", action="store_true",
+                               help="look at the folders now (loads the family plugins) "
+                                    "instead of reading the daemon's index")
         query.set_defaults(handler=handler)
     return parser
 
@@ -338,38 +342,31 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(lines)
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from daemon.contract.loader import Plugins
-    from daemon.library.registry import Registry
-    from daemon.runtime.console import quiet_libraries
-    from daemon.store.models import Store
+def inventory_host() -> str:
+    """The name this machine's model and LoRA index is kept under: what a daemon started
+    without --name files it under (Daemon.inventory_host), so the CLI reads, and scans into,
+    the daemon's own index."""
+    import socket
 
+    return socket.gethostname()
+
+
+def _from_index_note(verb: str) -> None:
+    """Say where a table came from (stderr: stdout stays the table)."""
+    print(f"lorafarm: as of the daemon's last scan; `lorafarm {verb} --scan` looks at the "
+          "folders now", file=sys.stderr)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Checkpoints: from the index the daemon keeps (no plugin is loaded, nothing is hashed);
+    scanned here, as the daemon does, with --scan or while the index is empty or was written
+    by a lorafarm that did not record everything listed."""
     config = load_config(args.config)
-    config.ensure_folders()
-    quiet_libraries()  # the family plugins bring diffusers in: recognising needs them
-    # Scanning writes the index: use a writer store (the daemon may be running; SQLite's
-    # busy timeout makes the two take turns).
-    store = Store.for_url(config.database_url)
-    store.migrate()
-    plugins = Plugins(config.plugins)
-    registry = Registry(config, store, plugins)
-    infos = registry.scan()
-    rows = []
-    for info in infos:
-        model_hash = registry.model_hash(info.name, wait=True) if info.state == "ok" else None
-        family = plugins.families.get(info.family) if info.family else None
-        # The files its parts load from instead of the config folder: named, or paired from
-        # the UI trees (what the daemon will assemble).
-        parts = (family.component_sources(info.loaded())
-                 if family is not None and info.state == "ok" else {})
-        rows.append({"name": info.name, "family": info.family, "lineage": info.lineage,
-                     "quantization": info.quantization,
-                     "transformer_2": str(info.transformer_2) if info.transformer_2 else None,
-                     "components": {key: str(path) for key, path in sorted(parts.items())},
-                     "kind": info.kind, "file": str(info.path), "hash": model_hash,
-                     "state": info.state, "reason": info.reason})
-    registry.close()
-    store.dispose()
+    host = inventory_host()
+    rows = [] if getattr(args, "scan", False) else _indexed_model_rows(config, host)
+    from_index = bool(rows)
+    if not rows:
+        rows = _scanned_model_rows(config, host)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -385,7 +382,66 @@ def cmd_models(args: argparse.Namespace) -> int:
         notes += [row["reason"]] if row["state"] != "ok" and row["reason"] else []
         table += [["", "", "", "", "", f"  {note}"] for note in notes]
     print(format_table(["NAME", "FAMILY", "STATE", "HASH", "QUANTIZED", "FILE"], table))
+    if from_index:
+        _from_index_note("models")
     return 0
+
+
+def _model_row(info: Any, model_hash: str | None, parts: dict[str, str]) -> dict[str, Any]:
+    """One checkpoint as `lorafarm models --json` lists it."""
+    return {"name": info.name, "family": info.family, "lineage": info.lineage,
+            "quantization": info.quantization,
+            "transformer_2": str(info.transformer_2) if info.transformer_2 else None,
+            "components": dict(sorted(parts.items())),
+            "kind": info.kind, "file": str(info.path), "hash": model_hash,
+            "state": info.state, "reason": info.reason}
+
+
+def _indexed_model_rows(config: Config, host: str) -> list[dict[str, Any]]:
+    """The checkpoints of the daemon's index (hashes it has not finished are null)."""
+    from daemon.library.registry import indexed_checkpoints
+
+    store = _reader(config)
+    if store is None:
+        return []
+    try:
+        found = indexed_checkpoints(store, host)
+    finally:
+        store.dispose()
+    return [_model_row(info, info.model_hash, parts) for info, parts in found]
+
+
+def _scanned_model_rows(config: Config, host: str) -> list[dict[str, Any]]:
+    """Scan the model folders into the index, as the daemon does, and hash what is new."""
+    from daemon.contract.loader import Plugins
+    from daemon.library.registry import Registry
+    from daemon.runtime.console import quiet_libraries
+    from daemon.store.models import Store
+
+    config.ensure_folders()
+    quiet_libraries()  # the family plugins bring diffusers in: recognising needs them
+    # Scanning writes the index: use a writer store (the daemon may be running; SQLite's
+    # busy timeout makes the two take turns).
+    store = Store.for_url(config.database_url)
+    store.migrate()
+    plugins = Plugins(config.plugins)
+    registry = Registry(config, store, plugins, host=host)
+    rows = []
+    try:
+        for info in registry.scan():
+            model_hash = (registry.model_hash(info.name, wait=True) if info.state == "ok"
+                          else None)
+            family = plugins.families.get(info.family) if info.family else None
+            # The files its parts load from instead of the config folder: named, or paired
+            # from the UI trees (what the daemon will assemble).
+            parts = (family.component_sources(info.loaded())
+                     if family is not None and info.state == "ok" else {})
+            rows.append(_model_row(info, model_hash,
+                                   {key: str(path) for key, path in parts.items()}))
+    finally:
+        registry.close()
+        store.dispose()
+    return rows
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
@@ -441,18 +497,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_loras(args: argparse.Namespace) -> int:
-    from daemon.contract.loader import Plugins
-    from daemon.library.loras import LoraLibrary
-    from daemon.runtime.console import quiet_libraries
-    from daemon.store.models import Store
-
+    """The LoRA library: from the index the daemon keeps (no plugin is loaded); scanned here,
+    as the daemon does, with --scan or while the index is empty."""
     config = load_config(args.config)
-    config.ensure_folders()
-    quiet_libraries()  # the family plugins bring diffusers in: recognising needs them
-    store = Store.for_url(config.database_url)
-    store.migrate()
-    infos = LoraLibrary(config, store, Plugins(config.plugins)).scan()
-    store.dispose()
+    host = inventory_host()
+    infos = [] if getattr(args, "scan", False) else _indexed_loras(config, host)
+    from_index = bool(infos)
+    if not infos:
+        infos = _scanned_loras(config, host)
     if args.json:
         print(json.dumps([info.as_dict() for info in infos], indent=2))
         return 0
@@ -467,7 +519,37 @@ def cmd_loras(args: argparse.Namespace) -> int:
         notes += [f"triggers: {', '.join(info.triggers)}"] if info.triggers else []
         rows += [["", "", "", "", "", "", f"  {note}"] for note in notes if note]
     print(format_table(["NAME", "FAMILY", "LINEAGE", "LAYOUT", "RANK", "AUTOV3", "STATE"], rows))
+    if from_index:
+        _from_index_note("loras")
     return 0
+
+
+def _indexed_loras(config: Config, host: str) -> list[Any]:
+    from daemon.library.loras import indexed_loras
+
+    store = _reader(config)
+    if store is None:
+        return []
+    try:
+        return indexed_loras(store, [host])
+    finally:
+        store.dispose()
+
+
+def _scanned_loras(config: Config, host: str) -> list[Any]:
+    from daemon.contract.loader import Plugins
+    from daemon.library.loras import LoraLibrary
+    from daemon.runtime.console import quiet_libraries
+    from daemon.store.models import Store
+
+    config.ensure_folders()
+    quiet_libraries()  # the family plugins bring diffusers in: recognising needs them
+    store = Store.for_url(config.database_url)
+    store.migrate()
+    try:
+        return LoraLibrary(config, store, Plugins(config.plugins), host=host).scan()
+    finally:
+        store.dispose()
 
 
 def cmd_embeddings(args: argparse.Namespace) -> int:

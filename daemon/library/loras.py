@@ -23,17 +23,21 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
 from daemon.config import Config
 from daemon.contract.family import LoraProbe
-from daemon.contract.loader import Plugins
 from daemon.formats.lora_probe import civitai_hashes, probe_lora_file
 from daemon.formats.safetensors_header import SafetensorsError, read_header
 from daemon.library.registry import live_hosts, lock_inventory
 from daemon.library.sidecars import a1111_sidecar, lora_sidecar_path, read_lora_sidecar
 from daemon.store.models import Lora, Store, add_event, utcnow
+
+if TYPE_CHECKING:  # only the scan asks the plugins; reading the index (`lorafarm loras`)
+    # must not import them
+    from daemon.contract.loader import Plugins
 
 log = logging.getLogger(__name__)
 
@@ -287,13 +291,11 @@ class LoraLibrary:
     def all(self, *, anywhere: bool = False) -> list[LoraInfo]:
         """This host's LoRAs; with `anywhere`, also those of the farm's other live hosts
         (intake accepts a job whose LoRA some host has; only that host renders it)."""
-        with self.store.session() as session:
-            hosts = [self.host]
-            if anywhere:
+        hosts = [self.host]
+        if anywhere:
+            with self.store.session() as session:
                 hosts += live_hosts(session, self.config)
-            rows = session.scalars(select(Lora).where(Lora.host.in_(hosts))
-                                   .order_by(Lora.name, Lora.path))
-            infos = [_info(row) for row in rows]
+        infos = indexed_loras(self.store, hosts)
         if anywhere:  # the same file on several hosts is one LoRA
             unique: dict[tuple[str, str | None], LoraInfo] = {}
             for info in infos:
@@ -372,6 +374,15 @@ class LoraLibrary:
             if info.state == OK and info.name == name:
                 return info.path
         return None
+
+
+def indexed_loras(store: Store, hosts: list[str]) -> list[LoraInfo]:
+    """The LoRAs of `hosts` as their last scans recorded them, by name, from the database
+    alone (no plugin, no file is read: what `lorafarm loras` lists)."""
+    with store.session() as session:
+        rows = session.scalars(select(Lora).where(Lora.host.in_(hosts))
+                               .order_by(Lora.name, Lora.path))
+        return [_info(row) for row in rows]
 
 
 def preferred_weight(path: Path) -> float | None:

@@ -16,13 +16,14 @@ writing the first output of a checkpoint whose hash is still being computed.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -31,13 +32,16 @@ from sqlalchemy.orm import Session
 
 from daemon.config import COMPONENT_KEYS, CheckpointOverride, Config
 from daemon.contract.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
-from daemon.contract.loader import Plugins
 from daemon.formats.gguf_header import TEXT_ARCHITECTURES, GgufError, read_gguf_header
 from daemon.formats.quantization import checkpoint_quantization
 from daemon.formats.safetensors_header import SafetensorsError, read_header, sha256_file
 from daemon.library.sidecars import read_checkpoint_sidecar
 from daemon.presets import PRESET_KEYS
 from daemon.store.models import Checkpoint, FileHash, Host, Store, add_event, lease_now, utcnow
+
+if TYPE_CHECKING:  # only the scan asks the plugins; reading the index (`lorafarm models`)
+    # must not import them
+    from daemon.contract.loader import Plugins
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +161,7 @@ class Registry:
             row.transformer_2 = str(info.transformer_2) if info.transformer_2 else None
             if not unchanged:
                 row.sha256 = row.model_hash = None
+            row.components_json = json.dumps(self._component_sources(row))
             after = (row.family, row.lineage, row.state, row.reason, row.config_path,
                      row.quantization, row.transformer_2)
             if not unchanged or after != before:
@@ -167,6 +172,23 @@ class Registry:
             if name not in found and row.state != "missing":
                 row.state, row.reason = "missing", f"{row.path} is gone"
                 add_event(session, "checkpoint_missing", f"{name}: file is gone")
+
+    def _component_sources(self, row: Checkpoint) -> dict[str, str]:
+        """The files a recognised checkpoint's parts load from instead of its config folder
+        (its family's `component_sources`: named, or paired from the UI trees), recorded
+        with the row so that `lorafarm models` lists them without loading the plugins."""
+        family = self.plugins.families.get(row.family or "")
+        if row.state != "ok" or family is None:
+            return {}
+        info = self._row_info(row)
+        if info.state != "ok":
+            return {}
+        try:
+            parts = family.component_sources(info.loaded())
+        except Exception:  # a plugin's bug: the listing shows no parts, the scan goes on
+            log.exception("%s: %s.component_sources failed", row.name, family.name)
+            return {}
+        return {key: str(path) for key, path in sorted(parts.items())}
 
     @dataclass(frozen=True)
     class _Recognition:
@@ -482,6 +504,19 @@ class Registry:
 
     def close(self) -> None:
         self._hasher.shutdown(wait=True, cancel_futures=True)
+
+
+def indexed_checkpoints(store: Store, host: str) -> list[tuple[CheckpointInfo, dict[str, str]]]:
+    """`host`'s checkpoints as its last scan recorded them, each with the files its parts
+    load from (see `Registry._component_sources`), read from the database alone: no plugin,
+    no header, no file is read. Empty when a checkpoint was last scanned by a lorafarm that
+    did not record its parts (the caller scans instead)."""
+    with store.session() as session:
+        rows = session.scalars(select(Checkpoint).where(Checkpoint.host == host)
+                               .order_by(Checkpoint.name)).all()
+        if any(row.components_json is None for row in rows):
+            return []
+        return [(_info(row), json.loads(row.components_json or "{}")) for row in rows]
 
 
 def lock_inventory(store: Store, session: Session, inventory: str, host: str) -> None:

@@ -97,6 +97,11 @@ class Checkpoint(Base):
     # "GGUF Q8_0", "FP8 e4m3fn"; null: stored as released (or not recognised)
     quantization: Mapped[str | None] = mapped_column(String(64))
     transformer_2: Mapped[str | None] = mapped_column(Text)  # a GGUF pair's low-noise expert
+    # The files its pipeline's parts load from instead of the config folder's weights (the
+    # family's `component_sources`: named, or paired from the UI trees), as JSON {part: path},
+    # so that `lorafarm models` can show them without loading the family plugins. Null: not
+    # scanned by a lorafarm that records them yet.
+    components_json: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
