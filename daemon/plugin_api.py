@@ -14,6 +14,9 @@ What is here:
 * render helpers every diffusers family needs: `sampling_arguments` (the job's A1111
   sampler as a diffusers scheduler, one CPU generator per render, the step callback), and
   `encode_clip_prompts` (A1111 weighting and BREAK through compel for CLIP text encoders);
+* per-pipeline facts kept beside a diffusers pipeline, not on it: `pipeline_facts(pipe)`
+  (the offload mode, the scheduler settings `remember_scheduler_config` records, and a
+  family's own `extras`);
 * hires fix and image-to-image helpers (`hires_target`, `hires_steps`, `img2img_steps`,
   `upscale_image`, `upscale_latents`, their infotext fields and the A1111 reader);
 * header readers (`read_header`, `read_gguf_header`) and A1111 prompt parsing;
@@ -64,6 +67,11 @@ from daemon.contract.jobfile import JobFileError, parse_json, parse_toml
 from daemon.contract.onnx_models import OnnxModel, OnnxModelError
 from daemon.contract.onnx_models import clear_cache as clear_onnx_models
 from daemon.contract.onnx_models import load_model as load_onnx_model
+from daemon.contract.pipeline_facts import (
+    PipelineFacts,
+    pipeline_facts,
+    remember_scheduler_config,
+)
 from daemon.contract.prompt_weights import (
     ParsedPrompt,
     WeightedText,
@@ -120,6 +128,7 @@ __all__ = [
     "OnnxModel",
     "OnnxModelError",
     "ParsedPrompt",
+    "PipelineFacts",
     "PostProcessResult",
     "PostprocessStep",
     "Progress",
@@ -148,6 +157,7 @@ __all__ = [
     "make_scheduler",
     "parse_json",
     "parse_prompt",
+    "pipeline_facts",
     "parse_toml",
     "quantization_fields",
     "read_gguf_header",
@@ -166,27 +176,6 @@ __all__ = [
     "upscale_image",
     "upscale_latents",
 ]
-
-# Where the pipeline's scheduler config as loaded is kept: every batch builds its sampler
-# from it, never from the previous batch's sampler.
-_SCHEDULER_CONFIG_ATTRIBUTE = "lorafarm_scheduler_config"
-
-
-def remember_scheduler_config(pipe: Any, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The scheduler settings the checkpoint was trained with, which every batch's sampler is
-    built from; returns them.
-
-    The first call records `pipe.scheduler.config` (or `config`, for a family that corrects
-    the loaded settings, e.g. a base folder of another variant); later calls return what was
-    recorded, since by then `pipe.scheduler` is the previous batch's sampler. Calling it at
-    the end of `load_pipeline` is good practice; `job_scheduler` calls it anyway.
-    """
-    if config is not None:
-        setattr(pipe, _SCHEDULER_CONFIG_ATTRIBUTE, dict(config))
-    elif getattr(pipe, _SCHEDULER_CONFIG_ATTRIBUTE, None) is None:
-        setattr(pipe, _SCHEDULER_CONFIG_ATTRIBUTE, dict(pipe.scheduler.config))
-    return dict(getattr(pipe, _SCHEDULER_CONFIG_ATTRIBUTE))
-
 
 def job_scheduler(pipe: Any, spec: RenderSpec, kind: str = "eps",
                   overrides: dict[str, Any] | None = None) -> Any:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import OFFLOAD_MODES
+from daemon.contract.pipeline_facts import pipeline_facts
 from daemon.contract.prompt_weights import parse_prompt
 from daemon.formats.gguf_header import GgufHeader
 from daemon.formats.lora_probe import LoraFacts
@@ -484,7 +485,7 @@ class Family(ABC):
                                       use_stream=True, exclude_modules=["vae"])
         else:
             pipe.enable_sequential_cpu_offload(device=device)
-        pipe.lorafarm_offload = mode
+        pipeline_facts(pipe).offload = mode
         return [f"{mode}_offload"]
 
     def enable_memory_savers(self, pipe: Any, device: torch.device) -> list[str]:
@@ -497,10 +498,11 @@ class Family(ABC):
             if vae is not None and hasattr(vae, name):
                 getattr(vae, name)()
                 turned_on.append(f"vae.{name}")
-        offloaded = getattr(pipe, "lorafarm_offload", "none") != "none"
-        if device.type == "cuda" and hasattr(pipe, "enable_model_cpu_offload") and not offloaded:
+        facts = pipeline_facts(pipe)
+        if (device.type == "cuda" and hasattr(pipe, "enable_model_cpu_offload")
+                and facts.offload == "none"):
             pipe.enable_model_cpu_offload(device=device)
-            pipe.lorafarm_offload = "model"
+            facts.offload = "model"
             turned_on.append("model_cpu_offload")
         return turned_on
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from daemon.contract.pipeline_facts import PipelineFacts, pipeline_facts
 from daemon.render.lora_patching import AdapterState
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,13 @@ class CachedPipeline:
     tier: str = DEVICE_TIER
     adapters: AdapterState = field(default_factory=AdapterState)
     memory_savers: list[str] = field(default_factory=list)
+
+    @property
+    def facts(self) -> PipelineFacts:
+        """What the daemon and its family learnt about this pipeline (its offload mode,
+        its scheduler settings as loaded, the family's extras): kept beside the diffusers
+        object, not patched onto it (daemon/contract/pipeline_facts.py)."""
+        return pipeline_facts(self.pipe)
 
 
 def pipeline_bytes(pipe: Any) -> dict[str, int]:
@@ -102,7 +110,7 @@ def resident_bytes(sizes: dict[str, int], offload: str) -> int:
 def move_pipeline(pipe: Any, device: torch.device) -> None:
     """Move a pipeline's weights (and its LoRA layers) between the device and CPU RAM. A
     pipeline under an offload mode manages its own placement and stays as it is."""
-    if getattr(pipe, "lorafarm_offload", "none") != "none":
+    if pipeline_facts(pipe).offload != "none":
         return
     pipe.to(device)
 

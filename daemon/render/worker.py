@@ -277,7 +277,9 @@ class Worker:
                 loaded.memory_savers = family.enable_memory_savers(loaded.pipe, self.device)
                 log.warning("%s: memory savers on for %s: %s", self.name, first.checkpoint,
                             ", ".join(loaded.memory_savers) or "none available")
-                measure(loaded, getattr(loaded.pipe, "lorafarm_offload", loaded.offload))
+                # The savers may have turned CPU offload on (facts.offload "model").
+                measure(loaded, loaded.facts.offload if loaded.facts.offload != "none"
+                        else loaded.offload)
             stage = "rendering"
             progress = Progress(first.steps, self._progress_writer(batch), self.abort.is_set)
             # Step 0 of N, recorded before the pipeline call: if the process dies from here

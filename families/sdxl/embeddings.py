@@ -14,8 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from daemon.plugin_api import EmbeddingProbe, RenderError, SafetensorsHeader
+from daemon.plugin_api import EmbeddingProbe, RenderError, SafetensorsHeader, pipeline_facts
 
+# Where the names of the embeddings loaded into a pipeline for the batch are kept (its
+# pipeline_facts extras; empty outside `embeddings_loaded`).
+LOADED_EMBEDDINGS = "sdxl.embeddings"
 HALVES = (("clip_l", "tokenizer", "text_encoder"), ("clip_g", "tokenizer_2", "text_encoder_2"))
 
 
@@ -59,10 +62,11 @@ def embeddings_loaded(pipe: Any, embeddings: list[dict[str, str]]) -> Iterator[N
                                             text_encoder=encoder,
                                             tokenizer=getattr(pipe, tokenizer))
                 loaded.append((embedding["name"], tokenizer, text_encoder))
-        pipe.lorafarm_embeddings = [embedding["name"] for embedding in embeddings]
+        pipeline_facts(pipe).extras[LOADED_EMBEDDINGS] = [embedding["name"]
+                                                          for embedding in embeddings]
         yield
     finally:
-        pipe.lorafarm_embeddings = []
+        pipeline_facts(pipe).extras[LOADED_EMBEDDINGS] = []
         for name, tokenizer, text_encoder in reversed(loaded):
             tok = getattr(pipe, tokenizer)
             tokens = [t for t in tok.added_tokens_encoder

@@ -33,6 +33,7 @@ from daemon.plugin_api import (
     hookimpl,
     make_scheduler,
     parse_prompt,
+    pipeline_facts,
     remember_scheduler_config,
     to_compel_conjunction,
 )
@@ -356,6 +357,8 @@ def encode_weighted_sdxl(pipe: Any, prompts: list[ParsedPrompt],
     """
     from compel import Compel, DiffusersTextualInversionManager, ReturnedEmbeddingsType
 
+    from families.sdxl.embeddings import LOADED_EMBEDDINGS
+
     device = pipe._execution_device
     # Built per batch, not cached: the text encoders change when a LoRA set with text-encoder
     # weights is applied, and compel caches its encoding of the empty chunk.
@@ -366,7 +369,7 @@ def encode_weighted_sdxl(pipe: Any, prompts: list[ParsedPrompt],
                # A multi-vector embedding's name stands for all its tokens (name, name_1, ..);
                # only while embeddings are loaded: the manager re-tokenizes every prompt.
                textual_inversion_manager=(DiffusersTextualInversionManager(pipe)
-                                          if getattr(pipe, "lorafarm_embeddings", None)
+                                          if pipeline_facts(pipe).extras.get(LOADED_EMBEDDINGS)
                                           else None))
         for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder),
                                         (pipe.tokenizer_2, pipe.text_encoder_2))

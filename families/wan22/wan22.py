@@ -75,6 +75,7 @@ from daemon.plugin_api import (
     cpu_generators,
     hookimpl,
     job_scheduler,
+    pipeline_facts,
     quantization_fields,
     read_gguf_header,
     read_json_object,
@@ -97,6 +98,10 @@ if TYPE_CHECKING:
     from daemon.plugin_api import Progress
 
 log = logging.getLogger(__name__)
+
+# The TI2V-5B pipeline's image-to-video view (sharing its parts), built once per pipeline
+# and kept in its pipeline_facts extras.
+IMAGE_VIEW = "wan22.image_view"
 
 VARIANTS = (T2V_A14B, I2V_A14B, TI2V_5B)
 WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
@@ -568,14 +573,15 @@ def _pipeline_for(pipe: Any, with_image: bool) -> Any:
     if not pipe.config.expand_timesteps:
         raise RenderError("this is a text-to-video checkpoint (Wan 2.2 T2V-A14B) and takes no "
                           "image; remove image, or use an I2V-A14B or TI2V-5B checkpoint")
-    view = getattr(pipe, "lorafarm_image_pipe", None)
+    facts = pipeline_facts(pipe).extras
+    view = facts.get(IMAGE_VIEW)
     if view is None:
         view = WanImageToVideoPipeline(
             tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
             scheduler=pipe.scheduler, transformer=pipe.transformer, transformer_2=None,
             boundary_ratio=None, expand_timesteps=True)
         view.set_progress_bar_config(disable=True)
-        pipe.lorafarm_image_pipe = view
+        facts[IMAGE_VIEW] = view
     return view
 
 
