@@ -351,10 +351,12 @@ def inventory_host() -> str:
     return socket.gethostname()
 
 
-def _from_index_note(verb: str) -> None:
+def _from_index_note(verb: str, pending_hashes: int = 0) -> None:
     """Say where a table came from (stderr: stdout stays the table)."""
-    print(f"lorafarm: as of the daemon's last scan; `lorafarm {verb} --scan` looks at the "
-          "folders now", file=sys.stderr)
+    pending = (f"; {pending_hashes} hash(es) not computed yet (the daemon hashes in the "
+               "background; --scan waits for them)" if pending_hashes else "")
+    print(f"lorafarm: as of the daemon's last scan{pending}; `lorafarm {verb} --scan` looks "
+          "at the folders now", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -383,7 +385,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         table += [["", "", "", "", "", f"  {note}"] for note in notes]
     print(format_table(["NAME", "FAMILY", "STATE", "HASH", "QUANTIZED", "FILE"], table))
     if from_index:
-        _from_index_note("models")
+        _from_index_note("models", sum(1 for row in rows
+                                       if row["state"] == "ok" and row["hash"] is None))
     return 0
 
 
