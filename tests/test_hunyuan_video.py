@@ -34,10 +34,12 @@ from daemon.contract.spec import LoraUse, RenderSpec
 from daemon.formats.lora_probe import probe_lora_file
 from daemon.formats.safetensors_header import read_header
 from daemon.output.files import read_spec
+from daemon.plugin_api import pipeline_facts
 from daemon.render.lora_patching import count_patched_modules
 from families.hunyuan_video.hunyuan_video import (
     DEMO_V10,
     DEMO_V15,
+    PROMPT_TEMPLATE,
     HunyuanLoraLayoutError,
     HunyuanVideo15Family,
     HunyuanVideoFamily,
@@ -176,7 +178,7 @@ def test_builds_are_deterministic_and_leave_the_callers_rng_alone(
 
 
 def test_crop_start_is_recomputed_for_the_tiny_tokenizer(loaded: Any) -> None:
-    template = loaded.lorafarm_prompt_template
+    template = pipeline_facts(loaded).extras[PROMPT_TEMPLATE]
     tokenizer = loaded.tokenizer
     crop = template["crop_start"]
     assert crop != 95  # diffusers' value, for the released Llama 3 tokenizer

@@ -14,6 +14,7 @@ from PIL import Image
 
 from daemon.contract.family import LoadedCheckpoint
 from daemon.contract.spec import RenderSpec
+from daemon.plugin_api import pipeline_facts
 from families.flux.flux import FluxDevFamily
 from families.flux.tiny import build_tiny_flux_pipeline, save_tiny_flux_transformer_single_file
 from families.sdxl.tiny_loras import make_tiny_lora, write_kohya_original
@@ -254,7 +255,7 @@ def test_wan_gguf_experts_with_comfyui_umt5_and_vae(make_farm, tmp_path: Path) -
         loaded = family.load_pipeline(checkpoint, cpu, torch.float32)
         [video] = family.render_batch(loaded, [spec], cpu)
         videos.append(np.stack([np.asarray(frame, dtype=np.int16) for frame in video.frames]))
-        assembled.append(loaded.lorafarm_components)
+        assembled.append(pipeline_facts(loaded).components)
     # Paired from the tree with nothing named; the complete folder uses its own weights.
     assert assembled == [{"text_encoder": str(models / "text_encoders" /
                                               "umt5_xxl_fp16.safetensors"),

@@ -40,6 +40,9 @@ class PipelineFacts:
     # The offload mode the pipeline runs under (Family.apply_offload, or "model" once the
     # memory savers turned CPU offload on): none, model, group or sequential.
     offload: str = "none"
+    # For a pipeline assembled from several files (a ComfyUI or A1111 tree, a GGUF
+    # transformer beside its encoders): the file each component came from, by name.
+    components: dict[str, str] = field(default_factory=dict)
     # A family's own facts about the pipeline, under keys it chooses (prefixed with the
     # family's name, e.g. "sdxl.embeddings"), so that families never collide.
     extras: dict[str, Any] = field(default_factory=dict)

@@ -58,6 +58,7 @@ from daemon.plugin_api import (
     hookimpl,
     make_scheduler,
     parse_prompt,
+    pipeline_facts,
     quantization_fields,
     read_json_object,
     remember_scheduler_config,
@@ -298,7 +299,7 @@ class FluxFamily(Family):
         remember_scheduler_config(pipe, scheduler_config)
         # Which files the pipeline was assembled from (the model hash stays the transformer
         # file's); logged by load_components as well.
-        pipe.lorafarm_components = {name: str(path) for name, path in files.items()}
+        pipeline_facts(pipe).components = {name: str(path) for name, path in files.items()}
         return pipe if device.type == "cpu" else pipe.to(device)
 
     def guidance(self, spec: RenderSpec) -> float:

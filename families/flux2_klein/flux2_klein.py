@@ -60,6 +60,7 @@ from daemon.plugin_api import (
     RenderSpec,
     SafetensorsHeader,
     hookimpl,
+    pipeline_facts,
     remember_scheduler_config,
     sampling_arguments,
     strip_explicit_weights,
@@ -343,7 +344,7 @@ class Flux2KleinFamily(Family):
         pipe.set_progress_bar_config(disable=True)
         # Which files the pipeline was assembled from (the model hash stays the transformer
         # file's); logged by load_components as well.
-        pipe.lorafarm_components = {name: str(path) for name, path in files.items()}
+        pipeline_facts(pipe).components = {name: str(path) for name, path in files.items()}
         # Samplers are swapped per batch, each built from the checkpoint's own training
         # settings (shift, dynamic shifting), kept here untouched.
         remember_scheduler_config(pipe)

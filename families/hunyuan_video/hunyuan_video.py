@@ -77,6 +77,7 @@ from daemon.plugin_api import (
     SafetensorsHeader,
     hookimpl,
     make_scheduler,
+    pipeline_facts,
     quantization_fields,
     read_gguf_header,
     read_header,
@@ -91,6 +92,8 @@ HUNYUAN_VIDEO15_PIPELINE = "HunyuanVideo15Pipeline"
 V10, V15 = "1.0", "1.5"
 SINGLE_FILE = "single-file"  # checkpoint variant: a transformer-only file (GGUF, FP8, bf16)
 
+# The chat template its text encoder is prompted with (a fact kept beside the pipeline).
+PROMPT_TEMPLATE = "hunyuan_video.prompt_template"
 # Tokenizers at least this large are taken to be the released ones (Llama 3: 128,256 tokens;
 # Qwen2.5: 151,643), for which diffusers' crop_start values were computed.
 RELEASED_VOCAB_MIN = 100_000
@@ -827,7 +830,7 @@ class HunyuanVideoFamily(_HunyuanBase):
                                                    gguf=checkpoint.kind == "gguf")
             pipe = HunyuanVideoPipeline.from_pretrained(base, transformer=transformer,
                                                         dtype=dtypes, local_files_only=True)
-        pipe.lorafarm_prompt_template = hunyuan_prompt_template(pipe.tokenizer)
+        pipeline_facts(pipe).extras[PROMPT_TEMPLATE] = hunyuan_prompt_template(pipe.tokenizer)
         return self._finish_loading(pipe, device)
 
     def load_lora(self, pipe: Any, path: Path, adapter_name: str, lora: LoraUse) -> None:
@@ -862,7 +865,7 @@ class HunyuanVideoFamily(_HunyuanBase):
             num_inference_steps=first.steps,
             guidance_scale=float(first.extra["guidance"]),  # embedded, not CFG
             generator=generators,
-            prompt_template=pipe.lorafarm_prompt_template,
+            prompt_template=pipeline_facts(pipe).extras[PROMPT_TEMPLATE],
             output_type="pil",
             callback_on_step_end=progress.callback if progress else None,
             **options,

@@ -394,7 +394,7 @@ class Wan22Family(Family):
             pipe = pipeline_class.from_pretrained(folder, dtype=component_dtypes(dtype),
                                                   local_files_only=True, **experts, **parts)
         # Which files the pipeline was assembled from (the model hash stays the expert's).
-        pipe.lorafarm_components = {name: str(path) for name, path in files.items()}
+        pipeline_facts(pipe).components = {name: str(path) for name, path in files.items()}
         pipe.set_progress_bar_config(disable=True)
         # Samplers and flow shift are set per batch, each built from the checkpoint's own
         # scheduler settings, kept here untouched.
