@@ -43,7 +43,7 @@ bench: venv
 
 # Regenerates docs/RELIABILITY.md from a fresh kill-and-restart and fuzzing run.
 reliability: venv
-	OMP_NUM_THREADS=1 $(BIN)/python -m tests.reliability_report --trials 20 --fuzz 2000 --fuzz-parsers 4000
+	OMP_NUM_THREADS=1 $(BIN)/python -m tests.support.reliability_report --trials 20 --fuzz 2000 --fuzz-parsers 4000
 
 lint: venv
 	$(BIN)/ruff check daemon families plugins tests bench examples

@@ -1,7 +1,7 @@
 """lorafarm's public plugin API: everything a family or plugin imports, from one place.
 
 A plugin imports from here and from nowhere else in `daemon`; the built-in families and
-plugins do the same (tests/test_plugin_api.py checks it), so they are working examples.
+plugins do the same (tests/unit/test_plugin_api.py checks it), so they are working examples.
 docs/writing-a-family.md walks through writing a family with it.
 
 What is here:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Headless Chromium for tests/test_browser.py, from Debian's packages. Playwright drives it
+# Headless Chromium for tests/ui/test_browser.py, from Debian's packages. Playwright drives it
 # through executable_path; `playwright install` is never run: it downloads a browser build
 # of its own, which this project's machines cannot fetch.
 set -euo pipefail

@@ -26,14 +26,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One thread for every test module: faster and far steadier for models this small, and the
+# tolerances the family tests assert were measured so.
 torch.set_num_threads(1)
 
 from daemon.cli.demo import write_demo  # noqa: E402
 from daemon.config import Config, config_from_dict  # noqa: E402
 from daemon.contract.loader import Plugins  # noqa: E402
 from daemon.runtime.runner import Daemon  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.helpers import REPO, job_text, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -102,18 +103,7 @@ class Farm:
         self.write_config_file()
 
     def write_config_file(self) -> Path:
-        lines = []
-        for section, values in self.data.items():
-            if section == "checkpoints":
-                for name, table in values.items():
-                    lines.append(f'[checkpoints."{name}"]')
-                    lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
-                continue
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-        path = self.root / "config.toml"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return path
+        return write_config(self.root, self.data)
 
     @property
     def jobs(self) -> Path:
@@ -188,24 +178,11 @@ def make_farm(tmp_path: Path, assets: Assets, plugins: Plugins):  # type: ignore
     return _make
 
 
-SDXL_JOB = """\
-checkpoint = "{checkpoint}"
-prompt = "{prompt}"
-negative_prompt = "blurry"
-seed = {seed}
-count = {count}
-steps = {steps}
-cfg = 5.0
-sampler = "{sampler}"
-width = 64
-height = 64
-"""
-
-
 def sdxl_job(checkpoint: str = "tiny-sdxl", prompt: str = "a red lighthouse", seed: int = 7,
              count: int = 2, steps: int = 3, sampler: str = "DPM++ 2M Karras") -> str:
-    return SDXL_JOB.format(checkpoint=checkpoint, prompt=prompt, seed=seed, count=count,
-                           steps=steps, sampler=sampler)
+    """The tiny SDXL job most tests drop: 64x64, a few steps."""
+    return job_text(checkpoint=checkpoint, prompt=prompt, negative_prompt="blurry", seed=seed,
+                    count=count, steps=steps, cfg=5.0, sampler=sampler, width=64, height=64)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""The status page: in-process HTTP and a real headless browser."""
