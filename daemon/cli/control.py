@@ -16,7 +16,7 @@ from typing import Any
 
 from daemon.config import load_config
 
-# Same default as daemon.cli; not imported from there because cli imports this module.
+# Same default as daemon.cli.main; not imported from there because main imports this module.
 DEFAULT_CONFIG = "config.toml"
 
 

@@ -290,7 +290,7 @@ def _min_score(text: str) -> tuple[str | None, float]:
 
 def history_records(config: Config, limit: int = 50, *, tags: tuple[str, ...] = (),
                     min_score: tuple[str | None, float] | None = None) -> list[dict[str, Any]]:
-    """`lorafarm history --json`'s records (see daemon.overview.history_records); an empty
+    """`lorafarm history --json`'s records (see daemon.store.queries.history_records); an empty
     list before the first daemon has created the database."""
     from daemon.store.queries import history_records as query
 

@@ -19,8 +19,9 @@ another host's, does nothing. The claim comes before the work, so a daemon kille
 between loses that job's grid and plugin event (never sends them twice); its file is still
 filed, by `Intake.reconcile` at the next start or `Intake.file_stranded_jobs` on a farm.
 
-How an end reaches it: `ended(job_id)` at once, when this process ended the job (the output
-writer's callback, which the workers use too; the page's cancel; start-up recovery), and
+How an end reaches it: `ended(job_id)` at once, when this process ended the job (the daemon's
+writer and worker loops, with the job ids `OutputWriter.write_next` and `Worker.render`
+return; the page's cancel; start-up recovery), and
 `sweep()` for ends nobody here saw (the CLI's cancel, a dead host's, a daemon killed before
 it acted): at start-up, on every heartbeat, and before `run --until-idle` leaves.
 """
@@ -40,8 +41,8 @@ log = logging.getLogger(__name__)
 
 
 class JobEnd:
-    """Acts on the end of jobs of one daemon. `file_job(job_id)` files a job's file
-    (`Intake.file_finished_job`); passed in, since intake sits above this layer's callers."""
+    """Acts on the end of jobs of one daemon. `file_job(job_id)` files a job's file: the
+    daemon's `Intake.file_finished_job` (a test passes its own)."""
 
     def __init__(self, store: Store, outputs: Path, file_job: Callable[[int], object],
                  plugins: Plugins) -> None:
