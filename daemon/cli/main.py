@@ -501,12 +501,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_loras(args: argparse.Namespace) -> int:
     """The LoRA library: from the index the daemon keeps (no plugin is loaded); scanned here,
-    as the daemon does, with --scan or while the index is empty."""
+    as the daemon does, with --scan or while no daemon has indexed this host."""
     config = load_config(args.config)
     host = inventory_host()
     infos = [] if getattr(args, "scan", False) else _indexed_loras(config, host)
-    from_index = bool(infos)
-    if not infos:
+    # The daemon indexes checkpoints and LoRAs in one start-up scan: with checkpoints indexed
+    # and no LoRA row, the library is empty (no need to load the plugins to say so).
+    from_index = bool(infos) or (not getattr(args, "scan", False)
+                                 and bool(_indexed_model_rows(config, host)))
+    if not from_index:
         infos = _scanned_loras(config, host)
     if args.json:
         print(json.dumps([info.as_dict() for info in infos], indent=2))

@@ -116,3 +116,29 @@ def test_an_empty_index_is_scanned(make_farm, assets, tmp_path: Path) -> None:
     assert [row["name"] for row in rows] == ["tiny-sdxl-single"]
     assert rows[0]["state"] == "ok" and len(rows[0]["hash"]) == 10
     assert json.loads(_run(cmd_loras, farm.config.source)[0]) == []
+
+
+def test_a_daemon_that_indexed_no_lora_answers_loras_without_a_scan(make_farm, assets,
+                                                                  tmp_path: Path) -> None:
+    models, loras = tmp_path / "my-models", tmp_path / "my-loras"
+    models.mkdir()
+    loras.mkdir()
+    shutil.copy(assets.models / "tiny-sdxl-single.safetensors", models)
+    farm = make_farm(paths={"models": str(models), "loras": str(loras)})
+    daemon = farm.daemon()
+    daemon.start()
+    daemon.close()
+    probe = ("import sys\n"
+             "from daemon.cli.main import main\n"
+             f"assert main(['loras', '--config', {str(farm.config.source)!r}]) == 0\n"
+             f"print([m for m in {HEAVY!r} if m in sys.modules])\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, text=True,
+                            capture_output=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "no LoRAs in" in result.stdout and result.stdout.splitlines()[-1] == "[]"
+    # A LoRA added since: --scan finds it (the index alone does not know it yet).
+    write_kohya_original(make_tiny_lora(seed=3), loras / "late.safetensors")
+    assert json.loads(_run(cmd_loras, farm.config.source)[0]) == []
+    assert [row["name"] for row in json.loads(_run(cmd_loras, farm.config.source,
+                                                    scan=True)[0])] == ["late"]
