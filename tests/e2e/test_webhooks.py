@@ -20,6 +20,7 @@ from daemon.config import ConfigError, config_from_dict
 from daemon.runtime.runner import Daemon
 from daemon.store.models import Event, Store
 from tests.conftest import Farm, sdxl_job
+from tests.support.helpers import run_in_thread
 
 
 class Receiver:
@@ -87,15 +88,6 @@ def _with_webhooks(farm: Farm, hooks: list[dict[str, Any]]) -> Farm:
     return farm
 
 
-def _run_in_thread(daemon: Daemon) -> threading.Thread:
-    """The daemon running in a thread, its start-up (migration, scans) done."""
-    thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not daemon._started.is_set() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return thread
-
 
 def _events(farm: Farm, kind: str) -> list[Event]:
     store = Store.for_url(farm.config.database_url)
@@ -113,7 +105,7 @@ def test_a_receiver_gets_exactly_the_events_it_subscribed_to(make_farm, receiver
         {"url": every.url, "headers": {"Authorization": "Bearer hook-secret"}},
     ])
     daemon = farm.daemon()
-    thread = _run_in_thread(daemon)
+    thread = run_in_thread(daemon)
     try:
         farm.drop("lighthouse.toml", sdxl_job(count=2))
         farm.wait_for(lambda: "queue_drained" in every.events() and len(some.got) == 2,
@@ -154,7 +146,7 @@ def test_a_dead_or_slow_receiver_holds_up_no_render(make_farm, receivers) -> Non
         {"url": slow.url, "timeout_seconds": 60, "retries": 0},
     ])
     daemon = farm.daemon()
-    thread = _run_in_thread(daemon)
+    thread = run_in_thread(daemon)
     try:
         farm.drop("lighthouse.toml", sdxl_job(count=2))
         # The job renders to the end while the slow receiver still holds the very first
@@ -224,7 +216,7 @@ def test_render_failed_and_job_finished_carry_the_reason(tmp_path: Path, receive
     store = Store.for_url(config.database_url)
     store.migrate()
     control.pause(store)  # accepted, not rendered, until the LoRA is gone
-    thread = _run_in_thread(daemon)
+    thread = run_in_thread(daemon)
     try:
         jobs = config.paths.jobs
         (jobs / "inked.toml").write_text('checkpoint = "sim-a"\nprompt = "a barn"\ncount = 1\n'

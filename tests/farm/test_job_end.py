@@ -21,6 +21,7 @@ from daemon.runtime.job_end import JobEnd
 from daemon.runtime.runner import Daemon
 from daemon.store.models import Event, Job, Render, Store
 from tests.conftest import Farm, sdxl_job
+from tests.support.helpers import run_in_thread
 
 SWEEP_JOB = """\
 checkpoint = "tiny-sdxl"
@@ -89,16 +90,6 @@ def start_and_stop(farm: Farm) -> None:
     daemon.start()
     daemon.close()
 
-
-def run_in_thread(daemon: Daemon) -> threading.Thread:
-    """The daemon running in a thread, its start-up (migration, scans) done."""
-    thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not daemon._started.is_set() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert daemon._started.is_set(), "the daemon did not start"
-    return thread
 
 
 # -- this daemon ends the job ----------------------------------------------------------------

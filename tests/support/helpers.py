@@ -8,6 +8,8 @@ harnesses import this module in a process that only spawns daemons.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,7 @@ from PIL import Image
 
 if TYPE_CHECKING:
     from daemon.config import Config
+    from daemon.runtime.runner import Daemon
     from daemon.store.models import Store
 
 # The repository root: subprocesses get it as PYTHONPATH, the architecture tests read it.
@@ -130,3 +133,14 @@ def pixels_of(image: Path | Image.Image) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
     with Image.open(image) as opened:
         return np.asarray(opened.convert("RGB"), dtype=np.int16)
+
+
+def run_in_thread(daemon: Daemon) -> threading.Thread:
+    """The daemon running in a thread, its start-up (migration, scans) done."""
+    thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not daemon._started.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon._started.is_set(), "the daemon did not start"
+    return thread
