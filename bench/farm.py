@@ -50,7 +50,7 @@ def run_case(daemons: int, renders: int, admin_url: str, assets: Path) -> float:
                     '[worker]\nmax_batch = 4\n[web]\nenabled = false\n'
                     '[report]\nenabled = false\n')
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "daemon.cli.main", "run", "--config",
+                    [sys.executable, "-m", "daemon.cli", "run", "--config",
                      str(host / "config.toml"), "--until-idle", "--name", f"h{i}"],
                     cwd=host, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",

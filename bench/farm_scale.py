@@ -152,7 +152,7 @@ def run_case(daemons: int, args: argparse.Namespace, assets: Path, *, kill: bool
                     '[web]\nenabled = false\n[report]\nenabled = false\n')
                 log = open(host / "daemon.log", "wb")  # noqa: SIM115 (closed with the folder)
                 procs.append(subprocess.Popen(
-                    ["nice", "-n", "5", sys.executable, "-m", "daemon.cli.main", "run", "--config",
+                    ["nice", "-n", "5", sys.executable, "-m", "daemon.cli", "run", "--config",
                      str(host / "config.toml"), "--name", f"h{i}"],
                     cwd=host, stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",

@@ -130,7 +130,7 @@ class Farm:
         return self.daemon().run(until_idle=True)
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "daemon.cli.main", *args],
+        return subprocess.run([sys.executable, "-m", "daemon.cli", *args],
                               capture_output=True, text=True, timeout=timeout, cwd=self.root,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
 

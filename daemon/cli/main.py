@@ -579,8 +579,3 @@ def cmd_embeddings(args: argparse.Namespace) -> int:
 
 def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.exit(main())

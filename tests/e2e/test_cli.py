@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 
 def lorafarm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli.main", *args], cwd=cwd, text=True,
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=cwd, text=True,
                           capture_output=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 

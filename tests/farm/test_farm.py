@@ -35,7 +35,7 @@ def _config(root: Path, shared: Path, assets, loras: Path, lease: float = 60.0) 
 
 def _spawn(config: Path, name: str, url: str, *, until_idle: bool = True
            ) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "daemon.cli.main", "run", "--config", str(config), "--name", name]
+    args = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config), "--name", name]
     if until_idle:
         args.append("--until-idle")
     log = (config.parent / f"{name}.log").open("w")
@@ -157,7 +157,7 @@ def test_hosts_command_lists_the_farm(tmp_path: Path, assets, postgres_url: str)
     config = _config(tmp_path / "h", shared, assets, tmp_path / "loras")
     _drop(shared / "jobs", "one.toml", _job("tiny-sdxl", n=1, seed=1, count=1, steps=2))
     assert _spawn(config, "solo", postgres_url).wait(timeout=300) == 0, _logs(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "daemon.cli.main", "hosts", "--json", "--config",
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "hosts", "--json", "--config",
                              str(config)], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO),
                                  "LORAFARM_DATABASE_URL": postgres_url})

@@ -71,7 +71,7 @@ def test_a_render_that_keeps_dying_ends_failed_after_the_attempt_cap(make_farm) 
 def _spawn(farm) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
     config = farm.write_config_file()
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli.main", "run", "--config", str(config)],
+        [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
         cwd=farm.root, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 

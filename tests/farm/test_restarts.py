@@ -33,7 +33,7 @@ def _spawn(config: Path, *args: str, fault: str | None = None,
         env["LORAFARM_FAULT_POINT"] = fault
     if database_url:
         env["LORAFARM_DATABASE_URL"] = database_url
-    return subprocess.Popen([sys.executable, "-m", "daemon.cli.main", "run", "--config",
+    return subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
                              str(config), "--until-idle", *args], cwd=config.parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 

@@ -60,7 +60,7 @@ def write_config(root: Path, models: Path, configs: Path | None = None,
 
 
 def spawn(config: Path, *, until_idle: bool) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "daemon.cli.main", "run", "--config", str(config)]
+    args = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)]
     if until_idle:
         args.append("--until-idle")
     return subprocess.Popen(args, cwd=config.parent, stdout=subprocess.DEVNULL,

@@ -122,7 +122,7 @@ def spawn(config: Path, fault: str | None = None, *,
     if fault:
         env["LORAFARM_FAULT_POINT"] = fault
     log = (config.parent / "daemon.log").open("ab")
-    args = [sys.executable, "-m", "daemon.cli.main", "run", "--config", str(config)]
+    args = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)]
     return subprocess.Popen(args + (["--until-idle"] if until_idle else []), cwd=config.parent,
                             stdout=log, stderr=subprocess.STDOUT, env=env)
 
