@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from daemon import hookimpl
 from daemon.contract.loader import Plugins
 from daemon.queue import control
-from daemon.queue.scheduler import claim_next_batch, record_progress
 from daemon.runtime.job_end import JobEnd
 from daemon.runtime.runner import Daemon
-from daemon.store.models import Event, Job, Render, Store
+from daemon.store.models import Event, Job, Store
 from tests.conftest import Farm, sdxl_job
-from tests.support.helpers import run_in_thread
+from tests.support.helpers import die_in_the_last_attempt, run_in_thread
 
 SWEEP_JOB = """\
 checkpoint = "tiny-sdxl"
@@ -143,16 +142,9 @@ def test_a_sweep_whose_daemon_died_before_acting_on_its_end_is_acted_on_at_start
 def test_a_job_whose_daemon_was_killed_while_it_ran_is_acted_on_when_start_up_ends_it(
         recorded_farm, recorder) -> None:  # type: ignore[no-untyped-def]
     farm = recorded_farm(worker={"max_attempts": 2})
-    farm.drop("poison.toml", sdxl_job(count=1))
-    daemon = farm.daemon()
-    daemon.start()
-    [claimed] = claim_next_batch(daemon.store, max_batch=4)
-    # Alone and in its pipeline call at its last attempt when the process dies: start-up
-    # recovery ends the render failed, and with it the job.
-    record_progress(daemon.store, [claimed.render_id], 0, 3, claimed.worker)
-    with daemon.store.session() as session:
-        session.execute(update(Render).values(attempts=2))
-    daemon.close()
+    # At its last attempt when the process dies: start-up recovery ends the render failed,
+    # and with it the job.
+    die_in_the_last_attempt(farm, attempts=2)
     assert recorder.finished() == []
 
     start_and_stop(farm)

@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
 
 from daemon.intake.hot_folder import CLAIM_FOLDER_PREFIX, Intake
-from daemon.queue.scheduler import claim_next_batch, record_progress
+from daemon.queue.scheduler import claim_next_batch
 from daemon.runtime.runner import Daemon
 from daemon.store.models import Render
 from tests.conftest import REPO, sdxl_job
-from tests.support.helpers import rows
+from tests.support.helpers import die_in_the_last_attempt, rows
 
 
 def _render_rows(farm) -> list[Render]:  # type: ignore[no-untyped-def]
@@ -49,15 +48,7 @@ def test_a_render_interrupted_mid_run_is_completed_after_restart_once(farm) -> N
 
 def test_a_render_that_keeps_dying_ends_failed_after_the_attempt_cap(make_farm) -> None:
     farm = make_farm(worker={"max_attempts": 2})
-    farm.drop("poison.toml", sdxl_job(count=1))
-    daemon = farm.daemon()
-    daemon.start()
-    [claimed] = claim_next_batch(daemon.store, max_batch=4)
-    # Alone, and in its pipeline call (step 0 recorded) when the process dies: evidence.
-    record_progress(daemon.store, [claimed.render_id], 0, 3, claimed.worker)
-    with daemon.store.session() as session:
-        session.execute(update(Render).values(attempts=2))
-    daemon.close()
+    die_in_the_last_attempt(farm, attempts=2)
 
     assert farm.run() == 0
     [row] = _render_rows(farm)

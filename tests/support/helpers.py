@@ -144,3 +144,23 @@ def run_in_thread(daemon: Daemon) -> threading.Thread:
         time.sleep(0.05)
     assert daemon._started.is_set(), "the daemon did not start"
     return thread
+
+
+def die_in_the_last_attempt(farm: Any, attempts: int) -> None:
+    """A daemon takes in one job of one render and dies inside that render's pipeline call
+    (step 0 recorded: evidence against it) at attempt `attempts`; the next start's
+    recovery finds it so."""
+    from sqlalchemy import update
+
+    from daemon.queue.scheduler import claim_next_batch, record_progress
+    from daemon.store.models import Render
+    from tests.conftest import sdxl_job  # conftest imports this module
+
+    farm.drop("poison.toml", sdxl_job(count=1))
+    daemon = farm.daemon()
+    daemon.start()
+    [claimed] = claim_next_batch(daemon.store, max_batch=4)
+    record_progress(daemon.store, [claimed.render_id], 0, 3, claimed.worker)
+    with daemon.store.session() as session:
+        session.execute(update(Render).values(attempts=attempts))
+    daemon.close()
