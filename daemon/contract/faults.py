@@ -106,3 +106,9 @@ def fault_key(exc: BaseException, *context: Hashable) -> tuple[Hashable, ...]:
     frame = fault_frame(exc)
     return (*context, type(exc).__name__, frame.filename if frame else None,
             frame.lineno if frame else None)
+
+
+# What the core contains around plugin code: any error, and a plugin's sys.exit() (in a
+# daemon thread an exception like any other, which would end that thread). Ctrl-C and the
+# daemon's own stop reach the main thread only and are not caught with these.
+PLUGIN_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)

@@ -36,7 +36,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.config import Config
-from daemon.contract.faults import FaultLog, describe_fault, fault_key
+from daemon.contract.faults import PLUGIN_ERRORS, FaultLog, describe_fault, fault_key
 from daemon.contract.jobfile import JobFileError, JobSpec
 from daemon.contract.loader import Plugins
 from daemon.contract.spec import RenderSpec
@@ -177,7 +177,7 @@ class Intake:
         except OSError as exc:  # vanished mid-way: try again next scan
             log.warning("could not take %s yet: %s", name, exc)
             result.pending.append(name)
-        except Exception as exc:  # the database went away, say: the file waits in jobs/
+        except PLUGIN_ERRORS as exc:  # the database went away, say: the file waits in jobs/
             self._faults.exception(fault_key(exc, "intake", name),
                                    f"could not take {name}: {describe_fault(exc)}; it stays "
                                    "in jobs/ and is tried again at the next scan", exc)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from daemon.contract.faults import PLUGIN_ERRORS
 from daemon.formats.safetensors_header import SafetensorsError, read_header
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class EmbeddingLibrary:
         for family in self.plugins.families.values():
             try:
                 probe = family.probe_embedding(header)
-            except Exception as exc:  # one plugin's bug must not hide the others' answers
+            except PLUGIN_ERRORS as exc:  # one plugin's bug must not hide the others' answers
                 log.warning("family %s's probe_embedding raised on %s: %s (a bug in that "
                             "plugin)", family.name, path.name, exc)
                 continue

@@ -29,6 +29,7 @@ from sqlalchemy import select
 
 from daemon.config import Config
 from daemon.contract.family import LoraProbe
+from daemon.contract.faults import PLUGIN_ERRORS
 from daemon.formats.lora_probe import civitai_hashes, probe_lora_file
 from daemon.formats.safetensors_header import SafetensorsError, read_header
 from daemon.library.registry import live_hosts, lock_inventory
@@ -227,7 +228,7 @@ class LoraLibrary:
         for family in self.plugins.families.values():
             try:
                 probe = family.probe_lora(header, facts)
-            except Exception as exc:  # one plugin's bug must not hide the others' answers
+            except PLUGIN_ERRORS as exc:  # one plugin's bug must not hide the others' answers
                 probe_faults.append(self.plugins.probe_fault(family, path, exc))
                 continue
             if probe is not None:

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from daemon.config import COMPONENT_KEYS, CheckpointOverride, Config
 from daemon.contract.family import CheckpointProbe, CheckpointSource, LoadedCheckpoint
+from daemon.contract.faults import PLUGIN_ERRORS
 from daemon.formats.gguf_header import TEXT_ARCHITECTURES, GgufError, read_gguf_header
 from daemon.formats.quantization import checkpoint_quantization
 from daemon.formats.safetensors_header import SafetensorsError, read_header, sha256_file
@@ -185,7 +186,7 @@ class Registry:
             return {}
         try:
             parts = family.component_sources(info.loaded())
-        except Exception:  # a plugin's bug: the listing shows no parts, the scan goes on
+        except PLUGIN_ERRORS:  # a plugin's bug: the listing shows no parts, the scan goes on
             log.exception("%s: %s.component_sources failed", row.name, family.name)
             return {}
         return {key: str(path) for key, path in sorted(parts.items())}
@@ -323,7 +324,7 @@ class Registry:
         for family in self.plugins.families.values():
             try:
                 probe = family.probe_checkpoint(source)
-            except Exception as exc:  # a plugin bug must not hide the other families' answers
+            except PLUGIN_ERRORS as exc:  # a plugin bug must not hide the other families' answers
                 probe_faults.append(self.plugins.probe_fault(family, path, exc))
                 probe = None
                 del exc

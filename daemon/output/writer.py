@@ -23,7 +23,13 @@ from typing import Any
 
 from daemon.config import PostprocessStep
 from daemon.contract.family import Family, RenderedVideo
-from daemon.contract.faults import describe_fault, fault_frame, fault_key, owner_files
+from daemon.contract.faults import (
+    PLUGIN_ERRORS,
+    describe_fault,
+    fault_frame,
+    fault_key,
+    owner_files,
+)
 from daemon.contract.loader import Plugins
 from daemon.contract.results import PostProcessResult
 from daemon.folders import TEMP_PREFIX, output_path
@@ -85,9 +91,9 @@ class OutputWriter:
         try:
             try:
                 return self.write(item)
-            except (Exception, SystemExit) as exc:  # never let one output kill the writer
+            except PLUGIN_ERRORS as exc:  # never let one output kill the writer
                 return self._settle_broken(item, exc)
-        except Exception:
+        except PLUGIN_ERRORS:
             log.exception("the output writer could not settle a render")
             return []
 

@@ -27,7 +27,7 @@ from PIL.Image import Image as PILImage
 
 from daemon.config import Config
 from daemon.contract.family import BatchAborted, Family, Progress, RenderedVideo, RenderError
-from daemon.contract.faults import describe_fault, fault_key
+from daemon.contract.faults import PLUGIN_ERRORS, describe_fault, fault_key
 from daemon.contract.loader import Plugins
 from daemon.library.loras import LoraLibrary
 from daemon.library.registry import CheckpointInfo, Registry
@@ -296,7 +296,7 @@ class Worker:
             check_results(family, results, len(batch))
         except BatchAborted:
             raise
-        except (Exception, SystemExit) as exc:  # a family calling sys.exit() too
+        except PLUGIN_ERRORS as exc:  # a family calling sys.exit() too
             if not is_out_of_memory(exc):
                 self._fail(batch, render_fault(exc, family, stage, self.plugins))
                 return

@@ -33,6 +33,7 @@ from PIL import Image
 
 from daemon.config import Config
 from daemon.contract.family import Family, FamilyDefaults
+from daemon.contract.faults import PLUGIN_ERRORS
 from daemon.contract.hires import (
     DEFAULT_IMG2IMG_DENOISING,
     check_hires,
@@ -100,7 +101,7 @@ class JobResolver:
             data = parser(raw if binary else text)
         except JobFileError as exc:
             raise wrong_suffix(exc, file_name, raw, self.plugins.job_parsers) from exc
-        except Exception as exc:
+        except PLUGIN_ERRORS as exc:
             fault = parser_fault(suffix, parser, self.plugins.plugin_of_parser(suffix), exc)
             raise wrong_suffix(fault, file_name, raw, self.plugins.job_parsers) from exc
         if not isinstance(data, dict):
@@ -116,7 +117,7 @@ class JobResolver:
             return self.resolve(spec, text)
         except JobFileError:
             raise
-        except Exception as exc:
+        except PLUGIN_ERRORS as exc:
             raise check_fault(exc, self.plugins) from exc
 
     def resolve(self, job: JobSpec, text: str = "") -> Resolution:
@@ -519,7 +520,7 @@ class JobResolver:
         try:
             with Image.open(real) as image:
                 image.verify()
-        except Exception as exc:
+        except PLUGIN_ERRORS as exc:
             raise JobFileError(f"`{key}` = {name!r} cannot be read as an image ({exc})",
                                key=key, line=line_of_key(text, key),
                                fix="save it again as PNG, JPEG or WEBP") from exc

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from daemon.config import Config
 from daemon.contract.family import Family
-from daemon.contract.faults import FaultLog, describe_fault, fault_key
+from daemon.contract.faults import PLUGIN_ERRORS, FaultLog, describe_fault, fault_key
 from daemon.contract.loader import Plugins
 from daemon.contract.spec import RenderSpec
 from daemon.intake.hot_folder import CLAIM_FOLDER_PREFIX, Intake, Submitted
@@ -280,7 +280,7 @@ class Daemon:
                 batch = [] if head is None else claim_batch(
                     self.store, head, self._batch_limit(worker, head.spec),
                     worker=worker.name, device=str(worker.device))
-            except Exception:
+            except PLUGIN_ERRORS:
                 log.exception("%s: claiming failed; retrying", worker.name)
                 self._stop.wait(timeout=1.0)
                 continue
@@ -294,9 +294,8 @@ class Daemon:
             try:
                 worker.prefetch(peek_next_checkpoint(
                     self.store, [*worker.loaded_checkpoints, batch[0].spec.checkpoint]))
-                for job_id in worker.render(batch, since=cycle_start):
-                    self.job_end.ended(job_id)
-            except Exception:
+                ended = worker.render(batch, since=cycle_start)
+            except PLUGIN_ERRORS:
                 # Rendering errors end renders failed inside render(); what gets here is the
                 # bookkeeping failing (the database went away, a deadlock victim). The batch
                 # goes back to the queue (the attempt counts) and this worker goes on: a dead
@@ -305,6 +304,8 @@ class Daemon:
                               worker.name)
                 self._put_back_broken(batch)
                 self._stop.wait(timeout=1.0)
+            else:
+                self._act_on_ends(ended)
             busy_since = time.perf_counter()
             if worker.abort.is_set():
                 break
@@ -314,10 +315,20 @@ class Daemon:
         its recording caused acted on, before the next."""
         while (ended := self.writer.write_next()) is not None:
             try:
-                for job_id in ended:
-                    self.job_end.ended(job_id)
+                self._act_on_ends(ended)
             finally:
                 self.writer.item_settled()
+
+    def _act_on_ends(self, job_ids: list[int]) -> None:
+        """Hand ended jobs to their owner. Nothing escapes: the writer's and the workers'
+        threads must outlive any grid, filing or plugin failure (an end not acted on here is
+        found again by the heartbeat's sweep)."""
+        for job_id in job_ids:
+            try:
+                self.job_end.ended(job_id)
+            except PLUGIN_ERRORS:
+                log.exception("acting on the end of job %d failed; the next sweep retries",
+                              job_id)
 
     def _put_back_broken(self, batch: list[ClaimedRender]) -> None:
         try:
@@ -327,8 +338,8 @@ class Daemon:
                                    count_attempt=True,
                                    max_attempts=self.config.worker.max_attempts,
                                    worker=batch[0].worker):
-                self.job_end.ended(job_id)
-        except Exception:
+                self._act_on_ends([job_id])
+        except PLUGIN_ERRORS:
             log.exception("could not put the broken batch back; its renders stay running "
                           "until this daemon restarts")
 
@@ -347,15 +358,14 @@ class Daemon:
                 heartbeat(self.store, self.name, loaded)
                 _, ended = recover_interrupted(self.store, self.config.worker.max_attempts,
                                                lease_seconds=self.config.lease_seconds)
-                for job_id in ended:
-                    self.job_end.ended(job_id)
+                self._act_on_ends(ended)
                 # Ends in other processes: a cancel from the CLI, a host that died.
                 self.job_end.sweep(older_than=STRANDED_GRACE_SECONDS)
                 if self.farm:
                     self._return_claims_of_lost_hosts()
                     self.intake.file_stranded_jobs(older_than=self.config.lease_seconds)
                     forget_dead_hosts(self.store, self.config)
-            except Exception:
+            except PLUGIN_ERRORS:
                 log.exception("heartbeat failed; will retry")
 
     def _return_claims_of_lost_hosts(self) -> None:
@@ -406,7 +416,7 @@ class Daemon:
             return self.config.worker.max_batch
         try:
             return self._fitting_batch(worker, family, spec)
-        except Exception as exc:
+        except PLUGIN_ERRORS as exc:
             # A bug in a family's estimates must not stall the queue (every claim would fail
             # and the renders wait for good). A batch of one
             # goes ahead; rendering then says what the family does wrong, if anything.
@@ -479,7 +489,7 @@ class Daemon:
                 # LoRAs first: a job dropped with its LoRA should find it in the library.
                 self.library.scan()
                 result = self.intake.scan()
-            except Exception:
+            except PLUGIN_ERRORS:
                 log.exception("intake scan failed; will retry")
                 continue
             if result.accepted:

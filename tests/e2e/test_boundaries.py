@@ -18,6 +18,7 @@ import pytest
 from daemon.contract.loader import Plugins
 from tests.conftest import Farm, demo_checkpoint_overrides, sdxl_job
 from tests.support.parser_fuzz import VALID_TOML
+from tests.support.plugin_samples.sabotaged_family import SABOTAGED, SabotagedFamily
 
 SAMPLES = "tests.support.plugin_samples"
 
@@ -265,3 +266,33 @@ def test_a_family_whose_memory_estimates_raise_still_renders_and_the_run_ends(
     assert farm.files_in("processing") == []
     logged = [r.getMessage() for r in caplog.records if "memory estimate raised" in r.getMessage()]
     assert len(logged) == 1 and "family raising-costs" in logged[0]
+
+
+# -- the class: any exception from any family method --------------------------------------
+
+@pytest.mark.parametrize("raised", [RuntimeError("sabotaged"), SystemExit(3)],
+                         ids=["RuntimeError", "SystemExit"])
+@pytest.mark.parametrize("method", SABOTAGED)
+def test_whatever_a_family_method_raises_the_run_ends_with_every_job_filed(
+        tmp_path: Path, assets: Any, monkeypatch: pytest.MonkeyPatch, method: str,
+        raised: BaseException) -> None:
+    """Whichever method the core calls raises (a plugin's sys.exit() included), the daemon
+    keeps its threads, `--until-idle` ends, no render stays queued or running, the job file
+    is filed, and what failed names the family."""
+    monkeypatch.setattr(SabotagedFamily, "raising", {method: raised})
+    farm = farm_with(tmp_path, assets, ["sabotaged_family"],
+                     checkpoints=sdxl_as(assets, "sabotaged"),
+                     worker={"max_batch": 2, "vram_budget_gb": 8.0, "max_attempts": 2})
+    farm.drop("job.toml", sdxl_job(count=2, steps=2))
+    assert farm.run() == 0
+    states = renders(farm)
+    assert all(state in ("done", "failed") for state, _ in states), states
+    assert farm.files_in("processing") == []
+    assert not [p for p in farm.jobs.glob("*/*") if p.parent.name.startswith(".taking-")]
+    filed = {folder: farm.files_in(folder) for folder in ("done", "failed", "rejected")}
+    assert sum("job.toml" in names for names in filed.values()) == 1, filed
+    for folder in ("failed", "rejected"):
+        if "job.toml" in filed[folder]:
+            report = (farm.jobs / folder / "job.toml.error.txt").read_text()
+            assert "sabotaged" in report, report
+    assert all("sabotaged" in (error or "") for state, error in states if state == "failed")
