@@ -23,7 +23,7 @@ import pluggy
 from daemon import hookimpl  # noqa: F401  (re-exported for plugins)
 from daemon.contract import hookspecs
 from daemon.contract.family import Family
-from daemon.contract.faults import FaultLog, describe_fault, fault_key
+from daemon.contract.faults import PLUGIN_ERRORS, FaultLog, describe_fault, fault_key
 from daemon.contract.results import PostProcessResult, merge_results
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class Plugins:
         try:
             try:
                 module = candidate.load()
-            except (Exception, SystemExit) as exc:
+            except PLUGIN_ERRORS as exc:
                 raise _Skip(f"importing {candidate.module} failed: "
                             f"{describe_fault(exc, None)}") from exc
             if self.manager.is_registered(module):
@@ -177,7 +177,7 @@ class Plugins:
             for impl in self._impls(hook, module):
                 try:
                     _call(impl, register=register)
-                except (Exception, SystemExit) as exc:
+                except PLUGIN_ERRORS as exc:
                     raise _Skip(f"its `{hook}` hook raised {describe_fault(exc, module)}") from exc
         for family in families:
             if not isinstance(family, Family):
@@ -221,7 +221,7 @@ class Plugins:
         for impl in self._impls(hook):
             try:
                 yield impl, _call(impl, **kwargs), None
-            except (Exception, SystemExit) as exc:
+            except PLUGIN_ERRORS as exc:
                 yield impl, None, exc
 
     def _fault(self, hook: str, impl: Any, exc: BaseException,

@@ -58,7 +58,6 @@ from daemon.plugin_api import (
     hookimpl,
     make_scheduler,
     parse_prompt,
-    pipeline_facts,
     quantization_fields,
     read_json_object,
     remember_scheduler_config,
@@ -77,6 +76,7 @@ from families.shared.components import (
     component_problem,
     component_sources,
     missing_config_parts,
+    record_components,
 )
 from families.shared.quantized import (
     float8_dtype_of,
@@ -297,9 +297,7 @@ class FluxFamily(Family):
         # Samplers are swapped per batch, each built from these training settings (shift,
         # dynamic shifting), kept here untouched.
         remember_scheduler_config(pipe, scheduler_config)
-        # Which files the pipeline was assembled from (the model hash stays the transformer
-        # file's); logged by load_components as well.
-        pipeline_facts(pipe).components = {name: str(path) for name, path in files.items()}
+        record_components(pipe, files)
         return pipe if device.type == "cpu" else pipe.to(device)
 
     def guidance(self, spec: RenderSpec) -> float:

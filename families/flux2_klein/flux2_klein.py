@@ -60,7 +60,6 @@ from daemon.plugin_api import (
     RenderSpec,
     SafetensorsHeader,
     hookimpl,
-    pipeline_facts,
     remember_scheduler_config,
     sampling_arguments,
     strip_explicit_weights,
@@ -72,6 +71,7 @@ from families.shared.components import (
     component_problem,
     component_sources,
     missing_config_parts,
+    record_components,
 )
 
 log = logging.getLogger(__name__)
@@ -342,9 +342,7 @@ class Flux2KleinFamily(Family):
                 base, transformer=transformer, dtype=dtype, local_files_only=True,
                 is_distilled=checkpoint.variant != BASE, **parts)
         pipe.set_progress_bar_config(disable=True)
-        # Which files the pipeline was assembled from (the model hash stays the transformer
-        # file's); logged by load_components as well.
-        pipeline_facts(pipe).components = {name: str(path) for name, path in files.items()}
+        record_components(pipe, files)
         # Samplers are swapped per batch, each built from the checkpoint's own training
         # settings (shift, dynamic shifting), kept here untouched.
         remember_scheduler_config(pipe)

@@ -56,7 +56,13 @@ from typing import Any
 
 import torch
 
-from daemon.plugin_api import LoadedCheckpoint, RenderError, SafetensorsError, read_header
+from daemon.plugin_api import (
+    LoadedCheckpoint,
+    RenderError,
+    SafetensorsError,
+    pipeline_facts,
+    read_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +172,12 @@ def assemble(checkpoint: LoadedCheckpoint, components: Sequence[Component],
     base = config_base(checkpoint)
     files = choose_components(checkpoint, base, components)
     return base, files, load_components(base, files, dtype, checkpoint.name)
+
+
+def record_components(pipe: Any, files: dict[str, Path]) -> None:
+    """Keep, beside the pipeline, which files `assemble` built it from (the model hash stays
+    the main weights file's); `lorafarm models` and the load log show them too."""
+    pipeline_facts(pipe).components = {name: str(path) for name, path in files.items()}
 
 
 def component_sources(checkpoint: LoadedCheckpoint,

@@ -91,6 +91,7 @@ from families.shared.components import (
     component_sources,
     load_components,
     missing_config_parts,
+    record_components,
 )
 from families.wan22.variants import I2V_A14B, T2V_A14B, TI2V_5B, VARIANT_SETTINGS
 
@@ -393,8 +394,7 @@ class Wan22Family(Family):
             parts = load_components(folder, files, component_dtypes(dtype), checkpoint.name)
             pipe = pipeline_class.from_pretrained(folder, dtype=component_dtypes(dtype),
                                                   local_files_only=True, **experts, **parts)
-        # Which files the pipeline was assembled from (the model hash stays the expert's).
-        pipeline_facts(pipe).components = {name: str(path) for name, path in files.items()}
+        record_components(pipe, files)
         pipe.set_progress_bar_config(disable=True)
         # Samplers and flow shift are set per batch, each built from the checkpoint's own
         # scheduler settings, kept here untouched.

@@ -268,6 +268,21 @@ def test_a_family_whose_memory_estimates_raise_still_renders_and_the_run_ends(
     assert len(logged) == 1 and "family raising-costs" in logged[0]
 
 
+
+def test_a_plugin_whose_every_hook_calls_sys_exit_costs_only_its_extras(
+        tmp_path: Path, assets: Any) -> None:
+    farm = farm_with(tmp_path, assets, ["exiting_plugin"])
+    farm.drop("job.yml", b"model: tiny-sdxl\n")
+    farm.drop("good.toml", sdxl_job(count=2, steps=2))
+    assert farm.run() == 0  # --until-idle ends; no thread of the daemon died
+    assert [state for state, _ in renders(farm)] == ["done", "done"]
+    assert farm.files_in("done") == ["good.toml"]
+    rejected = farm.rejection("job.yml")
+    assert "the .yml job parser (plugin 'tests.support.plugin_samples.exiting_plugin')" in \
+        rejected and "SystemExit" in rejected
+    assert len(events(farm, "metadata_failed")) == 2
+    assert len(events(farm, "postprocess_failed")) == 2
+
 # -- the class: any exception from any family method --------------------------------------
 
 @pytest.mark.parametrize("raised", [RuntimeError("sabotaged"), SystemExit(3)],
